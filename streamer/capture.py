@@ -1,0 +1,334 @@
+"""The capture process: read one source, pace it, stamp each frame and publish it over ZeroMQ.
+
+One process per camera. A source that fails (or ends) is reopened with exponential back-off; the
+process only stops on SIGINT/SIGTERM, a stop event, or the end of ``duration``.
+
+    python -m streamer.capture --source synthetic:640x480@30 --frames-endpoint tcp://127.0.0.1:5555 --stream-id cam0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import zmq
+
+from streamer.protocol import FrameHeader, encode_frame
+from streamer.sources import FrameSource, SourceError, open_source
+
+__all__ = [
+    "Backoff",
+    "Pacer",
+    "run_capture",
+    "add_arguments",
+    "build_arg_parser",
+    "run_from_args",
+    "main",
+    "DEFAULT_FRAMES_ENDPOINT",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FRAMES_ENDPOINT = "tcp://127.0.0.1:5555"
+STATS_INTERVAL = 30.0  # seconds between "published N frames" log lines
+_SLEEP_SLICE = 0.05  # longest uninterrupted sleep, so a stop is noticed within this
+
+
+class StopEventLike(Protocol):
+    """Anything with ``is_set()``: ``threading.Event`` or ``multiprocessing.Event``."""
+
+    def is_set(self) -> bool: ...
+
+
+class Backoff:
+    """Exponential back-off delays: ``initial``, doubling, capped at ``cap``; :meth:`reset` after a success."""
+
+    def __init__(self, initial: float = 0.5, factor: float = 2.0, cap: float = 10.0) -> None:
+        self.initial, self.factor, self.cap = initial, factor, cap
+        self._next = initial
+
+    def next_delay(self) -> float:
+        delay = self._next
+        self._next = min(self.cap, self._next * self.factor)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+class Pacer:
+    """Ticks on a fixed grid ``start + k / fps`` of the monotonic clock.
+
+    The grid is anchored at the first tick, so sleep jitter never accumulates into drift. When the
+    caller is late, the missed ticks are dropped rather than served in a burst.
+    """
+
+    def __init__(self, fps: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if fps <= 0:
+            raise ValueError(f"fps must be > 0, got {fps}")
+        self.period = 1.0 / fps
+        self._clock = clock
+        self._start: float | None = None
+        self._tick = 0  # index of the next tick to serve
+
+    def _now(self) -> float:
+        now = self._clock()
+        if self._start is None:
+            self._start = now
+        return now
+
+    def delay(self) -> float:
+        """Seconds until the next tick (0 when it is due)."""
+        now = self._now()
+        return max(0.0, self._start + self._tick * self.period - now)
+
+    def take(self) -> int:
+        """Serve the latest due tick (or the next one, if called a hair early); return how many were skipped."""
+        now = self._now()
+        latest = max(self._tick, math.floor((now - self._start) / self.period))
+        skipped = latest - self._tick
+        self._tick = latest + 1
+        return skipped
+
+    def wait(self, sleep: Callable[[float], None] = time.sleep) -> int:
+        """Sleep until the next tick and serve it; return the number of ticks dropped because we were late."""
+        sleep(self.delay())
+        return self.take()
+
+    def ready(self) -> bool:
+        """Without sleeping: is a tick due? If so it is served. (Throttles a source that paces itself.)"""
+        if self.delay() > 0:
+            return False
+        self.take()
+        return True
+
+
+class _Stopper:
+    """Why the loop should stop: a signal, the caller's event, or the end of the run's duration."""
+
+    def __init__(self, event: StopEventLike | None, duration: float | None) -> None:
+        self.event = event
+        self.deadline = None if duration is None else time.monotonic() + duration
+        self.signalled = False
+
+    @property
+    def stopped(self) -> bool:
+        return (
+            self.signalled
+            or (self.event is not None and self.event.is_set())
+            or (self.deadline is not None and time.monotonic() >= self.deadline)
+        )
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, in slices so that a stop request cuts it short."""
+        end = time.monotonic() + seconds
+        while not self.stopped:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, _SLEEP_SLICE))
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stopper: _Stopper) -> Iterator[None]:
+    """SIGINT/SIGTERM ask the loop to stop; a second one interrupts whatever is blocking."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread; the caller's event stops us
+        return
+
+    def handle(signum: int, _frame: object) -> None:
+        if stopper.signalled:
+            raise KeyboardInterrupt
+        log.info("%s received, stopping", signal.Signals(signum).name)
+        stopper.signalled = True
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _bind_publisher(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A PUB socket bound to ``endpoint``; never lingers on close (unsent frames are stale anyway)."""
+    if endpoint.startswith("ipc://"):
+        Path(endpoint[len("ipc://") :]).parent.mkdir(parents=True, exist_ok=True)
+    sock = ctx.socket(zmq.PUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError:
+        sock.close()
+        raise
+    return sock
+
+
+class _Publisher:
+    """Stamps frames (stream id, sequence number, capture time) and sends them; keeps rate statistics."""
+
+    def __init__(self, sock: zmq.Socket, stream_id: str) -> None:
+        self.sock = sock
+        self.stream_id = stream_id
+        self.seq = 0  # counts across reopens, so subscribers see one stream
+        self.dropped = 0
+        self._window_start, self._window_seq, self._window_dropped = time.monotonic(), 0, 0
+
+    def publish(self, pixels: np.ndarray, t_capture: float) -> None:
+        height, width = pixels.shape[:2]
+        header = FrameHeader(stream=self.stream_id, seq=self.seq, t_capture=t_capture, width=width, height=height)
+        self.sock.send_multipart(encode_frame(header, pixels), copy=False)
+        self.seq += 1
+        self._maybe_log_stats()
+
+    def _maybe_log_stats(self) -> None:
+        elapsed = time.monotonic() - self._window_start
+        if elapsed < STATS_INTERVAL:
+            return
+        sent, dropped = self.seq - self._window_seq, self.dropped - self._window_dropped
+        log.info("stream %s: %d frames in %.0f s (%.1f fps), %d late ticks dropped", self.stream_id, sent, elapsed,
+                 sent / elapsed, dropped)
+        self._window_start, self._window_seq, self._window_dropped = time.monotonic(), self.seq, self.dropped
+
+
+def _pump(source: FrameSource, publisher: _Publisher, fps: float | None, stopper: _Stopper,
+          on_frame: Callable[[], None]) -> None:
+    """Publish frames from an open source until it ends or we are asked to stop; SourceError propagates."""
+    rate = fps or (None if source.live else source.fps)
+    pacer = Pacer(rate) if rate else None
+    while not stopper.stopped:
+        if pacer is not None and not source.live:
+            publisher.dropped += pacer.wait(stopper.sleep)
+            if stopper.stopped:
+                return
+        frame = source.read()
+        if frame is None:
+            return
+        t_capture = time.time()
+        on_frame()
+        # A live source must still be read at its own rate (or its buffer ages); throttle by skipping.
+        if pacer is not None and source.live and not pacer.ready():
+            continue
+        publisher.publish(frame, t_capture)
+
+
+def run_capture(
+    spec: str,
+    endpoint: str,
+    stream_id: str,
+    *,
+    loop: bool = False,
+    fps: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    stop_event: StopEventLike | None = None,
+    duration: float | None = None,
+    backoff: Backoff | None = None,
+) -> int:
+    """Capture ``spec`` and publish its frames on a PUB socket bound to ``endpoint``; return the frame count.
+
+    Runs until SIGINT/SIGTERM (when called from the main thread), ``stop_event`` is set, or ``duration``
+    seconds have passed. Files, folders and the synthetic pattern are paced to ``fps`` (default: the
+    source's rate); cameras and streams are published as they arrive, throttled to ``fps`` if given.
+    A spec that names nothing usable (``ValueError`` from :func:`open_source`) fails at once; every later
+    failure, and the end of a source, leads to a reopen after a back-off delay.
+    """
+    stopper = _Stopper(stop_event, duration)
+    backoff = backoff or Backoff()
+    ctx = zmq.Context()
+    sock = _bind_publisher(ctx, endpoint)
+    publisher = _Publisher(sock, stream_id)
+    ever_opened = False
+    try:
+        with _stop_on_signals(stopper):
+            while not stopper.stopped:
+                try:
+                    source = open_source(spec, loop=loop, width=width, height=height, fps=fps)
+                except (SourceError, ValueError) as exc:
+                    if not ever_opened and not isinstance(exc, SourceError):
+                        raise  # a typo in the spec: say so now rather than retry forever
+                    _retry_later(f"cannot open source {spec!r}: {exc}", backoff, stopper)
+                    continue
+                ever_opened = True
+                log.info("stream %s: opened %s (%.1f fps) -> %s", stream_id, source.description, source.fps, endpoint)
+                try:
+                    _pump(source, publisher, fps, stopper, on_frame=backoff.reset)
+                    reason = f"source {source.description} ended"
+                except SourceError as exc:
+                    reason = f"source failed: {exc}"
+                except Exception as exc:  # a flaky driver must not kill the camera's process
+                    log.exception("stream %s: unexpected error reading %s", stream_id, source.description)
+                    reason = f"source failed: {exc!r}"
+                finally:
+                    source.close()
+                if not stopper.stopped:
+                    _retry_later(reason, backoff, stopper)
+    finally:
+        sock.close()
+        ctx.term()
+    log.info("stream %s: stopped after %d frames", stream_id, publisher.seq)
+    return publisher.seq
+
+
+def _retry_later(reason: str, backoff: Backoff, stopper: _Stopper) -> None:
+    delay = backoff.next_delay()
+    log.warning("%s; reopening in %.1f s", reason, delay)
+    stopper.sleep(delay)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the capture options to ``parser`` (shared by ``sam3-stream capture`` and ``python -m streamer.capture``)."""
+    parser.add_argument("--source", required=True,
+                        help="camera index (0), video file, rtsp:// or http(s):// URL, image folder, "
+                             "or synthetic[:WxH][@FPS]")
+    parser.add_argument("--frames-endpoint", default=DEFAULT_FRAMES_ENDPOINT,
+                        help=f"ZeroMQ endpoint to bind and publish frames on (default {DEFAULT_FRAMES_ENDPOINT})")
+    parser.add_argument("--stream-id", default="cam0", help="name of this stream in every frame header (default cam0)")
+    parser.add_argument("--loop", action="store_true", help="restart video files and image folders at their end")
+    parser.add_argument("--fps", type=float, default=None,
+                        help="publishing rate (default: the source's own; image folders 30)")
+    parser.add_argument("--width", type=int, default=None, help="output width (alone: keep aspect ratio)")
+    parser.add_argument("--height", type=int, default=None, help="output height (alone: keep aspect ratio)")
+    parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until stopped)")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sam3-stream capture", description="Capture a source and publish its frames over ZeroMQ.")
+    add_arguments(parser)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the capture loop from parsed arguments; returns a process exit status (0 after a clean stop)."""
+    try:
+        run_capture(args.source, args.frames_endpoint, args.stream_id, loop=args.loop, fps=args.fps,
+                    width=args.width, height=args.height, duration=args.duration)
+    except ValueError as exc:
+        log.error("bad --source: %s", exc)
+        return 2
+    except zmq.ZMQError as exc:
+        log.error("cannot publish on %s: %s", args.frames_endpoint, exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_from_args(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
