@@ -1,0 +1,225 @@
+"""The two SAM 3 sessions a live stream needs, each behind a small engine with a rolling memory.
+
+- ``GeometryEngine``: objects made from clicks and boxes, on ``Sam3TrackerVideoModel``'s session.
+- ``TextEngine``: concepts ("person") detected and tracked by ``Sam3VideoModel``.
+
+Both are fed the image features of one shared encoder pass. Each session numbers its frames from
+its own start (transformers assumes a session begins at frame 0), and is dropped when it holds
+nothing, so an idle engine costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
+from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
+
+from models.loading import Sam3Models
+from models.memory import FrameWindow, MemoryWindow, prune_session, state_bytes
+from models.sessions import (
+    add_object_inputs,
+    add_text_prompt,
+    drop_text_prompt,
+    refine_objects,
+    remove_tracker_object,
+)
+
+
+@dataclass
+class EngineOutput:
+    """Low-resolution results of one engine on one frame (all on the model's device)."""
+
+    obj_ids: list[int]
+    mask_logits: torch.Tensor  # N x h x w
+    scores: torch.Tensor  # N, probabilities
+    labels: list[str | None]
+    overlap_scores: torch.Tensor | None = None  # N, used to settle overlapping pixels (text objects)
+
+    @classmethod
+    def empty(cls, device: torch.device) -> EngineOutput:
+        return cls([], torch.zeros(0, 1, 1, device=device), torch.zeros(0, device=device), [])
+
+
+class _Engine:
+    """Session lifecycle, local frame numbering, refinement and eviction shared by both engines."""
+
+    # Whether transformers runs this session's tracker in streaming mode (object-pointer lookback rule).
+    streaming_tracker_calls = True
+
+    def __init__(self, models: Sam3Models, window: MemoryWindow) -> None:
+        self.models = models
+        self.window = window
+        self.session: Any = None
+        self.start = 0
+
+    def _new_session(self) -> Any:
+        raise NotImplementedError
+
+    def _open(self, frame_index: int) -> None:
+        if self.session is None:
+            self.session = self._new_session()
+            self.session.processed_frames = FrameWindow()
+            self.start = frame_index
+
+    def local(self, frame_index: int) -> int:
+        return frame_index - self.start
+
+    @property
+    def obj_ids(self) -> list[int]:
+        return list(self.session.obj_ids) if self.session is not None else []
+
+    def refine(self, frame_index: int, inputs_by_obj: dict[int, dict[str, torch.Tensor]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        return refine_objects(
+            self.models.tracker_model, self.session, self.local(frame_index), inputs_by_obj, self.streaming_tracker_calls
+        )
+
+    def prune(self, frame_index: int) -> None:
+        if self.session is not None:
+            prune_session(self.session, self.local(frame_index), self.window)
+
+    def state_bytes(self) -> int:
+        return state_bytes(self.session) if self.session is not None else 0
+
+    def _session_kwargs(self) -> dict[str, Any]:
+        device = self.models.device
+        return {
+            "inference_device": device,
+            "inference_state_device": device,
+            "video_storage_device": device,
+            "dtype": self.models.dtype,
+        }
+
+
+class GeometryEngine(_Engine):
+    """Objects prompted with clicks and boxes."""
+
+    def __init__(self, models: Sam3Models, window: MemoryWindow) -> None:
+        super().__init__(models, window)
+        self.pending: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _new_session(self) -> Sam3TrackerVideoInferenceSession:
+        return Sam3TrackerVideoInferenceSession(**self._session_kwargs())
+
+    def has_work(self) -> bool:
+        return bool(self.pending) or bool(self.obj_ids)
+
+    def owns(self, obj_id: int) -> bool:
+        return obj_id in self.pending or obj_id in self.obj_ids
+
+    def add_object(self, frame_index: int, obj_id: int, inputs: dict[str, torch.Tensor]) -> None:
+        """Start an object on this frame; more clicks for it on the same frame join its first prompt."""
+        self._open(frame_index)
+        if obj_id in self.pending:
+            self.pending[obj_id] = _concat_inputs(self.pending[obj_id], inputs)
+        else:
+            self.pending[obj_id] = inputs
+
+    def remove(self, obj_id: int) -> None:
+        self.pending.pop(obj_id, None)
+        if self.session is not None and obj_id in self.session.obj_ids:
+            remove_tracker_object(self.session, obj_id)
+        if not self.has_work():
+            self.session = None
+
+    def step(self, frame_index: int, pixels: torch.Tensor, tracker_features: dict[str, Any]) -> EngineOutput:
+        if not self.has_work():
+            return EngineOutput.empty(self.models.device)
+        local = self.local(frame_index)
+        if self.pending:
+            add_object_inputs(self.session, local, self.pending)
+            self.pending = {}
+        self.session.cache.cache_vision_features(local, tracker_features)
+        out = self.models.tracker_model(inference_session=self.session, frame=pixels, frame_idx=local)
+        return EngineOutput(
+            obj_ids=list(out.object_ids),
+            mask_logits=out.pred_masks[:, 0],
+            scores=out.object_score_logits.reshape(-1).float().sigmoid(),
+            labels=[None] * len(out.object_ids),
+        )
+
+
+class TextEngine(_Engine):
+    """Concepts named by text: every instance is detected, tracked, and picked up as it enters."""
+
+    # Sam3VideoModel calls its tracker without ``frame=``, i.e. in transformers' non-streaming mode.
+    streaming_tracker_calls = False
+
+    def _new_session(self) -> Sam3VideoInferenceSession:
+        return Sam3VideoInferenceSession(**self._session_kwargs())
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.session.prompts.values()) if self.session is not None else []
+
+    def owns(self, obj_id: int) -> bool:
+        return obj_id in self.obj_ids
+
+    def add_text(self, frame_index: int, text: str) -> None:
+        self._open(frame_index)
+        add_text_prompt(self.session, self.models.tokenizer, text)
+
+    def drop_text(self, text: str) -> list[int]:
+        removed = drop_text_prompt(self.session, text)
+        if not self.session.prompts:
+            self.session = None
+        return removed
+
+    def remove(self, obj_id: int) -> None:
+        self.session.remove_object(obj_id, strict=True)
+
+    def label_of(self, obj_id: int) -> str | None:
+        prompt_id = self.session.obj_id_to_prompt_id.get(obj_id)
+        return self.session.prompts.get(prompt_id) if prompt_id is not None else None
+
+    def step(self, frame_index: int, pixels: torch.Tensor, vision_embeds: Any, next_obj_id: int) -> tuple[EngineOutput, int]:
+        """Detect and track on this frame; new objects take ids from ``next_obj_id`` on.
+
+        Returns the output and the next free object id.
+        """
+        if self.session is None:
+            return EngineOutput.empty(self.models.device), next_obj_id
+        session = self.session
+        session.max_obj_id = max(session.max_obj_id, next_obj_id - 1)
+        with _precomputed_vision_features(self.models.video_model.detector_model, vision_embeds):
+            out = self.models.video_model(inference_session=session, frame=pixels, frame_idx=self.local(frame_index))
+        hidden = set(out.suppressed_obj_ids or ())
+        obj_ids = [i for i in sorted(out.obj_id_to_mask) if i not in hidden and i in session.obj_ids]
+        device = self.models.device
+        if not obj_ids:
+            return EngineOutput.empty(device), session.max_obj_id + 1
+        tracker_scores = out.obj_id_to_tracker_score or {}
+        return (
+            EngineOutput(
+                obj_ids=obj_ids,
+                mask_logits=torch.cat([out.obj_id_to_mask[i] for i in obj_ids], dim=0),
+                scores=torch.tensor([float(out.obj_id_to_score[i]) for i in obj_ids], device=device),
+                labels=[self.label_of(i) for i in obj_ids],
+                overlap_scores=torch.tensor([float(tracker_scores.get(i, 0.0)) for i in obj_ids], device=device),
+            ),
+            session.max_obj_id + 1,
+        )
+
+    def tracker_features(self, frame_index: int) -> dict[str, Any] | None:
+        """The tracker-side features the video model computed for this frame, for the geometry engine."""
+        if self.session is None:
+            return None
+        return self.session.cache.get_vision_features(self.local(frame_index))
+
+
+@contextmanager
+def _precomputed_vision_features(detector: Any, vision_embeds: Any) -> Iterator[None]:
+    """Make the detector return this frame's already computed encoder output instead of re-encoding."""
+    detector.get_vision_features = lambda *args, **kwargs: vision_embeds
+    try:
+        yield
+    finally:
+        del detector.get_vision_features
+
+
+def _concat_inputs(first: dict[str, torch.Tensor], more: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: torch.cat([first[key], more[key]], dim=2) for key in first}

@@ -1,0 +1,105 @@
+"""Pre- and post-processing without torchvision, on the model's device.
+
+SAM 3 sees a square ``S x S`` image (1008 for the real model): resized from any frame size and
+aspect, scaled to [0, 1], then normalized with mean = std = 0.5. Masks come back at a low
+resolution and are upsampled to the frame's own size; boxes are read off the final masks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.prompts import Prompt
+
+MAX_FRAME_SIDE = 8192
+
+
+def check_frame(frame: object) -> np.ndarray:
+    """Validate a frame: a uint8 ``H x W x 3`` RGB array. Raises ``ValueError`` naming the problem."""
+    if not isinstance(frame, np.ndarray):
+        raise ValueError(f"frame: expected a numpy array, got {type(frame).__name__}")
+    if frame.dtype != np.uint8:
+        raise ValueError(f"frame: expected dtype uint8 (RGB 0-255), got {frame.dtype}")
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"frame: expected shape (H, W, 3), got {tuple(frame.shape)}")
+    height, width = frame.shape[:2]
+    if not (0 < height <= MAX_FRAME_SIDE and 0 < width <= MAX_FRAME_SIDE):
+        raise ValueError(f"frame: size {width}x{height} is outside 1..{MAX_FRAME_SIDE} pixels a side")
+    return frame
+
+
+def frame_to_pixels(frame: np.ndarray, image_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``H x W x 3`` uint8 RGB -> ``1 x 3 x S x S`` normalized pixels on ``device``.
+
+    The uint8 frame crosses to the device first (4x fewer bytes than float), then everything runs there.
+    """
+    pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(device, non_blocking=True)
+    pixels = pixels.permute(2, 0, 1).unsqueeze(0).float()
+    if pixels.shape[-2:] != (image_size, image_size):
+        pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    pixels = (pixels / 255.0 - 0.5) / 0.5
+    return pixels.to(dtype)
+
+
+def masks_to_frame(low_res_logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``N x h x w`` mask logits -> ``N x H x W`` boolean masks at the frame's resolution."""
+    if low_res_logits.shape[0] == 0:
+        return torch.zeros(0, height, width, dtype=torch.bool, device=low_res_logits.device)
+    upsampled = F.interpolate(low_res_logits.unsqueeze(1).float(), size=(height, width), mode="bilinear", align_corners=False)
+    return upsampled.squeeze(1) > 0
+
+
+def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
+    """``N x H x W`` boolean masks -> ``N x 4`` integer pixel boxes ``(x0, y0, x1, y1)``, right/bottom exclusive.
+
+    Empty masks get an all-zero box.
+    """
+    n, height, width = masks.shape
+    if n == 0:
+        return torch.zeros(0, 4, dtype=torch.int64, device=masks.device)
+    rows = masks.any(dim=2)
+    cols = masks.any(dim=1)
+    ys = torch.arange(height, device=masks.device)
+    xs = torch.arange(width, device=masks.device)
+    big = max(height, width) + 1
+    y0 = torch.where(rows, ys, big).min(dim=1).values
+    y1 = torch.where(rows, ys, -1).max(dim=1).values + 1
+    x0 = torch.where(cols, xs, big).min(dim=1).values
+    x1 = torch.where(cols, xs, -1).max(dim=1).values + 1
+    boxes = torch.stack([x0, y0, x1, y1], dim=1)
+    return torch.where(rows.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))
+
+
+def resolve_overlaps(masks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Give each pixel claimed by several masks to the highest-scoring one (SAM 3's non-overlap rule)."""
+    if masks.shape[0] < 2:
+        return masks
+    ranked = torch.where(masks, scores.view(-1, 1, 1).float(), torch.tensor(float("-inf"), device=masks.device))
+    winner = ranked.argmax(dim=0, keepdim=True)
+    owner = torch.arange(masks.shape[0], device=masks.device).view(-1, 1, 1) == winner
+    return masks & owner
+
+
+def prompt_to_model_points(
+    prompt: Prompt, width: int, height: int, image_size: int
+) -> list[tuple[list[list[float]], list[int]]]:
+    """Prompt geometry -> one ``(coords, labels)`` per object, in model input coordinates.
+
+    A box becomes its two corners with labels 2 and 3 placed before the clicks, as SAM's prompt
+    encoder expects. Several boxes without clicks make one object each.
+    """
+    sx, sy = image_size / width, image_size / height
+    clicks = [[x * sx, y * sy] for x, y in prompt.points]
+    labels = list(prompt.point_labels)
+
+    def corners(box: tuple[float, float, float, float]) -> list[list[float]]:
+        cx, cy, w, h = box
+        return [[(cx - w / 2) * image_size, (cy - h / 2) * image_size], [(cx + w / 2) * image_size, (cy + h / 2) * image_size]]
+
+    if prompt.points:
+        box_points = corners(prompt.bounding_boxes[0]) if prompt.bounding_boxes else []
+        box_labels = [2, 3] if prompt.bounding_boxes else []
+        return [(box_points + clicks, box_labels + labels)]
+    return [(corners(box), [2, 3]) for box in prompt.bounding_boxes]

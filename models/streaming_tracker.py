@@ -1,0 +1,304 @@
+"""``StreamingTracker``: SAM 3 on a live feed, forward-only, one frame at a time, with bounded state.
+
+Prompts (text, clicks, boxes) are validated when they are given and take effect on the next frame,
+without restarting the stream. Each frame costs one image-encoder pass shared by the text model
+and the point/box tracker; after each frame the rolling memory bank keeps only what SAM 3 reads
+for the next one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.encoder import ImageEncoder, TorchImageEncoder
+from models.engines import EngineOutput, GeometryEngine, TextEngine
+from models.loading import Sam3Models
+from models.memory import MemoryWindow
+from models.preprocess import boxes_from_masks, check_frame, frame_to_pixels, masks_to_frame, prompt_to_model_points, resolve_overlaps
+from models.prompts import Prompt
+from models.results import FrameResult, ObjectResult
+from models.sessions import point_inputs
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """Knobs of the streaming tracker.
+
+    - ``max_conditioning_frames``: prompted/reconditioned frames kept per object (``None``: all,
+      which is what the model reads; the text model adds one every 16 frames, so bound it live).
+    - ``retire_after_frames``: an object unseen for this many frames is dropped (``None``: never).
+      Short occlusions keep their id; objects that left for good stop costing compute.
+    - ``sync_timings``: synchronize CUDA at stage boundaries so stage timings are true.
+    """
+
+    max_conditioning_frames: int | None = 4
+    retire_after_frames: int | None = 150
+    sync_timings: bool = True
+
+
+class StreamingTracker:
+    """Track text concepts, clicked and boxed objects through a live stream of frames.
+
+    >>> tracker = StreamingTracker(load_models("tiny-random"))
+    >>> tracker.add_prompt(Prompt(text="person"))
+    >>> result = tracker.track(frame_rgb, timestamp=time.time())
+    """
+
+    def __init__(self, models: Sam3Models, config: TrackerConfig | None = None, encoder: ImageEncoder | None = None) -> None:
+        self.models = models
+        self.config = config or TrackerConfig()
+        if self.config.retire_after_frames is not None and self.config.retire_after_frames < 1:
+            raise ValueError("retire_after_frames: must be >= 1 (or None to never retire)")
+        window = MemoryWindow.for_tracker(models.tracker_model.config, self.config.max_conditioning_frames)
+        self.encoder = encoder or TorchImageEncoder(models)
+        self.geometry = GeometryEngine(models, window)
+        self.text = TextEngine(models, window)
+        self._frame_index = 0
+        self._frame_size: tuple[int, int] | None = None  # (width, height) of the last frame
+        self._pending: list[Callable[[], None]] = []
+        self._refinements: dict[int, dict[str, torch.Tensor]] = {}
+        self._next_obj_id = 0
+        self._known: dict[int, str] = {}  # obj_id -> "geometry" | "text", as of the prompts given so far
+        self._texts: list[str] = []
+        self._unseen: dict[int, int] = {}
+
+    # ----------------------------------------------------------------- prompts (take effect next frame)
+
+    def add_prompt(self, prompt: Prompt | Mapping[str, Any], *, frame_size: tuple[int, int] | None = None) -> list[int]:
+        """Queue a prompt for the next frame; returns the ids of objects it creates or refines.
+
+        ``frame_size`` (width, height) places pixel points before any frame was tracked; otherwise the
+        last frame's size is used. Raises ``ValueError`` naming the bad field; nothing is queued then.
+        """
+        prompt = prompt if isinstance(prompt, Prompt) else Prompt.from_dict(prompt)
+        if prompt.has_geometry:
+            size = frame_size or self._frame_size
+            if size is None:
+                raise ValueError("points: no frame tracked yet, so pixel positions cannot be placed; pass frame_size=(w, h)")
+            prompt.check_inside(*size)
+            if prompt.obj_id is not None and self._known.get(prompt.obj_id) == "text" and prompt.text is not None:
+                raise ValueError("obj_id: refining a text-found object takes points or a box, not text")
+        ids = self._queue_geometry(prompt, *size) if prompt.has_geometry else []
+        if prompt.text is not None and prompt.text not in self._texts:
+            text = prompt.text
+            self._texts.append(text)
+            self._pending.append(lambda: self.text.add_text(self._frame_index, text))
+        return ids
+
+    def remove_prompt(self, text: str) -> list[int]:
+        """Drop a text concept and the objects it found (from the next frame). Returns their ids."""
+        if text not in self._texts:
+            raise ValueError(f"text: no such text prompt {text!r} (active: {self._texts})")
+        self._texts.remove(text)
+        gone = [obj_id for obj_id, kind in self._known.items() if kind == "text" and self._label(obj_id) == text]
+        for obj_id in gone:
+            self._forget(obj_id)
+        self._pending.append(lambda: self._drop_text(text))
+        return gone
+
+    def remove_object(self, obj_id: int) -> None:
+        """Stop tracking ``obj_id`` from the next frame. Raises ``ValueError`` for an unknown id."""
+        if isinstance(obj_id, bool) or not isinstance(obj_id, int):
+            raise ValueError(f"obj_id: must be an integer, got {obj_id!r}")
+        if obj_id not in self._known:
+            raise ValueError(f"obj_id: no object {obj_id} is tracked (tracked: {sorted(self._known)})")
+        self._forget(obj_id)
+        self._pending.append(lambda: self._remove_now(obj_id))
+
+    def reset(self) -> None:
+        """Forget every object and text prompt; the stream goes on and frame numbering continues."""
+        self._known.clear()
+        self._texts.clear()
+        self._unseen.clear()
+        self._refinements.clear()
+
+        def reset_now() -> None:
+            self.geometry = GeometryEngine(self.models, self.geometry.window)
+            self.text = TextEngine(self.models, self.text.window)
+            self._refinements.clear()
+
+        self._pending.append(reset_now)
+
+    # ----------------------------------------------------------------------------------- tracking
+
+    @torch.inference_mode()
+    def track(self, frame: np.ndarray, timestamp: float | None = None) -> FrameResult:
+        """Apply queued prompts, run SAM 3 on ``frame`` (uint8 RGB ``H x W x 3``) and return every object."""
+        check_frame(frame)
+        height, width = frame.shape[:2]
+        timings: dict[str, float] = {}
+        clock = _StageClock(timings, self.models.device, self.config.sync_timings)
+
+        pixels = frame_to_pixels(frame, self.models.image_size, self.models.device, self.models.dtype)
+        clock.lap("preprocess")
+        vision_embeds = self.encoder.encode(pixels) if self._has_work_after_pending() else None
+        clock.lap("encode")
+
+        for apply in self._pending:
+            apply()
+        self._pending.clear()
+        outputs = self._run_engines(pixels, vision_embeds)
+        clock.lap("track")
+
+        objects = self._postprocess(outputs, width, height)
+        self._retire_lost(objects)
+        self.geometry.prune(self._frame_index)
+        self.text.prune(self._frame_index)
+        clock.lap("postprocess")
+
+        result = FrameResult(self._frame_index, timestamp, width, height, objects, timings)
+        self._frame_index += 1
+        self._frame_size = (width, height)
+        return result
+
+    def state_bytes(self) -> int:
+        """Bytes of per-stream state held (both sessions' tensors and bookkeeping; not the weights)."""
+        return self.geometry.state_bytes() + self.text.state_bytes()
+
+    @property
+    def frame_index(self) -> int:
+        """Index the next tracked frame will get."""
+        return self._frame_index
+
+    @property
+    def object_ids(self) -> list[int]:
+        return sorted(self._known)
+
+    @property
+    def text_prompts(self) -> list[str]:
+        return list(self._texts)
+
+    # ----------------------------------------------------------------------------------- internals
+
+    def _queue_geometry(self, prompt: Prompt, width: int, height: int) -> list[int]:
+        per_object = prompt_to_model_points(prompt, width, height, self.models.image_size)
+        device = self.models.device
+        if prompt.obj_id is not None and prompt.obj_id in self._known:
+            obj_id = prompt.obj_id
+            inputs = point_inputs(*per_object[0], device)
+            self._pending.append(lambda: self._refine_later(obj_id, inputs))
+            return [obj_id]
+        ids = []
+        for coords, labels in per_object:
+            obj_id = prompt.obj_id if prompt.obj_id is not None else self._next_obj_id
+            self._next_obj_id = max(self._next_obj_id, obj_id + 1)
+            self._known[obj_id] = "geometry"
+            inputs = point_inputs(coords, labels, device)
+            self._pending.append(lambda obj_id=obj_id, inputs=inputs: self.geometry.add_object(self._frame_index, obj_id, inputs))
+            ids.append(obj_id)
+        return ids
+
+    def _refine_later(self, obj_id: int, inputs: dict[str, torch.Tensor]) -> None:
+        if obj_id in self.geometry.pending:  # created on this very frame: the clicks join its first prompt
+            self.geometry.add_object(self._frame_index, obj_id, inputs)
+        elif obj_id in self._refinements:
+            self._refinements[obj_id] = {k: torch.cat([self._refinements[obj_id][k], inputs[k]], dim=2) for k in inputs}
+        else:
+            self._refinements[obj_id] = inputs
+
+    def _remove_now(self, obj_id: int) -> None:
+        self._refinements.pop(obj_id, None)
+        if self.geometry.owns(obj_id):
+            self.geometry.remove(obj_id)
+        elif self.text.owns(obj_id):
+            self.text.remove(obj_id)
+
+    def _drop_text(self, text: str) -> None:
+        if self.text.session is not None and text in self.text.prompts:
+            for obj_id in self.text.drop_text(text):
+                self._refinements.pop(obj_id, None)
+
+    def _forget(self, obj_id: int) -> None:
+        self._known.pop(obj_id, None)
+        self._unseen.pop(obj_id, None)
+
+    def _label(self, obj_id: int) -> str | None:
+        return self.text.label_of(obj_id) if self.text.session is not None and self.text.owns(obj_id) else None
+
+    def _has_work_after_pending(self) -> bool:
+        return bool(self._pending) or self.geometry.has_work() or self.text.session is not None
+
+    def _run_engines(self, pixels: torch.Tensor, vision_embeds: Any) -> list[EngineOutput]:
+        index = self._frame_index
+        text_out, self._next_obj_id = self.text.step(index, pixels, vision_embeds, self._next_obj_id)
+        for obj_id in text_out.obj_ids:
+            self._known.setdefault(obj_id, "text")
+        geometry_out = EngineOutput.empty(self.models.device)
+        if self.geometry.has_work():
+            features = self.text.tracker_features(index)
+            if features is None:
+                features = self.encoder.tracker_features(vision_embeds)
+            geometry_out = self.geometry.step(index, pixels, features)
+        if self._refinements:
+            self._apply_refinements(index, [text_out, geometry_out])
+        return [text_out, geometry_out]
+
+    def _apply_refinements(self, index: int, outputs: list[EngineOutput]) -> None:
+        for engine, out in ((self.text, outputs[0]), (self.geometry, outputs[1])):
+            mine = {obj_id: inputs for obj_id, inputs in self._refinements.items() if engine.owns(obj_id)}
+            if not mine:
+                continue
+            refined = engine.refine(index, mine)
+            for obj_id, (logits, _score) in refined.items():
+                if obj_id in out.obj_ids:
+                    out.mask_logits[out.obj_ids.index(obj_id)] = logits[0].to(out.mask_logits.dtype)
+        self._refinements.clear()
+
+    def _postprocess(self, outputs: list[EngineOutput], width: int, height: int) -> list[ObjectResult]:
+        objects: list[ObjectResult] = []
+        for out in outputs:
+            if not out.obj_ids:
+                continue
+            masks = masks_to_frame(out.mask_logits, height, width)
+            if out.overlap_scores is not None:
+                masks = _resolve_per_label(masks, out.overlap_scores, out.labels)
+            boxes = boxes_from_masks(masks)
+            visible = masks.flatten(1).any(dim=1)
+            masks_np, boxes_np, scores_np, visible_np = (t.cpu().numpy() for t in (masks, boxes, out.scores.float(), visible))
+            for i, obj_id in enumerate(out.obj_ids):
+                if visible_np[i]:
+                    bbox = tuple(int(v) for v in boxes_np[i])
+                    objects.append(ObjectResult(obj_id, float(scores_np[i]), bbox, masks_np[i], out.labels[i]))  # type: ignore[arg-type]
+        objects.sort(key=lambda o: o.obj_id)
+        return objects
+
+    def _retire_lost(self, objects: list[ObjectResult]) -> None:
+        limit = self.config.retire_after_frames
+        seen = {o.obj_id for o in objects}
+        for obj_id in self.geometry.obj_ids + self.text.obj_ids:
+            self._known.setdefault(obj_id, "geometry" if self.geometry.owns(obj_id) else "text")
+            self._unseen[obj_id] = 0 if obj_id in seen else self._unseen.get(obj_id, 0) + 1
+            if limit is not None and self._unseen[obj_id] > limit:
+                self._forget(obj_id)
+                self._remove_now(obj_id)
+
+
+def _resolve_per_label(masks: torch.Tensor, scores: torch.Tensor, labels: list[str | None]) -> torch.Tensor:
+    """Settle overlapping pixels among the objects of the same concept (SAM 3 does so per prompt)."""
+    out = masks.clone()
+    for label in set(labels):
+        idx = torch.tensor([i for i, lab in enumerate(labels) if lab == label], device=masks.device)
+        out[idx] = resolve_overlaps(masks[idx], scores[idx])
+    return out
+
+
+class _StageClock:
+    """Wall time per stage; synchronizes CUDA first so asynchronous kernels are charged to their stage."""
+
+    def __init__(self, timings: dict[str, float], device: torch.device, sync: bool) -> None:
+        self.timings = timings
+        self.sync = sync and device.type == "cuda"
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.timings[stage] = now - self.last
+        self.last = now
