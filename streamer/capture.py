@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_FRAMES_ENDPOINT = "tcp://127.0.0.1:5555"
 STATS_INTERVAL = 30.0  # seconds between "published N frames" log lines
 _SLEEP_SLICE = 0.05  # longest uninterrupted sleep, so a stop is noticed within this
+_TICK_TOLERANCE = 1e-6  # seconds; float rounding on the tick grid must not turn "due" into "not yet"
 
 
 class StopEventLike(Protocol):
@@ -88,13 +89,14 @@ class Pacer:
 
     def delay(self) -> float:
         """Seconds until the next tick (0 when it is due)."""
-        now = self._now()
-        return max(0.0, self._start + self._tick * self.period - now)
+        now = self._now()  # first: it sets the grid's start
+        left = self._start + self._tick * self.period - now
+        return left if left > _TICK_TOLERANCE else 0.0
 
     def take(self) -> int:
         """Serve the latest due tick (or the next one, if called a hair early); return how many were skipped."""
         now = self._now()
-        latest = max(self._tick, math.floor((now - self._start) / self.period))
+        latest = max(self._tick, math.floor((now - self._start + _TICK_TOLERANCE) / self.period))
         skipped = latest - self._tick
         self._tick = latest + 1
         return skipped
