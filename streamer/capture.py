@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -24,6 +23,7 @@ import zmq
 
 from streamer.protocol import FrameHeader, encode_frame
 from streamer.sources import FrameSource, SourceError, open_source
+from streamer.transport import frames_publisher
 
 __all__ = [
     "Backoff",
@@ -161,20 +161,6 @@ def _stop_on_signals(stopper: _Stopper) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _bind_publisher(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    """A PUB socket bound to ``endpoint``; never lingers on close (unsent frames are stale anyway)."""
-    if endpoint.startswith("ipc://"):
-        Path(endpoint[len("ipc://") :]).parent.mkdir(parents=True, exist_ok=True)
-    sock = ctx.socket(zmq.PUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError:
-        sock.close()
-        raise
-    return sock
-
-
 class _Publisher:
     """Stamps frames (stream id, sequence number, capture time) and sends them; keeps rate statistics."""
 
@@ -242,12 +228,17 @@ def run_capture(
     seconds have passed. Files, folders and the synthetic pattern are paced to ``fps`` (default: the
     source's rate); cameras and streams are published as they arrive, throttled to ``fps`` if given.
     A spec that names nothing usable (``ValueError`` from :func:`open_source`) fails at once; every later
-    failure, and the end of a source, leads to a reopen after a back-off delay.
+    failure, and the end of a source, leads to a reopen after a back-off delay. An endpoint that is
+    not tcp:// or ipc:// is a ``ValueError`` too; one that cannot be bound raises ``zmq.ZMQError``.
     """
     stopper = _Stopper(stop_event, duration)
     backoff = backoff or Backoff()
-    ctx = zmq.Context()
-    sock = _bind_publisher(ctx, endpoint)
+    ctx = zmq.Context()  # our own, so that term() at the end cannot wait on anyone else's sockets
+    try:
+        sock = frames_publisher(endpoint, context=ctx)
+    except BaseException:
+        ctx.term()
+        raise
     publisher = _Publisher(sock, stream_id)
     ever_opened = False
     try:
@@ -315,8 +306,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         run_capture(args.source, args.frames_endpoint, args.stream_id, loop=args.loop, fps=args.fps,
                     width=args.width, height=args.height, duration=args.duration)
-    except ValueError as exc:
-        log.error("bad --source: %s", exc)
+    except ValueError as exc:  # the source spec or the endpoint: the message names which
+        log.error("cannot start capture: %s", exc)
         return 2
     except zmq.ZMQError as exc:
         log.error("cannot publish on %s: %s", args.frames_endpoint, exc)

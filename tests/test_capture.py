@@ -224,6 +224,16 @@ def test_run_capture_duration_bounds_the_run():
     assert 12 <= count <= 22
 
 
+def test_run_capture_refuses_a_bad_or_busy_endpoint():
+    with pytest.raises(ValueError, match="udp://"):
+        run_capture("synthetic", "udp://127.0.0.1:1", "t", duration=1)
+    endpoint = free_tcp_endpoint()
+    with zmq.Context() as ctx, ctx.socket(zmq.PUB) as taken:
+        taken.bind(endpoint)
+        with pytest.raises(zmq.ZMQError):
+            run_capture("synthetic", endpoint, "t", duration=1)
+
+
 # -- pacing and back-off --------------------------------------------------------------------------
 
 
