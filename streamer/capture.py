@@ -231,6 +231,8 @@ def run_capture(
     failure, and the end of a source, leads to a reopen after a back-off delay. An endpoint that is
     not tcp:// or ipc:// is a ``ValueError`` too; one that cannot be bound raises ``zmq.ZMQError``.
     """
+    # Let the protocol judge the stream id now (empty, too long): later, every frame would fail.
+    encode_frame(FrameHeader(stream_id, 0, 0.0, 1, 1), np.zeros((1, 1, 3), np.uint8))
     stopper = _Stopper(stop_event, duration)
     backoff = backoff or Backoff()
     ctx = zmq.Context()  # our own, so that term() at the end cannot wait on anyone else's sockets
@@ -259,7 +261,7 @@ def run_capture(
                 except SourceError as exc:
                     reason = f"source failed: {exc}"
                 except Exception as exc:  # a flaky driver must not kill the camera's process
-                    log.exception("stream %s: unexpected error reading %s", stream_id, source.description)
+                    log.exception("stream %s: unexpected error capturing from %s", stream_id, source.description)
                     reason = f"source failed: {exc!r}"
                 finally:
                     source.close()

@@ -150,7 +150,9 @@ class VideoSource(FrameSource):
     """A video file or a network stream (RTSP, RTMP, HTTP, ...) decoded with PyAV.
 
     ``loop`` restarts a file at its end by reopening it (so a file replaced on disk is picked up).
-    ``live`` streams are opened with low-latency options and a read timeout.
+    ``live=True`` streams are opened with low-latency options; ``live=None`` decides after opening:
+    a stream of unknown duration is live (an HTTP camera feed), one with a duration is a file to pace
+    (an mp4 served over HTTP). Every open and read has a timeout, so a dead peer cannot hang a reader.
     """
 
     def __init__(
@@ -158,26 +160,26 @@ class VideoSource(FrameSource):
         target: str,
         *,
         loop: bool = False,
-        live: bool = False,
+        live: bool | None = False,
         fps: float | None = None,
         width: int | None = None,
         height: int | None = None,
         timeout: tuple[float, float] = NETWORK_TIMEOUT,
     ) -> None:
-        self.live = live
         self._target = target
         self._loop = loop
+        self._live_hint = live
         self._timeout = timeout
         self._container: av.container.InputContainer | None = None
         self._open()
         stream = self._container.streams.video[0]
         native = (stream.codec_context.width, stream.codec_context.height)
-        super().__init__(("stream " if live else "video ") + target, _fit_size(native, width, height))
+        super().__init__(("stream " if self.live else "video ") + target, _fit_size(native, width, height))
         rate = stream.average_rate or stream.guessed_rate
         self._fps = float(fps or rate or DEFAULT_FPS)
 
     def _options(self) -> dict[str, str]:
-        if not self.live:
+        if not self._live_hint:
             return {}
         options = {"fflags": "nobuffer", "flags": "low_delay"}
         if self._target.startswith("rtsp"):
@@ -192,6 +194,7 @@ class VideoSource(FrameSource):
         if not container.streams.video:
             container.close()
             raise SourceError(f"{self._target} has no video stream")
+        self.live = self._live_hint if self._live_hint is not None else container.duration is None
         stream = container.streams.video[0]
         # Frame threading buffers several frames: fine for files, added latency for live streams.
         stream.thread_type = "SLICE" if self.live else "AUTO"
@@ -208,7 +211,7 @@ class VideoSource(FrameSource):
             try:
                 return next(self._frames).to_ndarray(format="rgb24")
             except StopIteration:
-                if not self._loop or attempt:
+                if not self._loop or self.live or attempt:
                     return None
                 self.close()
                 self._open()
@@ -390,7 +393,8 @@ def open_source(
     """Open the source named by ``spec``.
 
     - ``"0"``, ``"1"``, ``/dev/video0``: a camera (OpenCV);
-    - ``rtsp://``, ``rtmp://``, ``http(s)://``, ... URL: a network stream (PyAV, with timeouts);
+    - ``rtsp://``, ``rtmp://``, ``http(s)://``, ... URL: a network stream (PyAV, with timeouts; an
+      http(s) URL of a file with a known duration is paced and looped like a local file);
     - a folder: its images in name order at ``fps`` (default 30);
     - any other existing file: a video file (PyAV); ``loop`` restarts files and folders at the end;
     - ``synthetic`` or ``synthetic:WxH@FPS``: the moving-shapes test pattern.
@@ -411,7 +415,9 @@ def open_source(
         scheme = spec.split("://", 1)[0].lower()
         if scheme not in NETWORK_SCHEMES:
             raise ValueError(f"unsupported URL scheme {scheme!r} in {spec!r} (supported: {', '.join(NETWORK_SCHEMES)})")
-        return VideoSource(spec, live=True, fps=fps, width=width, height=height)
+        # Servers of rtsp:// and the like pace their streams; an http(s):// URL may also be a plain file.
+        live = None if scheme in ("http", "https") else True
+        return VideoSource(spec, loop=loop, live=live, fps=fps, width=width, height=height)
     path = Path(spec).expanduser()
     if path.is_dir():
         return ImageFolderSource(path, fps=fps, loop=loop, width=width, height=height)

@@ -224,7 +224,9 @@ def test_run_capture_duration_bounds_the_run():
     assert 12 <= count <= 22
 
 
-def test_run_capture_refuses_a_bad_or_busy_endpoint():
+def test_run_capture_refuses_a_bad_stream_id_or_endpoint():
+    with pytest.raises(ValueError, match="stream"):
+        run_capture("synthetic", free_tcp_endpoint(), "", duration=1)
     with pytest.raises(ValueError, match="udp://"):
         run_capture("synthetic", "udp://127.0.0.1:1", "t", duration=1)
     endpoint = free_tcp_endpoint()

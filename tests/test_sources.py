@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
+import threading
 from pathlib import Path
 
 import av
@@ -132,6 +135,44 @@ def test_looping_video_deleted_on_disk_raises_source_error_at_restart(tmp_path):
     path.unlink()
     with pytest.raises(SourceError):
         src.read()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """``tmp_path`` served over HTTP on loopback; yields (folder, base URL)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_video_file_over_http_is_paced_and_looped_like_a_local_file(http_folder):
+    folder, url = http_folder
+    write_video(folder / "clip.mp4", 3)
+    with open_source(f"{url}/clip.mp4", loop=True) as src:
+        assert isinstance(src, VideoSource) and not src.live and src.fps == pytest.approx(10)
+        assert [grey_level(src.read()) for _ in range(5)] == [0, 1, 2, 0, 1]
+
+
+@pytest.mark.parametrize("path", ["/missing.mp4", "/junk.mp4"])
+def test_unusable_url_raises_source_error(http_folder, path):
+    folder, url = http_folder
+    (folder / "junk.mp4").write_bytes(b"\x00not a video" * 100)
+    with pytest.raises(SourceError, match=path):
+        open_source(url + path)
+
+
+def test_refused_rtsp_connection_raises_source_error():
+    with pytest.raises(SourceError, match="rtsp://127.0.0.1:9/"):
+        open_source("rtsp://127.0.0.1:9/cam")
 
 
 # -- image folders --------------------------------------------------------------------------------
