@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 import zmq
 
+from streamer.config import Endpoints
 from streamer.protocol import FrameHeader, encode_frame
 from streamer.sources import FrameSource, SourceError, open_source
 from streamer.transport import frames_publisher
@@ -38,7 +39,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FRAMES_ENDPOINT = "tcp://127.0.0.1:5555"
+DEFAULT_FRAMES_ENDPOINT = Endpoints.tcp_defaults().frames
 STATS_INTERVAL = 30.0  # seconds between "published N frames" log lines
 _SLEEP_SLICE = 0.05  # longest uninterrupted sleep, so a stop is noticed within this
 _TICK_TOLERANCE = 1e-6  # seconds; float rounding on the tick grid must not turn "due" into "not yet"
@@ -231,6 +232,8 @@ def run_capture(
     failure, and the end of a source, leads to a reopen after a back-off delay. An endpoint that is
     not tcp:// or ipc:// is a ``ValueError`` too; one that cannot be bound raises ``zmq.ZMQError``.
     """
+    if fps is not None and fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
     # Let the protocol judge the stream id now (empty, too long): later, every frame would fail.
     encode_frame(FrameHeader(stream_id, 0, 0.0, 1, 1), np.zeros((1, 1, 3), np.uint8))
     stopper = _Stopper(stop_event, duration)
@@ -280,6 +283,16 @@ def _retry_later(reason: str, backoff: Backoff, stopper: _Stopper) -> None:
     stopper.sleep(delay)
 
 
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the capture options to ``parser`` (shared by ``sam3-stream capture`` and ``python -m streamer.capture``)."""
     parser.add_argument("--source", required=True,
@@ -289,11 +302,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"ZeroMQ endpoint to bind and publish frames on (default {DEFAULT_FRAMES_ENDPOINT})")
     parser.add_argument("--stream-id", default="cam0", help="name of this stream in every frame header (default cam0)")
     parser.add_argument("--loop", action="store_true", help="restart video files and image folders at their end")
-    parser.add_argument("--fps", type=float, default=None,
+    parser.add_argument("--fps", type=_positive(float), default=None,
                         help="publishing rate (default: the source's own; image folders 30)")
-    parser.add_argument("--width", type=int, default=None, help="output width (alone: keep aspect ratio)")
-    parser.add_argument("--height", type=int, default=None, help="output height (alone: keep aspect ratio)")
-    parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until stopped)")
+    parser.add_argument("--width", type=_positive(int), default=None, help="output width (alone: keep aspect ratio)")
+    parser.add_argument("--height", type=_positive(int), default=None, help="output height (alone: keep aspect ratio)")
+    parser.add_argument("--duration", type=_positive(float), default=None, help="stop after this many seconds (default: run until stopped)")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import zmq
 
-from streamer.capture import Backoff, Pacer, run_capture
+from streamer.capture import Backoff, Pacer, build_arg_parser, run_capture, run_from_args
 from streamer.protocol import FrameHeader, decode_frame
 from streamer.sources import SyntheticSource
 
@@ -234,6 +234,19 @@ def test_run_capture_refuses_a_bad_stream_id_or_endpoint():
         taken.bind(endpoint)
         with pytest.raises(zmq.ZMQError):
             run_capture("synthetic", endpoint, "t", duration=1)
+
+
+def test_cli_arguments_run_the_loop_and_report_bad_input(capsys):
+    parser = build_arg_parser()
+    args = parser.parse_args(["--source", "synthetic:32x32@20", "--frames-endpoint", free_tcp_endpoint(),
+                              "--stream-id", "cli", "--duration", "0.3"])
+    assert (args.stream_id, args.fps, args.loop) == ("cli", None, False)
+    assert run_from_args(args) == 0
+    args.source = "/no/such/video.mp4"
+    assert run_from_args(args) == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--source", "0", "--fps", "0"])
+    assert "--fps: must be > 0" in capsys.readouterr().err
 
 
 # -- pacing and back-off --------------------------------------------------------------------------
