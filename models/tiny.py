@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import CLIPTokenizer, Sam3VideoConfig, Sam3VideoModel
 
@@ -148,3 +149,17 @@ def save_tiny_random(directory: str | Path, seed: int = TINY_SEED) -> Path:
     tiny_video_model(seed).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def moving_shapes(index: int, width: int = 160, height: int = 120) -> np.ndarray:
+    """A synthetic RGB frame for tests and benchmarks: a fixed textured background, a red box
+    sliding right and a green one sliding left (wrapping around), so masks have something to follow."""
+    rng = np.random.default_rng(0)
+    frame = (rng.random((height, width, 3)) * 60).astype(np.uint8)
+    span = max(width - 60, 1)
+    x = 20 + (3 * index) % span
+    y = height // 3
+    frame[y : y + height // 3, x : x + width // 5] = (220, 50, 50)
+    gx = width - 40 - (2 * index) % span
+    frame[height // 12 : height // 4, gx : gx + width // 5] = (50, 220, 50)
+    return frame
