@@ -310,6 +310,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m streamer.capture``: :func:`add_arguments` plus ``--log-level``."""
     parser = argparse.ArgumentParser(prog="sam3-stream capture", description="Capture a source and publish its frames over ZeroMQ.")
     add_arguments(parser)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -333,6 +334,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m streamer.capture``: parse, set up logging, run; returns the exit status."""
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_from_args(args)

@@ -66,6 +66,7 @@ class FrameSource(ABC):
         """The next frame at the source's own size, or ``None`` at the end."""
 
     def read(self) -> np.ndarray | None:
+        """The next RGB frame (a fresh array), ``None`` at the end; ``SourceError`` when reading fails."""
         frame = self._read_frame()
         if frame is None:
             return None
