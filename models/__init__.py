@@ -1,21 +1,38 @@
-"""Everything that touches SAM 3 tensors. Knows nothing of sockets."""
+"""Everything that touches SAM 3 tensors. Knows nothing of sockets.
 
-from models.encoder import ImageEncoder, TorchImageEncoder
-from models.loading import DEFAULT_MODEL, ModelLoadError, Sam3Models, load_models
+The prompt and result types load without torch (a capture process on a robot imports the wire
+protocol, which uses them); the model side loads on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from models.prompts import Prompt
 from models.results import FrameResult, ObjectResult
-from models.streaming_tracker import StreamingTracker, TrackerConfig
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "FrameResult",
-    "ImageEncoder",
-    "ModelLoadError",
-    "ObjectResult",
-    "Prompt",
-    "Sam3Models",
-    "StreamingTracker",
-    "TorchImageEncoder",
-    "TrackerConfig",
-    "load_models",
-]
+_LAZY = {
+    "DEFAULT_MODEL": "models.loading",
+    "ModelLoadError": "models.loading",
+    "Sam3Models": "models.loading",
+    "load_models": "models.loading",
+    "ImageEncoder": "models.encoder",
+    "TorchImageEncoder": "models.encoder",
+    "StreamingTracker": "models.streaming_tracker",
+    "TrackerConfig": "models.streaming_tracker",
+}
+
+if TYPE_CHECKING:
+    from models.encoder import ImageEncoder, TorchImageEncoder
+    from models.loading import DEFAULT_MODEL, ModelLoadError, Sam3Models, load_models
+    from models.streaming_tracker import StreamingTracker, TrackerConfig
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")
+
+
+__all__ = ["FrameResult", "ObjectResult", "Prompt", *_LAZY]
