@@ -23,18 +23,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from streamer.compositor import BANNER_BACKGROUND, color_for
 from streamer.gateway import GatewayConfig, create_app
 from streamer.gateway.ice import gather_on
-from streamer.protocol import (
-    PromptAnswer,
-    PromptRequest,
-    ProtocolError,
-    ResultMessage,
-    StatusMessage,
-    WireObject,
-    decode_prompt_request,
-    encode_answer,
-    encode_result,
-    encode_status,
-)
+from streamer.protocol import PromptAnswer, PromptRequest, ResultMessage, StatusMessage, WireObject, encode_result, encode_status
+from streamer.transport import ControlServer, bound_endpoint, results_publisher
 
 T = TypeVar("T")
 WIDTH, HEIGHT = 320, 240
@@ -53,7 +43,8 @@ def disc(cx: float, cy: float, r: float) -> np.ndarray:
 
 
 class FakeTracker:
-    """Plays the tracker on real sockets: PUB results + status heartbeats, ROUTER answering prompts.
+    """Plays the tracker on real sockets: PUB results + status heartbeats, ROUTER answering prompts
+    (through ``streamer.transport``'s socket factories and ``ControlServer``, as the tracker does).
 
     Objects are discs; a click prompt makes (or moves) a disc of radius 20 centred on the click.
     ``publishing`` / ``heartbeats`` switch the two kinds of traffic off and on.
@@ -62,12 +53,10 @@ class FakeTracker:
     def __init__(self, stream: str = "cam0", fps: float = 30.0, heartbeat_s: float = 0.25) -> None:
         self.stream, self.fps, self.heartbeat_s = stream, fps, heartbeat_s
         self.context = zmq.asyncio.Context()
-        self.pub = self.context.socket(zmq.PUB)
-        self.router = self.context.socket(zmq.ROUTER)
-        for sock in (self.pub, self.router):
-            sock.setsockopt(zmq.LINGER, 0)
-        self.results_endpoint = f"tcp://127.0.0.1:{self.pub.bind_to_random_port('tcp://127.0.0.1')}"
-        self.control_endpoint = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+        self.pub = results_publisher("tcp://127.0.0.1:*", context=self.context)
+        self.results_endpoint = bound_endpoint(self.pub)
+        self.control = ControlServer("tcp://127.0.0.1:*")
+        self.control_endpoint = self.control.endpoint
         obj_id, cx, cy, r = FIRST_OBJECT
         self.objects: dict[int, tuple[float, float, float]] = {obj_id: (cx, cy, r)}
         self.requests: list[PromptRequest] = []
@@ -85,7 +74,7 @@ class FakeTracker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.pub.close()
-        self.router.close()
+        self.control.close()
         self.context.term()
 
     def result(self) -> tuple[ResultMessage, np.ndarray]:
@@ -118,18 +107,11 @@ class FakeTracker:
 
     async def _answer(self) -> None:
         while True:
-            message = await self.router.recv_multipart()
-            # REQ clients put an empty delimiter after the identity; DEALER clients may not.
-            split = message.index(b"") + 1 if b"" in message[:-1] else 1
-            envelope, body = message[:split], message[split:]
-            try:
-                request = decode_prompt_request(body)
-            except ProtocolError as exc:
-                answer = PromptAnswer("", False, str(exc))
-            else:
-                self.requests.append(request)
-                answer = self.apply(request)
-            await self.router.send_multipart(envelope + encode_answer(answer))
+            for envelope, request, _ in self.control.poll_requests(0):
+                if isinstance(request, PromptRequest):  # malformed ones were answered by ControlServer
+                    self.requests.append(request)
+                    self.control.reply(envelope, self.apply(request))
+            await asyncio.sleep(0.005)
 
     def apply(self, request: PromptRequest) -> PromptAnswer:
         if request.op == "reset_session":

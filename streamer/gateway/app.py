@@ -1,0 +1,196 @@
+"""The gateway's aiohttp application: signaling, the operator page, health and metrics, the CLI.
+
+    sam3-stream serve --results-endpoint tcp://127.0.0.1:5556 --control-endpoint tcp://127.0.0.1:5557
+
+Routes: ``GET /`` (operator page), ``/static/*``, ``POST /offer`` (WebRTC offer JSON ``{sdp, type}``
+-> answer), ``GET /health`` (JSON), ``GET /metrics`` (Prometheus text format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiortc import RTCSessionDescription
+
+from streamer.compositor import CompositeStyle
+from streamer.gateway.config import DEFAULT_CONTROL_ENDPOINT, DEFAULT_RESULTS_ENDPOINT, GatewayConfig
+from streamer.gateway.feed import FeedState, ResultFeed
+from streamer.gateway.ice import AUTO, check_hosts
+from streamer.gateway.prompts import PromptForwarder
+from streamer.gateway.webrtc import Broadcaster
+from streamer.transport import AsyncPromptClient
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+CONFIG = web.AppKey("config", GatewayConfig)
+FEED = web.AppKey("feed", ResultFeed)
+PROMPTS = web.AppKey("prompts", PromptForwarder)
+BROADCASTER = web.AppKey("broadcaster", Broadcaster)
+
+
+def create_app(config: GatewayConfig = GatewayConfig()) -> web.Application:
+    """The gateway as an aiohttp application; sockets open on startup and close on cleanup."""
+    check_hosts(config.ice_hosts)
+    app = web.Application()
+    app[CONFIG] = config
+    app.router.add_get("/", _index)
+    app.router.add_post("/offer", _offer)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_static("/static/", STATIC_DIR)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    feed = ResultFeed(
+        config.results_endpoint,
+        config.stream_id,
+        no_signal_after_s=config.no_signal_after_s,
+        offline_after_s=config.offline_after_s,
+    )
+    await feed.start()
+    client = AsyncPromptClient(config.control_endpoint, timeout_s=config.prompt_timeout_s, retries=config.prompt_tries)
+
+    def frame_size() -> tuple[int, int] | None:
+        return (feed.latest.message.width, feed.latest.message.height) if feed.latest else None
+
+    app[FEED] = feed
+    app[PROMPTS] = PromptForwarder(client, stream=lambda: feed.stream, frame_size=frame_size)
+    app[BROADCASTER] = Broadcaster(
+        feed,
+        app[PROMPTS],
+        style=config.style,
+        banner_fps=config.banner_fps,
+        ice_hosts=config.ice_hosts,
+        ice_servers=config.ice_servers,
+    )
+    log.info("gateway: results %s, control %s, stream %s", config.results_endpoint, config.control_endpoint,
+             config.stream_id or "(any)")
+    try:
+        yield
+    finally:
+        await app[BROADCASTER].close()
+        client.close()
+        await feed.close()
+
+
+async def _index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html")
+
+
+async def _offer(request: web.Request) -> web.Response:
+    try:
+        params = await request.json()
+        if not isinstance(params, dict) or not isinstance(params.get("sdp"), str) or params.get("type") != "offer":
+            raise ValueError('expected JSON {"sdp": "...", "type": "offer"}')
+        offer = RTCSessionDescription(sdp=params["sdp"], type="offer")
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        return web.json_response({"error": f"offer: {exc}"}, status=400)
+    try:
+        answer = await request.app[BROADCASTER].answer(offer)
+    except ValueError as exc:  # aiortc rejects SDP it cannot parse or negotiate with ValueError
+        return web.json_response({"error": f"sdp: {exc}"}, status=400)
+    return web.json_response({"sdp": answer.sdp, "type": answer.type})
+
+
+def _snapshot(app: web.Application) -> dict[str, Any]:
+    feed, broadcaster = app[FEED], app[BROADCASTER]
+    latency = feed.latency_s
+    return {
+        "state": feed.state.value,
+        "stream": feed.stream,
+        "fps": round(feed.fps, 2),
+        "latency_ms": None if latency is None else round(latency * 1000.0, 1),
+        "viewers": len(broadcaster.sessions),
+        "results_received": feed.results_received,
+        "frames_composited": broadcaster.track.frames_composited,
+        "frames_sent": broadcaster.frames_sent,
+        "prompts": dict(app[PROMPTS].outcomes),
+    }
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response(_snapshot(request.app))
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    snap = _snapshot(request.app)
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP sam3_gateway_{name} {help_text}", f"# TYPE sam3_gateway_{name} {kind}"])
+        lines.extend(f"sam3_gateway_{name}{labels} {value:g}" for labels, value in samples)
+
+    metric("frames_sent_total", "counter", "Video frames handed to viewers' encoders.", [("", snap["frames_sent"])])
+    metric("frames_composited_total", "counter", "Results drawn onto their frames.", [("", snap["frames_composited"])])
+    metric("results_received_total", "counter", "Results received from the tracker.", [("", snap["results_received"])])
+    metric("viewers", "gauge", "Connected viewers.", [("", snap["viewers"])])
+    metric("results_fps", "gauge", "Results received per second.", [("", snap["fps"])])
+    if snap["latency_ms"] is not None:
+        metric("latency_seconds", "gauge", "Capture to gateway latency of the newest result.",
+               [("", snap["latency_ms"] / 1000.0)])
+    metric("state", "gauge", "1 for the feed's current state.",
+           [(f'{{state="{s.value}"}}', float(s.value == snap["state"])) for s in FeedState])
+    metric("prompts_total", "counter", "Prompt messages by outcome.",
+           [(f'{{outcome="{k}"}}', float(v)) for k, v in sorted(snap["prompts"].items())])
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` command's options."""
+    defaults = GatewayConfig()
+    parser.add_argument("--results-endpoint", default=DEFAULT_RESULTS_ENDPOINT, help="tracker results PUB to follow")
+    parser.add_argument("--control-endpoint", default=DEFAULT_CONTROL_ENDPOINT, help="tracker control ROUTER for prompts")
+    parser.add_argument("--stream-id", default=None, help="stream to show and prompt (default: whichever results come)")
+    parser.add_argument("--http-host", default=defaults.http_host, help="HTTP listen address (default %(default)s)")
+    parser.add_argument("--http-port", type=int, default=defaults.http_port, help="HTTP port (default %(default)s)")
+    parser.add_argument("--ice-host", action="append", dest="ice_hosts", metavar="ADDR",
+                        help=f"address to offer as an ICE host candidate; repeatable; {AUTO!r} adds the machine's "
+                        "interfaces (default 127.0.0.1)")
+    parser.add_argument("--ice-server", action="append", dest="ice_servers", metavar="URL", default=[],
+                        help="STUN/TURN server URL; repeatable (default none)")
+    parser.add_argument("--prompt-timeout", type=float, default=defaults.prompt_timeout_s,
+                        help="seconds to wait for the tracker's answer, per try (default %(default)s)")
+    parser.add_argument("--alpha", type=float, default=defaults.style.alpha, help="mask opacity (default %(default)s)")
+    parser.add_argument("--show-boxes", action="store_true", help="draw bounding boxes too")
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """A ``GatewayConfig`` from ``add_arguments``' options."""
+    return GatewayConfig(
+        results_endpoint=args.results_endpoint,
+        control_endpoint=args.control_endpoint,
+        stream_id=args.stream_id,
+        http_host=args.http_host,
+        http_port=args.http_port,
+        ice_hosts=check_hosts(args.ice_hosts or ["127.0.0.1"]),
+        ice_servers=tuple(args.ice_servers),
+        prompt_timeout_s=args.prompt_timeout,
+        style=CompositeStyle(alpha=args.alpha, show_boxes=args.show_boxes),
+    )
+
+
+def run_gateway(config: GatewayConfig) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM close every peer connection)."""
+    web.run_app(create_app(config), host=config.http_host, port=config.http_port,
+                print=lambda _: log.info("gateway: http://%s:%d/", config.http_host, config.http_port))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Entry point for ``sam3-stream serve``; returns the exit status."""
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    run_gateway(config)
+    return 0

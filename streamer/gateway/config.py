@@ -1,0 +1,41 @@
+"""The gateway's settings, in one place for the CLI, the app factory and the tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from streamer.compositor import CompositeStyle
+from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
+
+DEFAULT_RESULTS_ENDPOINT = Endpoints.tcp_defaults().results
+DEFAULT_CONTROL_ENDPOINT = Endpoints.tcp_defaults().control
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Where the gateway listens, which tracker it follows, and how it draws.
+
+    - ``stream_id``: the capture stream to show and to prompt; ``None`` follows the first stream
+      results arrive for (fine with one camera; name it when the tracker serves several).
+    - ``ice_hosts``: addresses offered as ICE host candidates (see ``streamer.gateway.ice``);
+      ``"auto"`` adds aioice's own interface addresses (for viewers on other machines).
+    - ``ice_servers``: STUN/TURN URLs; none by default, since a STUN look-up only delays
+      gathering on a box without internet.
+    - ``prompt_timeout_s`` / ``prompt_tries``: the lazy pirate client's wait per try and tries.
+    - ``no_signal_after_s`` / ``offline_after_s``: silence that turns the feed state from live to
+      no_signal (heartbeats but no results) and to tracker_offline (no heartbeats either).
+    """
+
+    results_endpoint: str = DEFAULT_RESULTS_ENDPOINT
+    control_endpoint: str = DEFAULT_CONTROL_ENDPOINT
+    stream_id: str | None = None
+    http_host: str = GATEWAY_HTTP_HOST
+    http_port: int = GATEWAY_HTTP_PORT
+    ice_hosts: tuple[str, ...] = ("127.0.0.1",)
+    ice_servers: tuple[str, ...] = ()
+    prompt_timeout_s: float = 1.5
+    prompt_tries: int = 2
+    no_signal_after_s: float = 1.0
+    offline_after_s: float = 1.5
+    banner_fps: float = 10.0
+    style: CompositeStyle = field(default_factory=CompositeStyle)

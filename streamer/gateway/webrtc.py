@@ -1,0 +1,292 @@
+"""Peer connections to viewers and the composited video they receive.
+
+One ``CompositedTrack`` draws each result onto the frame it was computed for; aiortc's
+``MediaRelay`` (``buffered=False``) fans it out so each viewer's encoder takes the newest frame
+when it is ready for one: a slow viewer skips frames for itself and slows no one else. Per frame
+a viewer actually gets, its data channel carries the objects' metadata (ids, boxes, scores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import av
+import numpy as np
+from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaRelay
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from streamer.compositor import CompositeStyle, banner_frame, color_hex, composite
+from streamer.gateway.feed import FeedItem, FeedState, ResultFeed
+from streamer.gateway.ice import gather_on
+from streamer.gateway.prompts import PromptForwarder
+
+log = logging.getLogger(__name__)
+
+VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
+DEFAULT_SIZE = (640, 360)
+# Metadata is dropped, not queued, for a viewer whose data channel is this far behind.
+MAX_CHANNEL_BACKLOG = 256 * 1024
+BANNERS = {
+    FeedState.NO_SIGNAL: ("No signal", "the tracker is running but gets no frames"),
+    FeedState.TRACKER_OFFLINE: ("Tracker offline", "no heartbeat from the tracker"),
+}
+
+
+@dataclass(frozen=True)
+class FramePayload:
+    """What rides on a shared frame's ``opaque``: its I420 pixels and the result drawn (``None``: banner)."""
+
+    yuv: np.ndarray
+    item: FeedItem | None
+
+
+class CompositedTrack(MediaStreamTrack):
+    """The shared outbound video: each new result composited onto its own frame.
+
+    While the feed is not live it sends a banner frame (at ``banner_fps``, at the last frame
+    size) instead of freezing on the last image. It does no work until ``set_demand(True)``.
+    Frames are converted to I420 here, once, rather than in every viewer's encoder.
+    """
+
+    kind = "video"
+
+    def __init__(self, feed: ResultFeed, style: CompositeStyle = CompositeStyle(), banner_fps: float = 10.0) -> None:
+        super().__init__()
+        self._feed = feed
+        self._style = style
+        self._banner_interval = 1.0 / banner_fps
+        self._demand = asyncio.Event()
+        self._seen = 0
+        self._size = DEFAULT_SIZE
+        self._t0 = time.monotonic()
+        self._last_pts = -1
+        self._next_banner = 0.0
+        self.frames_composited = 0
+
+    def set_demand(self, wanted: bool) -> None:
+        """Produce frames only while someone watches (the relay would otherwise pull forever)."""
+        if wanted:
+            self._demand.set()
+        else:
+            self._demand.clear()
+
+    async def recv(self) -> av.VideoFrame:
+        loop = asyncio.get_running_loop()
+        while self.readyState == "live":
+            await self._demand.wait()
+            if self._feed.state is FeedState.LIVE:
+                item = await self._feed.wait_after(self._seen, timeout=self._banner_interval)
+                if item is None:
+                    continue
+                self._seen = item.number
+                if item.frame is not None:
+                    return await loop.run_in_executor(None, self._render, item)
+            elif time.monotonic() < self._next_banner:
+                await asyncio.sleep(self._next_banner - time.monotonic())
+            else:
+                self._next_banner = time.monotonic() + self._banner_interval
+                title, detail = BANNERS[self._feed.state]
+                return self._video_frame(banner_frame(*self._size, title, detail), None)
+        raise MediaStreamError
+
+    def stop(self) -> None:
+        super().stop()
+        self._demand.set()  # wake a pending recv so it sees the stop
+
+    def _render(self, item: FeedItem) -> av.VideoFrame:
+        assert item.frame is not None
+        height, width = item.frame.shape[:2]
+        self._size = (width, height)
+        self.frames_composited += 1
+        return self._video_frame(composite(item.frame, item.message.objects, self._style), item)
+
+    def _video_frame(self, rgb: np.ndarray, item: FeedItem | None) -> av.VideoFrame:
+        # I420 wants even sizes; an odd last row or column is dropped.
+        height, width = rgb.shape[:2]
+        rgb = rgb[: height - height % 2, : width - width % 2]
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
+        frame.opaque = FramePayload(frame.to_ndarray(), item)
+        # Presentation time follows the wall clock at send time, strictly increasing.
+        pts = max(int((time.monotonic() - self._t0) * VIDEO_TIME_BASE.denominator), self._last_pts + 1)
+        self._last_pts = pts
+        frame.pts = pts
+        frame.time_base = VIDEO_TIME_BASE
+        return frame
+
+
+class ViewerTrack(MediaStreamTrack):
+    """One viewer's relay proxy: hands its encoder a private copy of each frame it takes.
+
+    Encoders write into the frames they get (time base, picture type) from their own threads, so
+    viewers must not share one frame object. ``on_frame`` hears of the result each frame shows.
+    """
+
+    kind = "video"
+
+    def __init__(self, source: MediaStreamTrack, on_frame: Callable[[FeedItem | None], None]) -> None:
+        super().__init__()
+        self._source = source
+        self._on_frame = on_frame
+
+    async def recv(self) -> av.VideoFrame:
+        shared = await self._source.recv()
+        payload: FramePayload = shared.opaque
+        frame = av.VideoFrame.from_ndarray(payload.yuv, format="yuv420p")
+        frame.pts, frame.time_base = shared.pts, shared.time_base
+        self._on_frame(payload.item)
+        return frame
+
+    def stop(self) -> None:
+        super().stop()
+        self._source.stop()
+
+
+def objects_message(item: FeedItem, fps: float) -> dict[str, Any]:
+    """The data channel's per-frame ``objects`` message (no masks; ``color`` extends docs/interfaces.md)."""
+    m = item.message
+    return {
+        "type": "objects",
+        "seq": m.seq,
+        "frame_index": m.frame_index,
+        "t_capture": m.t_capture,
+        "latency_ms": round((time.time() - m.t_capture) * 1000.0, 1),
+        "fps": round(fps, 1),
+        "width": m.width,
+        "height": m.height,
+        "objects": [
+            {
+                "obj_id": o.obj_id,
+                "score": round(float(o.score), 4),
+                "bbox": [int(v) for v in o.bbox],
+                "label": o.label,
+                "color": color_hex(o.obj_id),  # the mask's colour, for the page's swatch
+            }
+            for o in m.objects
+        ],
+    }
+
+
+class ViewerSession:
+    """One operator: a peer connection, its video track and its ``prompts`` data channel."""
+
+    def __init__(self, pc: RTCPeerConnection, feed: ResultFeed, prompts: PromptForwarder) -> None:
+        self.id = uuid.uuid4().hex[:8]
+        self.pc = pc
+        self.frames_sent = 0
+        self._feed = feed
+        self._prompts = prompts
+        self._channel: RTCDataChannel | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unsubscribe = feed.add_listener(self._on_state)
+        pc.on("datachannel", self._on_datachannel)
+
+    def on_frame(self, item: FeedItem | None) -> None:
+        """Count a frame sent and send the metadata of the result it shows (banners have none)."""
+        self.frames_sent += 1
+        if item is not None:
+            self._send(objects_message(item, self._feed.fps))
+
+    async def close(self) -> None:
+        """Close the peer connection and stop answering prompts."""
+        self._unsubscribe()
+        for task in self._tasks:
+            task.cancel()
+        await self.pc.close()
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != "prompts":
+            return
+        self._channel = channel
+        channel.on("message", self._on_message)
+        self._on_state(self._feed.state)  # the current state, so the page can show it at once
+
+    def _on_message(self, message: str | bytes) -> None:
+        task = asyncio.ensure_future(self._answer(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, message: str | bytes) -> None:
+        self._send(await self._prompts.handle(message), always=True)
+
+    def _on_state(self, state: FeedState) -> None:
+        self._send({"type": "status", "state": state.value}, always=True)
+
+    def _send(self, payload: dict[str, Any], always: bool = False) -> None:
+        channel = self._channel
+        if channel is None or channel.readyState != "open":
+            return
+        if not always and channel.bufferedAmount > MAX_CHANNEL_BACKLOG:
+            return
+        channel.send(json.dumps(payload))
+
+
+class Broadcaster:
+    """Answers viewers' offers and keeps their sessions; all share one ``CompositedTrack``."""
+
+    def __init__(
+        self,
+        feed: ResultFeed,
+        prompts: PromptForwarder,
+        *,
+        style: CompositeStyle = CompositeStyle(),
+        banner_fps: float = 10.0,
+        ice_hosts: Sequence[str] = ("127.0.0.1",),
+        ice_servers: Sequence[str] = (),
+    ) -> None:
+        self.track = CompositedTrack(feed, style, banner_fps)
+        self.sessions: set[ViewerSession] = set()
+        self._feed = feed
+        self._prompts = prompts
+        self._relay = MediaRelay()
+        self._ice_hosts = tuple(ice_hosts)
+        self._ice_servers = [RTCIceServer(url) for url in ice_servers]
+
+    @property
+    def frames_sent(self) -> int:
+        """Frames handed to viewers' encoders, over current viewers."""
+        return sum(s.frames_sent for s in self.sessions)
+
+    async def answer(self, offer: RTCSessionDescription) -> RTCSessionDescription:
+        """Create a session for ``offer`` (with its candidates gathered) and return the answer."""
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
+        session = ViewerSession(pc, self._feed, self._prompts)
+        self.sessions.add(session)
+        self.track.set_demand(True)
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await self._drop(session)
+
+        try:
+            await pc.setRemoteDescription(offer)
+            if any(t.kind == "video" for t in pc.getTransceivers()):
+                pc.addTrack(ViewerTrack(self._relay.subscribe(self.track, buffered=False), session.on_frame))
+            with gather_on(self._ice_hosts):
+                await pc.setLocalDescription(await pc.createAnswer())
+        except Exception:
+            await self._drop(session)
+            raise
+        log.info("viewer %s: answered (%d viewers)", session.id, len(self.sessions))
+        return pc.localDescription
+
+    async def close(self) -> None:
+        """Close every peer connection and stop the shared track."""
+        await asyncio.gather(*(self._drop(s) for s in list(self.sessions)), return_exceptions=True)
+        self.track.stop()
+
+    async def _drop(self, session: ViewerSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            log.info("viewer %s: closed (%d viewers)", session.id, len(self.sessions))
+        self.track.set_demand(bool(self.sessions))
+        await session.close()
