@@ -28,7 +28,7 @@ from models import FrameResult, Prompt
 
 PROTOCOL_VERSION = 1
 KINDS = ("frame", "prompt", "answer", "result", "status")
-PROMPT_OPS = ("add_prompt", "remove_object", "reset_session")
+PROMPT_OPS = ("add_prompt", "remove_object", "remove_prompt", "reset_session")
 
 # A result header carries one COCO RLE per object. Measured: a smooth 1080p object is ~2.5 KB of RLE,
 # a speckled one (0.1% flipped pixels) ~13 KB, so MAX_OBJECTS of those is ~3.3 MB; 8 MiB leaves
@@ -69,7 +69,8 @@ class FrameHeader:
 @dataclass
 class PromptRequest:
     """A control request to the tracker: ``add_prompt`` (with ``prompt``), ``remove_object`` (with
-    ``obj_id``) or ``reset_session``, for one stream. ``request_id`` must be unique per request
+    ``obj_id``), ``remove_prompt`` (drop a text concept and its objects: with ``text``) or
+    ``reset_session``, for one stream. ``request_id`` must be unique per request
     (see :func:`new_request_id`): the tracker uses it to recognize a lazy-pirate retry."""
 
     request_id: str
@@ -77,6 +78,7 @@ class PromptRequest:
     op: str
     prompt: Prompt | None = None
     obj_id: int | None = None
+    text: str | None = None
 
 
 @dataclass
@@ -417,11 +419,15 @@ def _read_prompt_request(h: _Header) -> PromptRequest:
     if op not in PROMPT_OPS:
         raise ProtocolError(f"{h.path('op')}: unknown op {_short(op)} (known: {', '.join(PROMPT_OPS)})")
     prompt_fields, obj_id = h.get("prompt", optional=True), h.get("obj_id", optional=True)
+    text = h.get("text", optional=True)
     if op != "add_prompt" and prompt_fields is not None:
         raise ProtocolError(f"{h.path('prompt')}: only add_prompt takes a prompt")
     if op != "remove_object" and obj_id is not None:
         raise ProtocolError(f"{h.path('obj_id')}: only remove_object takes a top-level obj_id "
                             "(to refine an object, put obj_id inside prompt)")
+    if op != "remove_prompt" and text is not None:
+        raise ProtocolError(f"{h.path('text')}: only remove_prompt takes a top-level text "
+                            "(to add a text prompt, put text inside prompt)")
     prompt = None
     if op == "add_prompt":
         if prompt_fields is None:
@@ -436,7 +442,9 @@ def _read_prompt_request(h: _Header) -> PromptRequest:
             raise ProtocolError(f"prompt: invalid ({exc})") from None
     if op == "remove_object":
         obj_id = _check_int(h.path("obj_id"), h.get("obj_id"))
-    return PromptRequest(request_id=request_id, stream=stream, op=op, prompt=prompt, obj_id=obj_id)
+    if op == "remove_prompt":
+        text = h.text("text")  # the tracker says whether such a concept is active
+    return PromptRequest(request_id=request_id, stream=stream, op=op, prompt=prompt, obj_id=obj_id, text=text)
 
 
 def encode_prompt_request(req: PromptRequest) -> list[bytes]:
@@ -448,6 +456,8 @@ def encode_prompt_request(req: PromptRequest) -> list[bytes]:
         fields["prompt"] = req.prompt.to_dict()
     if req.obj_id is not None:
         fields["obj_id"] = req.obj_id
+    if req.text is not None:
+        fields["text"] = req.text
     data = _dump_header("prompt", fields, MAX_CONTROL_HEADER_BYTES)
     decode_prompt_request([data])
     return [data]

@@ -150,6 +150,7 @@ def test_prompt_round_trips() -> None:
             {"bounding_boxes": [[0.5, 0.5, 0.2, 0.2]], "bounding_box_labels": [1], "frame_index": 4})),
         PromptRequest("c", "cam1", "remove_object", obj_id=3),
         PromptRequest("d", "cam1", "reset_session"),
+        PromptRequest("e", "cam1", "remove_prompt", text="person"),
     ]
     for req in requests:
         assert decode_prompt_request(encode_prompt_request(req)) == req
@@ -165,6 +166,10 @@ def test_prompt_round_trips() -> None:
     ({"op": "remove_object", "obj_id": -2}, "prompt.obj_id: must be >= 0"),
     ({"op": "remove_object", "obj_id": True}, "prompt.obj_id: expected an integer"),
     ({"op": "reset_session", "obj_id": 3}, "prompt.obj_id: only remove_object"),
+    ({"op": "remove_prompt"}, "prompt.text: missing"),
+    ({"op": "remove_prompt", "text": 3}, "prompt.text: expected a string"),
+    ({"op": "remove_prompt", "text": ""}, "prompt.text: must not be empty"),
+    ({"op": "add_prompt", "prompt": {"text": "cat"}, "text": "cat"}, "prompt.text: only remove_prompt"),
     ({"op": "explode"}, "prompt.op: unknown op"),
     ({"op": "reset_session", "request_id": 5}, "prompt.request_id: expected a string"),
     ({"op": "reset_session", "stream": None}, "prompt.stream"),
@@ -404,7 +409,7 @@ _json_values = st.recursive(
 )
 _field_names = st.sampled_from([
     "v", "kind", "stream", "seq", "t_capture", "width", "height", "request_id", "op", "prompt", "obj_id", "ok",
-    "error", "obj_ids", "frame_index", "timestamps", "timings", "objects", "tracker", "t", "streams",
+    "text", "error", "obj_ids", "frame_index", "timestamps", "timings", "objects", "tracker", "t", "streams",
 ])
 
 
