@@ -51,16 +51,20 @@ def masks_to_frame(low_res_logits: torch.Tensor, height: int, width: int) -> tor
     return upsampled.squeeze(1) > 0
 
 
-def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
-    """``N x H x W`` boolean masks -> ``N x 4`` integer pixel boxes ``(x0, y0, x1, y1)``, right/bottom exclusive.
+def boxes_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``N x H x W`` boolean masks -> (``N x 4`` integer pixel boxes ``(x0, y0, x1, y1)`` with
+    right/bottom exclusive, ``N`` booleans "mask not empty"). Empty masks get an all-zero box.
 
-    Empty masks get an all-zero box.
+    Row and column profiles come from ``amax`` over a uint8 view: many times faster than ``any``
+    on bool tensors on CPU, and the rest works on those short profiles.
     """
     n, height, width = masks.shape
     if n == 0:
-        return torch.zeros(0, 4, dtype=torch.int64, device=masks.device)
-    rows = masks.any(dim=2)
-    cols = masks.any(dim=1)
+        return torch.zeros(0, 4, dtype=torch.int64, device=masks.device), torch.zeros(0, dtype=torch.bool, device=masks.device)
+    as_bytes = masks.view(torch.uint8)
+    rows = as_bytes.amax(dim=2).bool()
+    cols = as_bytes.amax(dim=1).bool()
+    visible = rows.any(dim=1)
     ys = torch.arange(height, device=masks.device)
     xs = torch.arange(width, device=masks.device)
     big = max(height, width) + 1
@@ -69,7 +73,7 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     x0 = torch.where(cols, xs, big).min(dim=1).values
     x1 = torch.where(cols, xs, -1).max(dim=1).values + 1
     boxes = torch.stack([x0, y0, x1, y1], dim=1)
-    return torch.where(rows.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))
+    return torch.where(visible.unsqueeze(1), boxes, torch.zeros_like(boxes)), visible
 
 
 def resolve_overlaps(masks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -104,6 +104,12 @@ class Prompt:
                 raise ValueError(f"points: ({x:g}, {y:g}) lies outside the {width}x{height} frame")
 
 
+def _brief(value: object, limit: int = 60) -> str:
+    """A value's repr, cut short: messages go back to operators and must stay readable."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_text(text: str | None) -> None:
     if text is None:
         return
@@ -154,13 +160,16 @@ def _check_boxes(boxes: Sequence[Sequence[float]], labels: Sequence[int]) -> Non
             )
 
 
+MAX_ID = 2**63 - 1
+
+
 def _check_optional_int(field: str, value: object) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{field}: must be an integer, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{field}: must be >= 0, got {value}")
+        raise ValueError(f"{field}: must be an integer, got {_brief(value)}")
+    if not 0 <= value <= MAX_ID:
+        raise ValueError(f"{field}: must be between 0 and {MAX_ID}, got {_brief(value)}")
 
 
 def _tuple_of_vectors(field: str, value: object, size: int) -> tuple[tuple[float, ...], ...]:
@@ -171,10 +180,13 @@ def _tuple_of_vectors(field: str, value: object, size: int) -> tuple[tuple[float
     vectors = []
     for item in value:
         if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != size:
-            raise ValueError(f"{field}: each entry must be a list of {size} numbers, got {item!r}")
+            raise ValueError(f"{field}: each entry must be a list of {size} numbers, got {_brief(item)}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in item):
-            raise ValueError(f"{field}: each entry must be a list of {size} numbers, got {item!r}")
-        vectors.append(tuple(float(v) for v in item))
+            raise ValueError(f"{field}: each entry must be a list of {size} numbers, got {_brief(item)}")
+        try:
+            vectors.append(tuple(float(v) for v in item))
+        except OverflowError:
+            raise ValueError(f"{field}: number too large in {_brief(item)}") from None
     return tuple(vectors)
 
 
@@ -185,7 +197,7 @@ def _tuple_of_labels(field: str, value: object) -> tuple[int, ...]:
         raise ValueError(f"{field}: must be a list of 0/1 labels")
     labels = []
     for item in value:
-        if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item) or item != int(item):
-            raise ValueError(f"{field}: each label must be 0 or 1, got {item!r}")
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or item not in (0, 1):
+            raise ValueError(f"{field}: each label must be 0 or 1, got {_brief(item)}")
         labels.append(int(item))
     return tuple(labels)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.encoder import ImageEncoder, TorchImageEncoder
+from models.encoder import FrameFeatures, ImageEncoder, TorchImageEncoder
 from models.engines import EngineOutput, GeometryEngine, TextEngine
 from models.loading import Sam3Models
 from models.memory import MemoryWindow
@@ -137,13 +137,13 @@ class StreamingTracker:
 
         pixels = frame_to_pixels(frame, self.models.image_size, self.models.device, self.models.dtype)
         clock.lap("preprocess")
-        vision_embeds = self.encoder.encode(pixels) if self._has_work_after_pending() else None
+        features = FrameFeatures(self.models, self.encoder.encode(pixels)) if self._has_work_after_pending() else None
         clock.lap("encode")
 
         for apply in self._pending:
             apply()
         self._pending.clear()
-        outputs = self._run_engines(pixels, vision_embeds)
+        outputs = self._run_engines(pixels, features)
         clock.lap("track")
 
         objects = self._postprocess(outputs, width, height)
@@ -224,17 +224,18 @@ class StreamingTracker:
     def _has_work_after_pending(self) -> bool:
         return bool(self._pending) or self.geometry.has_work() or self.text.session is not None
 
-    def _run_engines(self, pixels: torch.Tensor, vision_embeds: Any) -> list[EngineOutput]:
+    def _run_engines(self, pixels: torch.Tensor, features: FrameFeatures | None) -> list[EngineOutput]:
         index = self._frame_index
-        text_out, self._next_obj_id = self.text.step(index, pixels, vision_embeds, self._next_obj_id)
+        text_out = EngineOutput.empty(self.models.device)
+        if self.text.session is not None and features is not None:
+            text_out, self._next_obj_id = self.text.step(index, pixels, features.detector(), self._next_obj_id)
         for obj_id in text_out.obj_ids:
             self._known.setdefault(obj_id, "text")
         geometry_out = EngineOutput.empty(self.models.device)
-        if self.geometry.has_work():
-            features = self.text.tracker_features(index)
-            if features is None:
-                features = self.encoder.tracker_features(vision_embeds)
-            geometry_out = self.geometry.step(index, pixels, features)
+        if self.geometry.has_work() and features is not None:
+            # The text model already ran the tracker's neck on this frame when it is active.
+            tracker_features = self.text.tracker_features(index) or features.tracker()
+            geometry_out = self.geometry.step(index, pixels, tracker_features)
         if self._refinements:
             self._apply_refinements(index, [text_out, geometry_out])
         return [text_out, geometry_out]
@@ -258,8 +259,7 @@ class StreamingTracker:
             masks = masks_to_frame(out.mask_logits, height, width)
             if out.overlap_scores is not None:
                 masks = _resolve_per_label(masks, out.overlap_scores, out.labels)
-            boxes = boxes_from_masks(masks)
-            visible = masks.flatten(1).any(dim=1)
+            boxes, visible = boxes_from_masks(masks)
             masks_np, boxes_np, scores_np, visible_np = (t.cpu().numpy() for t in (masks, boxes, out.scores.float(), visible))
             for i, obj_id in enumerate(out.obj_ids):
                 if visible_np[i]:

@@ -46,7 +46,8 @@ class FakeTracker:
     """Plays the tracker on real sockets: PUB results + status heartbeats, ROUTER answering prompts
     (through ``streamer.transport``'s socket factories and ``ControlServer``, as the tracker does).
 
-    Objects are discs; a click prompt makes (or moves) a disc of radius 20 centred on the click.
+    Objects are discs: a click makes (or moves) one of radius 20 centred on the click, a box one
+    inscribed in the box.
     ``publishing`` / ``heartbeats`` switch the two kinds of traffic off and on.
     """
 
@@ -123,23 +124,27 @@ class FakeTracker:
             return PromptAnswer(request.request_id, True, obj_ids=[request.obj_id])
         prompt = request.prompt
         assert prompt is not None
-        if not prompt.points:
-            return PromptAnswer(request.request_id, False, "text: the fake tracker only takes clicks")
         obj_id = prompt.obj_id if prompt.obj_id is not None else max(self.objects, default=0) + 1
-        x, y = prompt.points[-1]
-        self.objects[obj_id] = (x, y, 20)
+        if prompt.points:
+            x, y = prompt.points[-1]
+            self.objects[obj_id] = (x, y, 20)
+        elif prompt.bounding_boxes:
+            cx, cy, w, h = prompt.bounding_boxes[0]
+            self.objects[obj_id] = (cx * WIDTH, cy * HEIGHT, min(w * WIDTH, h * HEIGHT) / 2)
+        else:
+            return PromptAnswer(request.request_id, False, "text: the fake tracker takes clicks and boxes only")
         return PromptAnswer(request.request_id, True, obj_ids=[obj_id])
 
 
 @contextlib.asynccontextmanager
-async def gateway(tracker: FakeTracker, **overrides: Any) -> AsyncIterator[str]:
-    """The gateway app served on a free loopback port; yields its base URL."""
+async def gateway(tracker: FakeTracker, port: int = 0, **overrides: Any) -> AsyncIterator[str]:
+    """The gateway app served on loopback (a free port unless given); yields its base URL."""
     config = replace(GatewayConfig(results_endpoint=tracker.results_endpoint,
                                    control_endpoint=tracker.control_endpoint, stream_id=tracker.stream,
                                    prompt_timeout_s=1.0), **overrides)
     runner = web.AppRunner(create_app(config))
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
@@ -350,7 +355,7 @@ def test_banners_when_results_or_tracker_stop_and_recovery() -> None:
 
 def test_a_viewer_that_does_not_read_does_not_slow_another() -> None:
     async def body() -> None:
-        async with FakeTracker(fps=30) as tracker, gateway(tracker) as url:
+        async with FakeTracker(fps=30) as tracker, gateway(tracker, max_viewers=2) as url:
             idle, busy = Viewer(), Viewer()
             try:
                 await idle.connect(url)
@@ -363,8 +368,17 @@ def test_a_viewer_that_does_not_read_does_not_slow_another() -> None:
                 fps = frames / (time.monotonic() - start)
                 print(f"\nreading viewer: {fps:.1f} fps while the other reads nothing (tracker at 30 fps)")
                 assert fps > 20
-                async with aiohttp.ClientSession() as http, http.get(f"{url}/health") as response:
-                    assert (await response.json())["viewers"] == 2
+                async with aiohttp.ClientSession() as http:
+                    async with http.get(f"{url}/health") as response:
+                        assert (await response.json())["viewers"] == 2
+                    third = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+                    third.addTransceiver("video", direction="recvonly")
+                    with gather_on(["127.0.0.1"]):
+                        await third.setLocalDescription(await third.createOffer())
+                    offer = {"sdp": third.localDescription.sdp, "type": "offer"}
+                    async with http.post(f"{url}/offer", json=offer) as response:
+                        assert response.status == 503 and "viewers" in (await response.json())["error"]
+                    await third.close()
             finally:
                 await idle.close()
                 await busy.close()

@@ -1,0 +1,178 @@
+"""The operator page in a real headless Chromium (Debian's, driven by Playwright) against the gateway.
+
+The page must play the composited video, and a click on it must reach the tracker as an
+``add_prompt`` at the frame pixel under the pointer, through the video's letterboxing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+import cv2
+import numpy as np
+import pytest
+from test_gateway import FIRST_OBJECT, HEIGHT, WIDTH, FakeTracker, expected_tint, gateway, run
+
+CHROMIUM = Path("/usr/bin/chromium")
+# FACTS.md: what headless Chromium needs for WebRTC on a loopback-only box (Playwright adds --headless).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
+]
+playwright_api = pytest.importorskip("playwright.async_api")
+
+PLAYING = """() => {
+  const v = document.getElementById("video");
+  return v.readyState >= 2 && v.videoWidth > 0 && !v.paused && v.currentTime > 0;
+}"""
+# The video element's box and the picture's size: enough to redo object-fit: contain's letterboxing.
+GEOMETRY = """() => {
+  const v = document.getElementById("video");
+  const r = v.getBoundingClientRect();
+  return {left: r.left, top: r.top, width: r.width, height: r.height, vw: v.videoWidth, vh: v.videoHeight};
+}"""
+
+
+def to_page(geometry: dict[str, Any], x: float, y: float) -> tuple[float, float]:
+    """Frame pixel (x, y) -> page coordinates of its centre, inside the letterboxed video."""
+    scale = min(geometry["width"] / geometry["vw"], geometry["height"] / geometry["vh"])
+    left = geometry["left"] + (geometry["width"] - geometry["vw"] * scale) / 2
+    top = geometry["top"] + (geometry["height"] - geometry["vh"] * scale) / 2
+    return left + (x + 0.5) * scale, top + (y + 0.5) * scale
+
+
+async def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def operator_page(pw: Any, url: str, profile: Path) -> AsyncIterator[Any]:
+    """The operator page in a fresh headless Chromium, once its video plays; page errors fail the test."""
+    # A wide viewport: the 4:3 video is letterboxed left and right, so the click mapping matters.
+    browser = await pw.chromium.launch_persistent_context(
+        str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+        viewport={"width": 1280, "height": 560},
+    )
+    try:
+        page = browser.pages[0] if browser.pages else await browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await page.goto(url)
+        await page.wait_for_function(PLAYING, timeout=15000)
+        await page.wait_for_selector("#state.live", timeout=5000)
+        yield page
+        assert not errors, errors
+    finally:
+        await browser.close()
+
+
+async def geometry_of(page: Any) -> dict[str, Any]:
+    geometry = await page.evaluate(GEOMETRY)
+    assert (geometry["vw"], geometry["vh"]) == (WIDTH, HEIGHT)
+    assert geometry["width"] / geometry["height"] > WIDTH / HEIGHT + 0.1, "expected letterboxing"
+    return geometry
+
+
+def test_page_plays_video_and_click_adds_mapped_point(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with (FakeTracker() as tracker, gateway(tracker) as url, playwright_api.async_playwright() as pw,
+                    operator_page(pw, url, tmp_path / "profile") as page):
+            geometry = await geometry_of(page)
+
+            # The screenshot shows the object's tint where the object is.
+            obj_id, cx, cy, _ = FIRST_OBJECT
+            shot = cv2.imdecode(np.frombuffer(await page.screenshot(), np.uint8), cv2.IMREAD_COLOR)
+            px, py = (round(v) for v in to_page(geometry, cx, cy))
+            pixel = shot[py, px, ::-1].astype(float)  # BGR -> RGB
+            assert np.abs(pixel[:2] - expected_tint(obj_id)[:2]).max() < 40, pixel
+            assert shot.mean() > 20, "the page shows more than black"
+
+            # A click on frame pixel (250, 60) reaches the tracker as that point.
+            await page.mouse.click(*to_page(geometry, 250, 60))
+            await wait_until(lambda: tracker.requests, 5, "the prompt at the tracker")
+            request = tracker.requests[-1]
+            assert request.op == "add_prompt" and request.stream == tracker.stream
+            assert request.prompt is not None and request.prompt.point_labels == (1,)
+            ((x, y),) = request.prompt.points
+            assert abs(x - 250) <= 1 and abs(y - 60) <= 1, (x, y)
+            assert request.prompt.obj_id is None  # nothing selected: a new object
+
+            # The tracker's new object shows up in the page's list, with its answer.
+            await page.wait_for_selector('#objects li[data-obj-id="2"]', timeout=5000)
+            await page.wait_for_function(
+                "() => document.getElementById('answers').textContent.includes('objects 2')", timeout=5000)
+            await page.screenshot(path=str(tmp_path / "operator_page.png"))
+
+    run(body(), timeout=60)
+
+
+def test_box_drag_selection_and_reconnect(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with (FakeTracker() as tracker, playwright_api.async_playwright() as pw,
+                    contextlib.AsyncExitStack() as first_gateway):
+            url = await first_gateway.enter_async_context(gateway(tracker))
+            async with operator_page(pw, url, tmp_path / "profile") as page:
+                geometry = await geometry_of(page)
+                # Shift-click with object 1 selected: a background point for object 1.
+                await page.click('#objects li[data-obj-id="1"]')
+                await page.keyboard.down("Shift")
+                await page.mouse.click(*to_page(geometry, 30, 30))
+                await page.keyboard.up("Shift")
+                await wait_until(lambda: tracker.requests, 5, "the shift-click at the tracker")
+                prompt = tracker.requests[-1].prompt
+                assert prompt is not None and prompt.obj_id == 1 and prompt.point_labels == (0,)
+
+                # Deselect, then drag a box from frame pixel (20, 150) to (80, 210): a new object.
+                await page.click('#objects li[data-obj-id="1"]')
+                await page.mouse.move(*to_page(geometry, 20, 150))
+                await page.mouse.down()
+                await page.mouse.move(*to_page(geometry, 50, 180), steps=3)
+                await page.mouse.move(*to_page(geometry, 80, 210), steps=3)
+                await page.mouse.up()
+                await wait_until(lambda: len(tracker.requests) == 2, 5, "the box at the tracker")
+                prompt = tracker.requests[-1].prompt
+                assert prompt is not None and prompt.obj_id is None and not prompt.points
+                ((bcx, bcy, bw, bh),) = prompt.bounding_boxes
+                expected = (50.5 / WIDTH, 180.5 / HEIGHT, 60 / WIDTH, 60 / HEIGHT)  # pixel centres, normalized
+                assert np.allclose((bcx, bcy, bw, bh), expected, atol=1.5 / WIDTH), (prompt.bounding_boxes, expected)
+                await page.wait_for_selector('#objects li[data-obj-id="2"]', timeout=5000)
+
+                # The gateway restarts on the same port: the page notices and reconnects by itself.
+                await first_gateway.aclose()
+                port = int(url.rsplit(":", 1)[1])
+                async with gateway(tracker, port=port) as url, aiohttp.ClientSession() as http:
+                    deadline = time.monotonic() + 15
+                    while True:
+                        async with http.get(f"{url}/health") as response:
+                            if (await response.json())["viewers"] == 1:
+                                break
+                        assert time.monotonic() < deadline, "the page did not reconnect"
+                        await asyncio.sleep(0.2)
+                    await page.wait_for_selector("#connection.connected", timeout=10000)
+                    await page.wait_for_selector("#state.live", timeout=5000)
+                    await page.wait_for_function(PLAYING, timeout=5000)
+
+    run(body(), timeout=60)

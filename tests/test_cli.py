@@ -1,0 +1,173 @@
+"""``sam3-stream``: help texts, and ``run`` starting and stopping the three real processes.
+
+The process helpers here (``launched``, ``children_of``, ``free_port``, ``wait_for``) are shared with
+``test_tracker_service.py`` and ``test_pipeline.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def child_env() -> dict[str, str]:
+    """Children import this checkout and run torch on one thread (FACTS.md: ~20x faster on 2 cores)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 15.0) -> int:
+    """Ask ``proc`` to stop with ``sig``, kill it if it has not within ``timeout``; its exit status."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+@contextlib.contextmanager
+def launched(args: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """``python -m streamer.cli ARGS`` with output to ``log_path``; stopped (and any child of it killed)
+    when the block ends, whatever happens in it."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "streamer.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=REPO, env=child_env())
+    try:
+        yield proc
+    finally:
+        children = children_of(proc.pid)
+        stop_process(proc)
+        for pid in children:  # only if the supervisor failed to: these are our grandchildren by pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """The live child processes of ``pid`` (pid -> command line), from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            state = stat.rsplit(")", 1)[1].split()[0]
+            if ppid == pid and state != "Z":
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float, what: str, log_path: Path | None = None) -> T:
+    """Call ``probe`` until it returns something truthy; fail (with the log's tail) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.exists() else ""
+            pytest.fail(f"timed out waiting for {what}\n--- log ---\n{tail}")
+        time.sleep(0.1)
+
+
+def get_json(url: str) -> dict | None:
+    """GET ``url`` as JSON, or ``None`` while nothing answers there."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None
+
+
+def run_help(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "streamer.cli", *args, "--help"], capture_output=True, text=True,
+                         cwd=REPO, env=child_env(), timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_top_level_help_lists_every_command() -> None:
+    text = run_help()
+    for command in ("run", "capture", "track", "serve"):
+        assert re.search(rf"^\s+{command}\s+\S", text, re.MULTILINE), f"{command} missing from:\n{text}"
+
+
+@pytest.mark.parametrize("command, options", [
+    ("run", ["--model", "--source", "--prompt", "--http-port", "--loop", "--log-level"]),
+    ("capture", ["--source", "--frames-endpoint", "--stream-id", "--loop", "--log-level"]),
+    ("track", ["--model", "--device", "--frames-endpoint", "--results-endpoint", "--control-endpoint", "--prompt",
+               "--passthrough-delay-ms"]),
+    ("serve", ["--results-endpoint", "--control-endpoint", "--http-port"]),
+])
+def test_each_command_has_help(command: str, options: list[str]) -> None:
+    text = run_help(command)
+    assert text.startswith(f"usage: sam3-stream {command}")
+    for option in options:
+        assert option in text, f"{option} missing from sam3-stream {command} --help"
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("sam3-stream")
+    if not script.exists():
+        pytest.skip("the package is not installed in this interpreter (pip install -e .)")
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, env=child_env())
+    assert out.returncode == 0 and "usage: sam3-stream" in out.stdout
+
+
+def test_bad_arguments_exit_with_usage_error() -> None:
+    out = subprocess.run([sys.executable, "-m", "streamer.cli", "run", "--model", "tiny-random"], capture_output=True,
+                         text=True, cwd=REPO, env=child_env(), timeout=60)
+    assert out.returncode == 2 and "--source" in out.stderr
+
+
+def test_run_prints_url_serves_health_and_stops_everything_on_sigint(tmp_path: Path) -> None:
+    port = free_port()
+    log_path = tmp_path / "run.log"
+    args = ["run", "--model", "tiny-random", "--device", "cpu", "--source", "synthetic:160x120@10",
+            "--http-port", str(port)]
+    with launched(args, log_path) as run:
+        url = wait_for(lambda: (m := re.search(r"open (http://127\.0\.0\.1:\d+/)", log_path.read_text())) and m[1],
+                       60, "the URL", log_path)
+        assert url == f"http://127.0.0.1:{port}/"
+        children = children_of(run.pid)
+        assert sorted(cmd.split("streamer.cli ")[1].split()[0] for cmd in children.values()) == \
+            ["capture", "serve", "track"]
+        health = wait_for(lambda: (h := get_json(f"{url}health")) and h["state"] == "live" and h, 60,
+                          "a live feed", log_path)
+        assert health["stream"] == "cam0" and health["results_received"] > 0
+
+        assert stop_process(run, signal.SIGINT) == 0
+    left = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert not left, f"children {left} outlived sam3-stream run"
+    assert get_json(f"{url}health") is None
+    assert "Traceback" not in log_path.read_text()

@@ -1,0 +1,248 @@
+"""The tracker service in a real process (``sam3-stream track``), fed and read over real sockets here.
+
+The test plays the camera (a PUB the tracker connects to), the robot (a SUB on the results) and the
+operator (a lazy-pirate client on the control socket). One tiny-model tracker serves the module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from models import Prompt
+from models.tiny import moving_shapes
+from streamer.config import Endpoints
+from streamer.protocol import (
+    FrameHeader,
+    PromptAnswer,
+    PromptRequest,
+    ResultMessage,
+    StatusMessage,
+    decode_result,
+    decode_status,
+    encode_frame,
+    new_request_id,
+    peek_kind,
+)
+from streamer.transport import PromptClient, frames_publisher, results_subscriber
+from test_cli import launched, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+WIDTH, HEIGHT = 160, 120
+
+
+@dataclass
+class Tracker:
+    """A running tracker process and the test's ends of its three sockets."""
+
+    endpoints: Endpoints
+    log_path: Path
+    pub: zmq.Socket
+    sub: zmq.Socket
+    control: PromptClient
+    sent: dict[tuple[str, int], np.ndarray]
+
+    def send(self, stream: str, seq: int, pixels: np.ndarray | None = None, t_capture: float | None = None) -> None:
+        pixels = moving_shapes(seq, WIDTH, HEIGHT) if pixels is None else pixels
+        header = FrameHeader(stream, seq, time.time() if t_capture is None else t_capture, pixels.shape[1],
+                             pixels.shape[0])
+        self.sent[(stream, seq)] = pixels
+        self.pub.send_multipart(encode_frame(header, pixels), copy=False)
+
+    def request(self, stream: str, op: str, **fields: object) -> PromptAnswer:
+        return self.control.request(PromptRequest(new_request_id(), stream, op, **fields))  # type: ignore[arg-type]
+
+    def receive(self, timeout: float) -> tuple[list[tuple[ResultMessage, np.ndarray | None]], list[StatusMessage]]:
+        """Everything published within ``timeout`` seconds."""
+        results, statuses = [], []
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self.sub.poll(int(left * 1000)):
+                parts = self.sub.recv_multipart()
+                if peek_kind(parts) == "result":
+                    results.append(decode_result(parts))
+                else:
+                    statuses.append(decode_status(parts))
+        return results, statuses
+
+    def stream_results(self, streams: dict[str, int], frames: int, fps: float = 15.0,
+                       ) -> dict[str, list[tuple[ResultMessage, np.ndarray | None]]]:
+        """Send ``frames`` frames of each stream (seq from ``streams[name]``) and collect their results."""
+        out: dict[str, list] = {name: [] for name in streams}
+        for k in range(frames):
+            for name, first in streams.items():
+                self.send(name, first + k)
+            for message, frame in self.receive(1.0 / fps)[0]:
+                out.setdefault(message.stream, []).append((message, frame))
+        for message, frame in self.receive(1.0)[0]:  # the last frames' results
+            out.setdefault(message.stream, []).append((message, frame))
+        return out
+
+    def until_result(self, stream: str, seq: int, timeout: float = 30.0) -> None:
+        """Send frames of ``stream`` until one comes back (the tracker knows the stream then)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.send(stream, seq)
+            results, _ = self.receive(0.2)
+            if any(m.stream == stream for m, _ in results):
+                return
+        pytest.fail(f"no result for stream {stream} within {timeout} s\n{self.log_path.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def running_tracker(*options: str, log_path: Path) -> Iterator[Tracker]:
+    """``sam3-stream track OPTIONS`` on ipc:// endpoints of a fresh folder, with the test's sockets."""
+    folder = tempfile.mkdtemp(prefix="trk-")  # not tmp_path: ipc:// paths must stay short
+    endpoints = Endpoints.ipc_in(folder)
+    ctx = zmq.Context()
+    pub = frames_publisher(endpoints.frames, context=ctx)  # the camera binds; the tracker connects
+    args = ["track", "--frames-endpoint", endpoints.frames, "--results-endpoint", endpoints.results,
+            "--control-endpoint", endpoints.control, *options]
+    try:
+        with launched(args, log_path) as proc:
+            sub = results_subscriber(endpoints.results, context=ctx)
+            control = PromptClient(endpoints.control, timeout_s=5.0, retries=2, context=ctx)
+            tracker = Tracker(endpoints, log_path, pub, sub, control, {})
+            try:
+                # The first heartbeat says the model is loaded and the sockets are up.
+                wait_for(lambda: proc.poll() is not None or tracker.receive(0.3)[1], 90, "a heartbeat", log_path)
+                assert proc.poll() is None, log_path.read_text()
+                yield tracker
+                assert proc.poll() is None, f"the tracker died:\n{log_path.read_text()[-3000:]}"
+            finally:
+                control.close()
+                sub.close()
+    finally:
+        pub.close()
+        ctx.term()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracker]:
+    """A tiny-model tracker that gives every new stream the text prompt "person"."""
+    log_path = tmp_path_factory.mktemp("tracker") / "tracker.log"
+    with running_tracker("--model", "tiny-random", "--device", "cpu", "--prompt", "person",
+                         log_path=log_path) as tracker:
+        yield tracker
+
+
+def test_heartbeats_arrive_without_frames(tiny: Tracker) -> None:
+    results, statuses = tiny.receive(1.6)
+    assert not results
+    assert len(statuses) >= 2, "a heartbeat every 0.5 s"
+    assert statuses[0].tracker.startswith("tiny-random@")
+    gaps = np.diff([s.t for s in statuses])
+    assert np.all((gaps > 0.3) & (gaps < 0.8)), gaps
+
+
+def test_prompts_are_answered_and_results_carry_their_frame_and_masks(tiny: Tracker) -> None:
+    answer = tiny.request("nocam", "reset_session")
+    assert not answer.ok and answer.error.startswith("stream: unknown stream 'nocam'"), answer
+
+    tiny.until_result("cam0", 0)
+    click = Prompt.from_dict({"points": [[40, 60]], "point_labels": [1]})
+    answer = tiny.request("cam0", "add_prompt", prompt=click)
+    assert answer.ok and len(answer.obj_ids) == 1, answer
+    clicked = answer.obj_ids[0]
+    # Refused by the tracker itself (well-formed on the wire), each naming the field.
+    outside = Prompt.from_dict({"points": [[900, 10]], "point_labels": [1]})
+    for op, fields, field in [("add_prompt", {"prompt": outside}, "points:"),
+                              ("remove_object", {"obj_id": 999}, "obj_id:"),
+                              ("remove_prompt", {"text": "cat"}, "text:")]:
+        answer = tiny.request("cam0", op, **fields)
+        assert not answer.ok and answer.error.startswith(field), answer
+
+    results = tiny.stream_results({"cam0": 1}, frames=6)["cam0"]
+    assert results, tiny.log_path.read_text()[-3000:]
+    message, frame = results[-1]
+    assert frame is not None and np.array_equal(frame, tiny.sent[("cam0", message.seq)]), "result on its own frame"
+    assert set(message.timestamps) == {"received", "tracked", "published"}
+    t = message.timestamps
+    assert message.t_capture <= t["received"] <= t["tracked"] <= t["published"]
+    assert {"encode", "track"} <= set(message.timings)
+    ids = [o.obj_id for o in message.objects]
+    assert clicked in ids and any(o.label == "person" for o in message.objects), ids
+    for obj in message.objects:
+        assert obj.mask is not None and obj.mask.dtype == bool and obj.mask.shape == (HEIGHT, WIDTH)
+        ys, xs = np.nonzero(obj.mask)
+        assert obj.bbox == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+
+    answer = tiny.request("cam0", "remove_object", obj_id=clicked)
+    assert answer.ok and answer.obj_ids == [clicked]
+    results = tiny.stream_results({"cam0": 100}, frames=3)["cam0"]
+    assert results and all(clicked not in [o.obj_id for o in m.objects] for m, _ in results)
+    assert tiny.request("cam0", "reset_session").ok
+    results = tiny.stream_results({"cam0": 200}, frames=3)["cam0"]
+    assert results and not results[-1][0].objects, "reset drops the initial text prompt too"
+
+
+def test_each_stream_has_its_own_tracker(tiny: Tracker) -> None:
+    tiny.until_result("left", 0)
+    tiny.until_result("right", 0)
+    answer = tiny.request("right", "add_prompt", prompt=Prompt.from_dict({"points": [[30, 50]], "point_labels": [1]}))
+    assert answer.ok, answer
+    clicked = answer.obj_ids[0]
+    answer = tiny.request("left", "remove_prompt", text="person")
+    assert answer.ok, answer
+
+    out = tiny.stream_results({"left": 1, "right": 1}, frames=6)
+    left, right = out["left"][-1][0], out["right"][-1][0]
+    assert not left.objects, "left dropped its text prompt and was never clicked"
+    labels = {o.obj_id: o.label for o in right.objects}
+    assert labels.get(clicked, "missing") is None and "person" in labels.values(), labels
+    assert left.frame_index < right.frame_index + 20  # each counts its own frames
+
+
+def test_a_frame_the_tracker_cannot_take_is_skipped(tiny: Tracker) -> None:
+    tiny.until_result("odd", 0)
+    tiny.send("odd", 1, np.zeros((1, 9000, 3), np.uint8))  # fine on the wire, too wide for the model
+    results, _ = tiny.receive(1.0)
+    assert not [m for m, _ in results if m.stream == "odd"]
+    tiny.until_result("odd", 2)
+    assert "frame 1 failed" in tiny.log_path.read_text()
+
+
+def test_a_slow_tracker_always_takes_the_newest_frame(tmp_path: Path) -> None:
+    """Camera at 60 fps, tracker at 50 ms per frame: frames must be skipped, never queued."""
+    fps, delay_s, seconds = 60.0, 0.05, 3.0
+    with running_tracker("--model", "passthrough", "--passthrough-delay-ms", str(delay_s * 1000),
+                         log_path=tmp_path / "tracker.log") as tracker:
+        stop = threading.Event()
+        sent = [0]
+
+        def camera() -> None:  # a paced camera on its own thread, like the capture process
+            start = time.monotonic()
+            while not stop.is_set():
+                tracker.send("fast", sent[0], np.full((240, 320, 3), sent[0] % 256, np.uint8))
+                sent[0] += 1
+                time.sleep(max(0.0, start + sent[0] / fps - time.monotonic()))
+
+        thread = threading.Thread(target=camera, daemon=True)
+        thread.start()
+        try:
+            results, _ = tracker.receive(seconds)
+        finally:
+            stop.set()
+            thread.join(5)
+    results = [m for m, _ in results][5:]  # past the start-up
+    assert len(results) >= 20, len(results)
+    age = np.array([m.timestamps["received"] - m.t_capture for m in results])
+    interval = 1.0 / fps
+    print(f"\nframe age at the tracker: median {np.median(age) * 1000:.1f} ms, p95 "
+          f"{np.percentile(age, 95) * 1000:.1f} ms; {len(results)} results for {sent[0]} frames")
+    assert np.median(age) < 3 * interval and np.percentile(age, 95) < 3 * interval
+    assert len(results) < 0.6 * sent[0], "a 50 ms tracker cannot have taken most of 60 fps"
+    seqs = [m.seq for m in results]
+    assert seqs == sorted(seqs) and min(np.diff(seqs)) >= 1
