@@ -1,0 +1,154 @@
+"""The one tracker interface ``streamer`` calls, and the trackers behind it.
+
+``streamer`` knows nothing of the model's insides: it imports only from the ``models`` package's top
+level and calls the methods of :class:`Tracker`. ``models.StreamingTracker`` implements them with
+SAM 3; :class:`PassThroughTracker` implements them with no model at all, so a benchmark of the
+pipeline (capture, transport, compositing, WebRTC) can subtract the model's share.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from models import FrameResult, ObjectResult, Prompt
+
+PASSTHROUGH = "passthrough"
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """What the tracker service needs of a tracker: ``models.StreamingTracker``'s public verbs.
+
+    Prompts take effect on the next :meth:`track`; every prompt method raises ``ValueError`` whose
+    message starts with the offending field's name.
+    """
+
+    def add_prompt(self, prompt: Prompt | Mapping[str, Any], *,
+                   frame_size: tuple[int, int] | None = None) -> list[int]: ...
+
+    def remove_object(self, obj_id: int) -> None: ...
+
+    def remove_prompt(self, text: str) -> list[int]: ...
+
+    def reset(self) -> None: ...
+
+    def track(self, frame: np.ndarray, timestamp: float | None = None) -> FrameResult: ...
+
+    def state_bytes(self) -> int: ...
+
+
+TrackerFactory = Callable[[], Tracker]
+"""Makes one fresh tracker (one per stream) sharing weights loaded once."""
+
+
+class PassThroughTracker:
+    """A :class:`Tracker` with no model, for measuring the pipeline's own overhead.
+
+    Prompts are validated exactly like the real tracker's (same field-naming errors) and get object
+    ids, but no object is ever found: :meth:`track` returns no objects, or, with
+    ``synthetic_object``, one fixed object (id 0, the centre quarter of the frame) so that masks
+    travel the wire and get composited. ``delay_s`` makes each :meth:`track` take at least that
+    long, to stand in for a slow model.
+    """
+
+    def __init__(self, delay_s: float = 0.0, synthetic_object: bool = False) -> None:
+        if delay_s < 0:
+            raise ValueError(f"delay_s: must be >= 0, got {delay_s}")
+        self.delay_s = delay_s
+        self.synthetic_object = synthetic_object
+        self._frame_index = 0
+        self._next_obj_id = 1 if synthetic_object else 0  # id 0 is the synthetic object's
+        self._objects: set[int] = set()
+        self._texts: list[str] = []
+        self._mask_cache: tuple[tuple[int, int], np.ndarray] | None = None
+
+    def add_prompt(self, prompt: Prompt | Mapping[str, Any], *,
+                   frame_size: tuple[int, int] | None = None) -> list[int]:
+        """Validate ``prompt`` and hand out the ids it would create or refine."""
+        prompt = prompt if isinstance(prompt, Prompt) else Prompt.from_dict(prompt)
+        if prompt.points and frame_size is not None:
+            prompt.check_inside(*frame_size)
+        if prompt.text is not None and prompt.text not in self._texts:
+            self._texts.append(prompt.text)
+        if not prompt.has_geometry:
+            return []
+        if prompt.obj_id is not None:
+            ids = [prompt.obj_id]
+        else:
+            count = 1 if prompt.points else len(prompt.bounding_boxes)  # one object per box without points
+            ids = list(range(self._next_obj_id, self._next_obj_id + count))
+        self._objects.update(ids)
+        self._next_obj_id = max(self._next_obj_id, max(ids) + 1)
+        return ids
+
+    def remove_object(self, obj_id: int) -> None:
+        """Forget ``obj_id``; ``ValueError`` for an id never handed out."""
+        if obj_id not in self._objects:
+            raise ValueError(f"obj_id: no object {obj_id} is tracked (tracked: {sorted(self._objects)})")
+        self._objects.discard(obj_id)
+
+    def remove_prompt(self, text: str) -> list[int]:
+        """Forget a text concept (it never found anything); ``ValueError`` if it is not active."""
+        if text not in self._texts:
+            raise ValueError(f"text: no such text prompt {text!r} (active: {self._texts})")
+        self._texts.remove(text)
+        return []
+
+    def reset(self) -> None:
+        """Forget every prompt and object id."""
+        self._objects.clear()
+        self._texts.clear()
+
+    def track(self, frame: np.ndarray, timestamp: float | None = None) -> FrameResult:
+        """Return the frame's (empty or synthetic) result, after ``delay_s``."""
+        start = time.perf_counter()
+        if not (isinstance(frame, np.ndarray) and frame.ndim == 3 and frame.shape[2] == 3 and frame.dtype == np.uint8):
+            raise ValueError(f"frame: expected uint8 H x W x 3, got {getattr(frame, 'dtype', None)} "
+                             f"{getattr(frame, 'shape', None)}")
+        height, width = frame.shape[:2]
+        objects = [self._synthetic(width, height)] if self.synthetic_object else []
+        left = self.delay_s - (time.perf_counter() - start)
+        if left > 0:
+            time.sleep(left)
+        result = FrameResult(self._frame_index, timestamp, width, height, objects,
+                             {"track": time.perf_counter() - start})
+        self._frame_index += 1
+        return result
+
+    def state_bytes(self) -> int:
+        """No per-stream tensors: nothing to report."""
+        return 0
+
+    def _synthetic(self, width: int, height: int) -> ObjectResult:
+        if self._mask_cache is None or self._mask_cache[0] != (width, height):
+            mask = np.zeros((height, width), dtype=bool)
+            mask[height // 4: height - height // 4, width // 4: width - width // 4] = True
+            self._mask_cache = ((width, height), mask)
+        bbox = (width // 4, height // 4, width - width // 4, height - height // 4)
+        return ObjectResult(obj_id=0, score=1.0, bbox=bbox, mask=self._mask_cache[1], label="synthetic")
+
+
+def tracker_factory(model: str, device: str | None = None, *, passthrough_delay_s: float = 0.0,
+                    passthrough_object: bool = False) -> TrackerFactory:
+    """Load ``model`` once and return a function making one tracker per stream.
+
+    ``"passthrough"`` needs no model (see :class:`PassThroughTracker`; the ``passthrough_*`` options
+    apply to it only). Anything else is handed to ``models.load_models`` (hub id, local folder,
+    ``tiny-random``, ...) and each call makes a ``models.StreamingTracker`` over the shared weights.
+    ``device`` ``None`` or ``"auto"`` lets the model layer pick (CUDA when there is one).
+    """
+    if model == PASSTHROUGH:
+        return lambda: PassThroughTracker(passthrough_delay_s, passthrough_object)
+    from models import StreamingTracker, TrackerConfig, load_models  # lazy: torch loads only when needed
+
+    bundle = load_models(model, device=None if device in (None, "auto") else device)
+    return lambda: StreamingTracker(bundle, TrackerConfig())
+
+
+def make_tracker(model: str, device: str | None = None) -> Tracker:
+    """One tracker for ``model`` (``"passthrough"`` or anything ``models.load_models`` takes)."""
+    return tracker_factory(model, device)()
