@@ -1,0 +1,68 @@
+"""A robot's view of the tracker: subscribe to its results and act on the newest one.
+
+The tracker publishes, on its results endpoint (ZeroMQ PUB), one ``result`` message per tracked frame
+(objects with id, score, pixel box, label and a COCO-RLE mask, plus the frame itself) and a
+``status`` heartbeat every 0.5 s. A consumer connects a SUB socket, and after each poll keeps only
+the newest result (the ZeroMQ guide's latest-value pattern), so it never acts on a stale frame.
+
+    sam3-stream run --model facebook/sam3 --source 0 --prompt person      # prints the results endpoint
+    python examples/robot_consumer.py --results-endpoint ipc:///tmp/sam3-stream-XXXX/results
+    python examples/robot_consumer.py --results-endpoint tcp://gpu-server:5556 --stream cam0
+
+Prompts go the other way, to the tracker's control endpoint, with ``streamer.transport.PromptClient``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+from streamer.protocol import ProtocolError, decode_result, peek_kind
+from streamer.transport import drain, results_subscriber
+
+OFFLINE_AFTER_S = 1.5  # no heartbeat for this long: the tracker is gone
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Print the objects the tracker finds, newest frame only.")
+    parser.add_argument("--results-endpoint", default="tcp://127.0.0.1:5556", help="the tracker's results PUB")
+    parser.add_argument("--stream", default=None, help="only this camera's results (default: all)")
+    parser.add_argument("--count", type=int, default=0, help="stop after this many results (default: run forever)")
+    args = parser.parse_args()
+
+    sock = results_subscriber(args.results_endpoint)
+    printed, last_heard = 0, time.monotonic()
+    try:
+        while not args.count or printed < args.count:
+            newest = None
+            for parts in drain(sock, timeout_ms=500):  # everything queued; keep the newest result
+                try:
+                    kind = peek_kind(parts)
+                except ProtocolError:
+                    continue
+                last_heard = time.monotonic()  # results and heartbeats both say the tracker is alive
+                if kind == "result":
+                    newest = parts
+            if time.monotonic() - last_heard > OFFLINE_AFTER_S:
+                print(f"tracker offline: nothing from {args.results_endpoint} for {OFFLINE_AFTER_S} s")
+                last_heard = time.monotonic()
+            if newest is None:
+                continue
+            result, frame = decode_result(newest)  # masks decoded to boolean H x W arrays
+            if args.stream and result.stream != args.stream:
+                continue
+            latency_ms = (time.time() - result.t_capture) * 1000.0
+            objects = ", ".join(f"#{o.obj_id} {o.label or ''} {list(o.bbox)} {o.score:.2f} "
+                                f"({int(o.mask.sum()) if o.mask is not None else 0} px)" for o in result.objects)
+            print(f"{result.stream} seq {result.seq}: {len(result.objects)} objects, {latency_ms:.0f} ms after "
+                  f"capture: {objects or '-'}")
+            printed += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close(linger=0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""``sam3-stream``: run the whole pipeline on one machine, or each part on its own.
+
+    sam3-stream run --model facebook/sam3 --source 0 --prompt person      # all three, ipc://, one machine
+    sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555
+    sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555
+    sam3-stream serve --http-port 8080
+
+``run`` starts ``capture``, ``track`` and ``serve`` as child processes over ipc:// sockets in a private
+temporary folder, prints the page's URL, restarts a child that dies (with back-off) while the others
+keep running, and stops them all on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from streamer import capture, tracker_service
+from streamer.capture import Backoff
+from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
+from streamer.tracker_service import StopSignals
+
+__all__ = ["Supervisor", "build_parser", "main"]
+
+log = logging.getLogger("sam3-stream")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+STOP_TIMEOUT_S = 10.0  # a child still running this long after SIGTERM is killed
+STABLE_AFTER_S = 30.0  # a child that ran this long before dying restarts after the shortest back-off
+USAGE_ERROR = 2  # exit status of a child refusing its arguments: restarting cannot help
+_TICK_S = 0.2
+
+
+@dataclass
+class Child:
+    """One supervised process: its name, its command line, and its restart bookkeeping."""
+
+    name: str
+    argv: list[str]
+    backoff: Backoff = field(default_factory=lambda: Backoff(initial=1.0, cap=30.0))
+    proc: subprocess.Popen | None = None
+    started: float = 0.0  # monotonic
+    restart_at: float | None = None  # monotonic; set while waiting to restart
+    restarts: int = 0
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the supervisor dies (even by SIGKILL), so nothing is orphaned."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG (Linux)
+
+
+class Supervisor:
+    """Runs child processes, restarts those that die (exponential back-off), stops them all on request.
+
+    Children get their own session, so a terminal's Ctrl-C reaches the supervisor only and the
+    shutdown is the supervisor's to order: SIGTERM to all, wait, SIGKILL what is left.
+    """
+
+    def __init__(self, children: Sequence[Child]) -> None:
+        self.children = list(children)
+
+    def start(self, child: Child) -> None:
+        child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, start_new_session=True,
+                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        child.started, child.restart_at = time.monotonic(), None
+        log.info("%s started (pid %d)", child.name, child.proc.pid)
+
+    def check(self) -> int | None:
+        """Restart what died and is due; returns an exit status when a child refused its arguments."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is not None and (code := child.proc.poll()) is not None:
+                uptime = now - child.started
+                child.proc = None
+                if code == USAGE_ERROR and child.restarts == 0:
+                    log.error("%s refused its arguments (exit status %d); stopping", child.name, code)
+                    return code
+                if uptime >= STABLE_AFTER_S:
+                    child.backoff.reset()
+                delay = child.backoff.next_delay()
+                child.restart_at = now + delay
+                log.warning("%s exited with status %d after %.1f s; restarting in %.1f s", child.name, code,
+                            uptime, delay)
+            if child.proc is None and child.restart_at is not None and now >= child.restart_at:
+                child.restarts += 1
+                self.start(child)
+        return None
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM every child, wait up to ``timeout_s`` for all, then SIGKILL the rest; reaps them all."""
+        running = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for child in running:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.terminate()  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout_s
+        for child in running:
+            assert child.proc is not None
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", child.name, timeout_s)
+                child.proc.kill()
+                child.proc.wait()
+        for child in self.children:
+            child.proc, child.restart_at = None, None
+
+    def kill(self) -> None:
+        """SIGKILL every child now and reap it (a second Ctrl-C during :meth:`stop`)."""
+        for child in self.children:
+            if child.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.kill()
+                child.proc.wait()
+                child.proc = None
+
+
+def _listening(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
+
+
+def _child_argv(command: str, log_level: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "streamer.cli", command, "--log-level", log_level, *args]
+
+
+def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Child]:
+    """The capture, tracker and gateway command lines of ``sam3-stream run``, meeting on ``endpoints``."""
+    capture_args = ["--source", args.source, "--frames-endpoint", endpoints.frames, "--stream-id", args.stream_id]
+    if args.loop:
+        capture_args.append("--loop")
+    for option in ("fps", "width", "height"):
+        if getattr(args, option) is not None:
+            capture_args += [f"--{option}", str(getattr(args, option))]
+    track_args = ["--model", args.model, "--device", args.device, "--frames-endpoint", endpoints.frames,
+                  "--results-endpoint", endpoints.results, "--control-endpoint", endpoints.control]
+    for text in args.prompts:
+        track_args += ["--prompt", text]
+    serve_args = ["--results-endpoint", endpoints.results, "--control-endpoint", endpoints.control,
+                  "--stream-id", args.stream_id, "--http-host", args.http_host, "--http-port", str(args.http_port)]
+    for host in args.ice_hosts or []:
+        serve_args += ["--ice-host", host]
+    return [
+        Child("capture", _child_argv("capture", args.log_level, *capture_args)),
+        Child("tracker", _child_argv("track", args.log_level, *track_args)),
+        Child("gateway", _child_argv("serve", args.log_level, *serve_args)),
+    ]
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    """``sam3-stream run``: start the three parts, print the URL, supervise until a signal; exit status."""
+    folder = tempfile.mkdtemp(prefix="sam3-stream-")  # short: ipc:// paths are limited to ~100 bytes
+    endpoints = Endpoints.ipc_in(folder)
+    supervisor = Supervisor(pipeline_children(args, endpoints))
+    browse_host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::", "") else args.http_host
+    url = f"http://{browse_host}:{args.http_port}/"
+    status = 0
+    try:
+        with StopSignals(log) as stop:
+            for child in supervisor.children:
+                supervisor.start(child)
+            announced = False
+            while not stop.requested:
+                code = supervisor.check()
+                if code is not None:
+                    status = code
+                    break
+                if not announced and _listening(browse_host, args.http_port):
+                    print(f"sam3-stream: open {url} (Ctrl-C to stop)", flush=True)
+                    print(f"sam3-stream: robots can subscribe to results at {endpoints.results} "
+                          "(see examples/robot_consumer.py)", flush=True)
+                    announced = True
+                time.sleep(_TICK_S)
+            log.info("stopping capture, tracker and gateway")
+            supervisor.stop()
+    except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+        supervisor.kill()
+        status = 130
+    finally:
+        supervisor.kill()  # reaps anything left if we got here by an exception
+        shutil.rmtree(folder, ignore_errors=True)
+    return status
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="facebook/sam3",
+                        help="hub id, local folder, 'tiny-random' (tests) or 'passthrough' (no model) "
+                             "(default %(default)s)")
+    parser.add_argument("--device", default="auto", help="torch device for the tracker (default: cuda if any)")
+    parser.add_argument("--source", required=True,
+                        help="camera index (0), video file, rtsp:// or http(s):// URL, image folder, "
+                             "or synthetic[:WxH][@FPS]")
+    parser.add_argument("--prompt", action="append", dest="prompts", default=[], metavar="TEXT",
+                        help="text prompt to track from the start; repeatable")
+    parser.add_argument("--loop", action="store_true", help="restart video files and image folders at their end")
+    parser.add_argument("--stream-id", default="cam0", help="name of the stream (default %(default)s)")
+    parser.add_argument("--fps", type=float, default=None, help="capture rate (default: the source's own)")
+    parser.add_argument("--width", type=int, default=None, help="capture width (alone: keep aspect ratio)")
+    parser.add_argument("--height", type=int, default=None, help="capture height (alone: keep aspect ratio)")
+    parser.add_argument("--http-host", default=GATEWAY_HTTP_HOST,
+                        help="address the page is served on (default %(default)s)")
+    parser.add_argument("--http-port", type=int, default=GATEWAY_HTTP_PORT, help="HTTP port (default %(default)s)")
+    parser.add_argument("--ice-host", action="append", dest="ice_hosts", metavar="ADDR",
+                        help="address offered to viewers for WebRTC; 'auto' adds this machine's interfaces "
+                             "(needed for viewers on other machines); repeatable (default 127.0.0.1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sam3-stream`` parser with its four commands."""
+    from streamer import gateway  # aiohttp and aiortc: loaded only to build the parser
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="(default %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="sam3-stream",
+        description="Real-time SAM 3 tracking of live camera feeds, composited into a WebRTC stream that "
+                    "an operator can re-prompt while it plays. Robots subscribe to the tracker's results.",
+        epilog="Run 'sam3-stream COMMAND --help' for a command's options.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "run", parents=[common], help="capture, tracker and web page together on this machine",
+        description="Start capture, tracker and gateway as child processes talking over ipc:// in a private "
+                    "temporary folder, print the page's URL, restart a part that dies, stop all on Ctrl-C.")
+    _add_run_arguments(run)
+    capture.add_arguments(commands.add_parser(
+        "capture", parents=[common], help="read one camera or file and publish its frames",
+        description="Capture a source, pace it, stamp each frame and publish it over ZeroMQ (PUB, bound)."))
+    tracker_service.add_arguments(commands.add_parser(
+        "track", parents=[common], help="run SAM 3 on the newest frames and publish results",
+        description="The tracker: subscribes to frames (newest only), answers prompts on its control socket, "
+                    "publishes a result with its frame per tracked frame, and a status heartbeat every 0.5 s."))
+    gateway.add_arguments(commands.add_parser(
+        "serve", parents=[common], help="serve the operator page: WebRTC video and prompts",
+        description="The gateway: composites the tracker's results onto their frames as WebRTC video, "
+                    "forwards prompts from the page's data channel, serves /health and /metrics."))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``sam3-stream`` (and ``python -m streamer.cli``); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "run":
+        return run_pipeline(args)
+    if args.command == "capture":
+        return capture.run_from_args(args)
+    if args.command == "track":
+        return tracker_service.run_from_args(args)
+    from streamer import gateway
+
+    return gateway.run_from_args(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
