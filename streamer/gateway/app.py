@@ -22,7 +22,7 @@ from streamer.gateway.config import DEFAULT_CONTROL_ENDPOINT, DEFAULT_RESULTS_EN
 from streamer.gateway.feed import FeedState, ResultFeed
 from streamer.gateway.ice import AUTO, check_hosts
 from streamer.gateway.prompts import PromptForwarder
-from streamer.gateway.webrtc import Broadcaster
+from streamer.gateway.webrtc import Broadcaster, TooManyViewers
 from streamer.transport import AsyncPromptClient
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         banner_fps=config.banner_fps,
         ice_hosts=config.ice_hosts,
         ice_servers=config.ice_servers,
+        max_viewers=config.max_viewers,
     )
     log.info("gateway: results %s, control %s, stream %s", config.results_endpoint, config.control_endpoint,
              config.stream_id or "(any)")
@@ -98,6 +99,8 @@ async def _offer(request: web.Request) -> web.Response:
         answer = await request.app[BROADCASTER].answer(offer)
     except ValueError as exc:  # aiortc rejects SDP it cannot parse or negotiate with ValueError
         return web.json_response({"error": f"sdp: {exc}"}, status=400)
+    except TooManyViewers as exc:
+        return web.json_response({"error": f"viewers: {exc}"}, status=503)
     return web.json_response({"sdp": answer.sdp, "type": answer.type})
 
 
@@ -158,6 +161,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "interfaces (default 127.0.0.1)")
     parser.add_argument("--ice-server", action="append", dest="ice_servers", metavar="URL", default=[],
                         help="STUN/TURN server URL; repeatable (default none)")
+    parser.add_argument("--max-viewers", type=int, default=defaults.max_viewers,
+                        help="viewers served at once, each costing one encode per frame (default %(default)s)")
     parser.add_argument("--prompt-timeout", type=float, default=defaults.prompt_timeout_s,
                         help="seconds to wait for the tracker's answer, per try (default %(default)s)")
     parser.add_argument("--alpha", type=float, default=defaults.style.alpha, help="mask opacity (default %(default)s)")
@@ -174,6 +179,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         http_port=args.http_port,
         ice_hosts=check_hosts(args.ice_hosts or ["127.0.0.1"]),
         ice_servers=tuple(args.ice_servers),
+        max_viewers=args.max_viewers,
         prompt_timeout_s=args.prompt_timeout,
         style=CompositeStyle(alpha=args.alpha, show_boxes=args.show_boxes),
     )

@@ -21,6 +21,7 @@ class GatewayConfig:
       ``"auto"`` adds aioice's own interface addresses (for viewers on other machines).
     - ``ice_servers``: STUN/TURN URLs; none by default, since a STUN look-up only delays
       gathering on a box without internet.
+    - ``max_viewers``: each viewer costs one video encode per frame; more are refused (HTTP 503).
     - ``prompt_timeout_s`` / ``prompt_tries``: the lazy pirate client's wait per try and tries.
     - ``no_signal_after_s`` / ``offline_after_s``: silence that turns the feed state from live to
       no_signal (heartbeats but no results) and to tracker_offline (no heartbeats either).
@@ -33,6 +34,7 @@ class GatewayConfig:
     http_port: int = GATEWAY_HTTP_PORT
     ice_hosts: tuple[str, ...] = ("127.0.0.1",)
     ice_servers: tuple[str, ...] = ()
+    max_viewers: int = 8
     prompt_timeout_s: float = 1.5
     prompt_tries: int = 2
     no_signal_after_s: float = 1.0

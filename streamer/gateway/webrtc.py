@@ -185,6 +185,7 @@ class ViewerSession:
         self._feed = feed
         self._prompts = prompts
         self._channel: RTCDataChannel | None = None
+        self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe = feed.add_listener(self._on_state)
         pc.on("datachannel", self._on_datachannel)
@@ -196,7 +197,10 @@ class ViewerSession:
             self._send(objects_message(item, self._feed.fps))
 
     async def close(self) -> None:
-        """Close the peer connection and stop answering prompts."""
+        """Close the peer connection and stop answering prompts (once; later calls do nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         self._unsubscribe()
         for task in self._tasks:
             task.cancel()
@@ -229,6 +233,10 @@ class ViewerSession:
         channel.send(json.dumps(payload))
 
 
+class TooManyViewers(Exception):
+    """Raised by ``Broadcaster.answer`` when ``max_viewers`` are connected (each costs an encoder)."""
+
+
 class Broadcaster:
     """Answers viewers' offers and keeps their sessions; all share one ``CompositedTrack``."""
 
@@ -241,9 +249,12 @@ class Broadcaster:
         banner_fps: float = 10.0,
         ice_hosts: Sequence[str] = ("127.0.0.1",),
         ice_servers: Sequence[str] = (),
+        max_viewers: int = 8,
     ) -> None:
         self.track = CompositedTrack(feed, style, banner_fps)
         self.sessions: set[ViewerSession] = set()
+        self.max_viewers = max_viewers
+        self._frames_sent_closed = 0  # by sessions gone, so the total only grows
         self._feed = feed
         self._prompts = prompts
         self._relay = MediaRelay()
@@ -252,11 +263,13 @@ class Broadcaster:
 
     @property
     def frames_sent(self) -> int:
-        """Frames handed to viewers' encoders, over current viewers."""
-        return sum(s.frames_sent for s in self.sessions)
+        """Frames handed to viewers' encoders since start."""
+        return self._frames_sent_closed + sum(s.frames_sent for s in self.sessions)
 
     async def answer(self, offer: RTCSessionDescription) -> RTCSessionDescription:
         """Create a session for ``offer`` (with its candidates gathered) and return the answer."""
+        if len(self.sessions) >= self.max_viewers:
+            raise TooManyViewers(f"{len(self.sessions)} viewers connected, the limit is {self.max_viewers}")
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
         session = ViewerSession(pc, self._feed, self._prompts)
         self.sessions.add(session)
@@ -287,6 +300,7 @@ class Broadcaster:
     async def _drop(self, session: ViewerSession) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
+            self._frames_sent_closed += session.frames_sent
             log.info("viewer %s: closed (%d viewers)", session.id, len(self.sessions))
         self.track.set_demand(bool(self.sessions))
         await session.close()

@@ -25,6 +25,7 @@ async function connect() {
   pc.addTransceiver("video", { direction: "recvonly" });
   channel = pc.createDataChannel("prompts");
   channel.onmessage = (event) => onMessage(JSON.parse(event.data));
+  channel.onclose = () => { if (myPc === pc) scheduleReconnect(); };  // the gateway closed or restarted
   pc.ontrack = (event) => {
     video.srcObject = event.streams[0] || new MediaStream([event.track]);
     video.play().catch(() => {});
@@ -66,8 +67,8 @@ function gatheringComplete(peer) {
 function scheduleReconnect(delay = retryDelay) {
   clearTimeout(reconnectTimer);
   reconnectTimer = setTimeout(() => {
-    if (pc && pc.connectionState === "connected") return;
-    retryDelay = Math.min(retryDelay * 2, 10000);
+    if (pc && pc.connectionState === "connected" && channel.readyState === "open") return;
+    retryDelay = Math.min(retryDelay * 2, 5000);
     connect();
   }, delay);
 }
