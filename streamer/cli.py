@@ -162,10 +162,13 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Ch
 
 def run_pipeline(args: argparse.Namespace) -> int:
     """``sam3-stream run``: start the three parts, print the URL, supervise until a signal; exit status."""
+    browse_host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::", "") else args.http_host
+    if _listening(browse_host, args.http_port):  # else the gateway would fail and be restarted forever
+        log.error("port %d is already in use on %s; pass another --http-port", args.http_port, browse_host)
+        return USAGE_ERROR
     folder = tempfile.mkdtemp(prefix="sam3-stream-")  # short: ipc:// paths are limited to ~100 bytes
     endpoints = Endpoints.ipc_in(folder)
     supervisor = Supervisor(pipeline_children(args, endpoints))
-    browse_host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::", "") else args.http_host
     url = f"http://{browse_host}:{args.http_port}/"
     status = 0
     try:

@@ -232,6 +232,7 @@ class TrackerService:
         try:
             result = stream.tracker.track(pending.pixels, timestamp=header.t_capture)
             tracked = time.time()
+            # "published" is stamped as encoding starts: the header carrying it is the encoder's output.
             message = result_from_frame_result(name, header.seq, header.t_capture, result,
                                                {"received": pending.received, "tracked": tracked,
                                                 "published": time.time()})

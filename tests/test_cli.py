@@ -171,3 +171,14 @@ def test_run_prints_url_serves_health_and_stops_everything_on_sigint(tmp_path: P
     assert not left, f"children {left} outlived sam3-stream run"
     assert get_json(f"{url}health") is None
     assert "Traceback" not in log_path.read_text()
+
+
+def test_run_refuses_a_busy_http_port() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "streamer.cli", "run", "--model", "passthrough", "--source",
+                              "synthetic", "--http-port", str(port)], capture_output=True, text=True, cwd=REPO,
+                             env=child_env(), timeout=60)
+    assert out.returncode == 2 and "already in use" in out.stderr
