@@ -129,7 +129,7 @@ def test_page_plays_video_and_click_adds_mapped_point(tmp_path: Path) -> None:
     run(body(), timeout=60)
 
 
-def test_box_drag_selection_and_reconnect(tmp_path: Path) -> None:
+def test_selection_box_concepts_and_reconnect(tmp_path: Path) -> None:
     async def body() -> None:
         async with (FakeTracker() as tracker, playwright_api.async_playwright() as pw,
                     contextlib.AsyncExitStack() as first_gateway):
@@ -159,6 +159,13 @@ def test_box_drag_selection_and_reconnect(tmp_path: Path) -> None:
                 expected = (50.5 / WIDTH, 180.5 / HEIGHT, 60 / WIDTH, 60 / HEIGHT)  # pixel centres, normalized
                 assert np.allclose((bcx, bcy, bw, bh), expected, atol=1.5 / WIDTH), (prompt.bounding_boxes, expected)
                 await page.wait_for_selector('#objects li[data-obj-id="2"]', timeout=5000)
+
+                # The chip of the concept that found object 1 drops that concept and its object.
+                await page.click('#concepts .chip:has-text("thing") button')
+                await wait_until(lambda: len(tracker.requests) == 3, 5, "remove_prompt at the tracker")
+                assert (tracker.requests[-1].op, tracker.requests[-1].text) == ("remove_prompt", "thing")
+                await page.wait_for_selector('#objects li[data-obj-id="1"]', state="detached", timeout=5000)
+                await page.wait_for_selector("#concepts .chip", state="detached", timeout=5000)
 
                 # The gateway restarts on the same port: the page notices and reconnects by itself.
                 await first_gateway.aclose()

@@ -22,6 +22,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from streamer.compositor import BANNER_BACKGROUND, color_for
 from streamer.gateway import GatewayConfig, create_app
+from streamer.gateway.feed import FeedState, ResultFeed
 from streamer.gateway.ice import gather_on
 from streamer.protocol import PromptAnswer, PromptRequest, ResultMessage, StatusMessage, WireObject, encode_result, encode_status
 from streamer.transport import ControlServer, bound_endpoint, results_publisher
@@ -60,6 +61,7 @@ class FakeTracker:
         self.control_endpoint = self.control.endpoint
         obj_id, cx, cy, r = FIRST_OBJECT
         self.objects: dict[int, tuple[float, float, float]] = {obj_id: (cx, cy, r)}
+        self.labels: dict[int, str] = {obj_id: "thing"}  # as if found by the text prompt "thing"
         self.requests: list[PromptRequest] = []
         self.publishing = True
         self.heartbeats = True
@@ -86,7 +88,7 @@ class FakeTracker:
             mask = disc(cx, cy, r)
             ys, xs = np.nonzero(mask)
             bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-            objects.append(WireObject(obj_id, 0.9, bbox, mask, "thing" if obj_id == 1 else None))
+            objects.append(WireObject(obj_id, 0.9, bbox, mask, self.labels.get(obj_id)))
         now = time.time()
         message = ResultMessage(self.stream, self.seq, self.seq, now - 0.01, WIDTH, HEIGHT,
                                 {"received": now, "tracked": now, "published": now}, {"track": 0.005}, objects)
@@ -117,7 +119,16 @@ class FakeTracker:
     def apply(self, request: PromptRequest) -> PromptAnswer:
         if request.op == "reset_session":
             self.objects.clear()
+            self.labels.clear()
             return PromptAnswer(request.request_id, True)
+        if request.op == "remove_prompt":
+            found = [i for i, label in self.labels.items() if label == request.text]
+            if not found:
+                return PromptAnswer(request.request_id, False, f"text: {request.text!r} is not an active prompt")
+            for obj_id in found:
+                self.objects.pop(obj_id, None)
+                self.labels.pop(obj_id)
+            return PromptAnswer(request.request_id, True, obj_ids=found)
         if request.op == "remove_object":
             if self.objects.pop(request.obj_id, None) is None:
                 return PromptAnswer(request.request_id, False, f"obj_id: unknown object {request.obj_id}")
@@ -288,6 +299,10 @@ def test_prompts_forwarded_and_malformed_ones_answered() -> None:
                 assert answer["ok"] is False and answer["error"].startswith("op:"), answer
                 answer = await viewer.request({"op": "remove_object", "obj_id": "two"})
                 assert answer["ok"] is False and answer["error"].startswith("obj_id:"), answer
+                answer = await viewer.request({"op": "remove_prompt", "text": ""})
+                assert answer["ok"] is False and answer["error"].startswith("text:"), answer
+                answer = await viewer.request({"op": "add_prompt", "prompt": {"text": "x" * 300}})
+                assert answer["ok"] is False and answer["error"].startswith("text:"), answer
                 assert len(tracker.requests) == forwarded
 
                 # The tracker's own rejection comes back as it is, and the connection still works.
@@ -295,6 +310,8 @@ def test_prompts_forwarded_and_malformed_ones_answered() -> None:
                 assert answer["ok"] is False and answer["error"] == "obj_id: unknown object 9"
                 answer = await viewer.request({"op": "remove_object", "obj_id": 2})
                 assert answer["ok"] is True and answer["obj_ids"] == [2]
+                answer = await viewer.request({"op": "remove_prompt", "text": "thing"})
+                assert answer["ok"] is True and answer["obj_ids"] == [1] and tracker.requests[-1].text == "thing"
                 answer = await viewer.request({"op": "reset_session"})
                 assert answer["ok"] is True and tracker.objects == {}
             finally:
@@ -349,6 +366,31 @@ def test_banners_when_results_or_tracker_stop_and_recovery() -> None:
                 await viewer.frame_where(lambda im: shows_object(im, obj_id, cx, cy))
             finally:
                 await viewer.close()
+
+    run(body())
+
+
+def test_slow_tracker_stays_live_until_results_stop() -> None:
+    async def body() -> None:
+        async with FakeTracker(fps=4) as tracker:  # a result every 0.25 s, slower than no_signal_after_s
+            feed = ResultFeed(tracker.results_endpoint, tracker.stream, no_signal_after_s=0.15)
+            changes: list[FeedState] = []
+            feed.add_listener(changes.append)
+            await feed.start()
+            try:
+                deadline = time.monotonic() + 5
+                while feed.results_received < 3:
+                    assert time.monotonic() < deadline, "no results"
+                    await asyncio.sleep(0.05)
+                changes.clear()
+                await asyncio.sleep(1.0)
+                assert feed.state is FeedState.LIVE and changes == [], changes
+                assert 3 < feed.fps < 5
+                tracker.publishing = False
+                await asyncio.sleep(1.0)
+                assert changes == [FeedState.NO_SIGNAL]
+            finally:
+                await feed.close()
 
     run(body())
 

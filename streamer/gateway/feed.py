@@ -2,8 +2,12 @@
 
 A SUB socket drains everything that arrived after each poll and keeps only the newest result of
 the stream it follows (the ZeroMQ guide's latest-value pattern), so a gateway that falls behind
-skips results instead of showing old ones. Status heartbeats tell a silent stream ("no signal": the tracker is up, no
-results) from a silent tracker ("tracker offline": not even heartbeats).
+skips results instead of showing old ones.
+
+Status heartbeats tell a silent stream ("no signal": the tracker is up, no results) from a silent
+tracker ("tracker offline": not even heartbeats). "No results" means none for
+``no_signal_after_s``, or for a few typical gaps between results when the tracker is slower than
+that (a model at 0.5 fps is slow, not without signal).
 """
 
 from __future__ import annotations
@@ -24,8 +28,13 @@ from streamer.transport import drain_async, results_subscriber
 
 log = logging.getLogger(__name__)
 
-FPS_WINDOW_S = 2.0
+FPS_WINDOW_S = 5.0  # long enough to see a slow tracker's rate
 STATE_CHECK_S = 0.1
+# A tracker slower than 1 fps is slow, not silent: "no signal" waits this many typical gaps between
+# results (an average of recent gaps, each counted as at most GAP_CAP_S so one outage fades fast).
+GAP_SLACK = 2.5
+GAP_CAP_S = 10.0
+GAP_WEIGHT = 0.3
 
 
 class FeedState(str, Enum):
@@ -77,6 +86,7 @@ class ResultFeed:
         self._new_item = asyncio.Condition()
         self._arrivals: deque[float] = deque()
         self._last_result: float | None = None  # monotonic
+        self._typical_gap = 0.0  # seconds between results, a moving average
         self._last_sign_of_life: float | None = None  # monotonic; results count as heartbeats
         self.state = FeedState.TRACKER_OFFLINE
         self.latest: FeedItem | None = None
@@ -108,11 +118,12 @@ class ResultFeed:
 
     @property
     def fps(self) -> float:
-        """Results received per second over the last couple of seconds."""
-        self._forget_old_arrivals(time.monotonic())
+        """Results received per second over the last few seconds (falls to 0 when they stop)."""
+        now = time.monotonic()
+        self._forget_old_arrivals(now)
         if len(self._arrivals) < 2:
             return 0.0
-        return (len(self._arrivals) - 1) / max(self._arrivals[-1] - self._arrivals[0], 1e-6)
+        return (len(self._arrivals) - 1) / max(now - self._arrivals[0], 1e-6)
 
     @property
     def latency_s(self) -> float | None:
@@ -159,6 +170,10 @@ class ResultFeed:
 
     async def _accept(self, message: ResultMessage, frame: np.ndarray | None) -> None:
         now = time.monotonic()
+        if self._last_result is not None:
+            gap = min(now - self._last_result, GAP_CAP_S)
+            self._typical_gap = gap if self.results_received == 1 else (
+                (1 - GAP_WEIGHT) * self._typical_gap + GAP_WEIGHT * gap)
         self.stream = message.stream
         self._last_result = now
         self._arrivals.append(now)
@@ -175,7 +190,8 @@ class ResultFeed:
 
     def _update_state(self) -> None:
         now = time.monotonic()
-        if self._last_result is not None and now - self._last_result <= self._no_signal_after:
+        no_signal_after = max(self._no_signal_after, GAP_SLACK * self._typical_gap)
+        if self._last_result is not None and now - self._last_result <= no_signal_after:
             state = FeedState.LIVE
         elif self._last_sign_of_life is not None and now - self._last_sign_of_life <= self._offline_after:
             state = FeedState.NO_SIGNAL

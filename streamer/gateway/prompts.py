@@ -1,6 +1,7 @@
 """Prompts from the operator page's data channel, forwarded to the tracker's control socket.
 
-Every message gets exactly one answer, ``{"type": "answer", "id", "ok", "error", "obj_ids"}``:
+Ops: ``add_prompt`` (``prompt``), ``remove_object`` (``obj_id``), ``remove_prompt`` (``text``),
+``reset_session``. Every message gets exactly one answer, ``{"type": "answer", "id", "ok", "error", "obj_ids"}``:
 the tracker's own, or a rejection made here when the message is malformed (the error starts
 with the offending field's name, as ``models.Prompt`` does). Nothing a viewer sends closes its
 connection.
@@ -17,7 +18,7 @@ from typing import Any
 import zmq
 
 from models import Prompt
-from streamer.protocol import PROMPT_OPS, PromptRequest, ProtocolError, new_request_id
+from streamer.protocol import PROMPT_OPS, PromptRequest, ProtocolError, encode_prompt_request, new_request_id
 from streamer.transport import AsyncPromptClient
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class PromptForwarder:
         stream = self._stream()
         if stream is None:
             raise ValueError("stream: no stream to prompt yet (no results received; set the gateway's stream id)")
-        prompt = obj_id = None
+        prompt = obj_id = text = None
         if op == "add_prompt":
             if "prompt" not in fields:
                 raise ValueError("prompt: add_prompt needs a prompt object")
@@ -89,8 +90,15 @@ class PromptForwarder:
             obj_id = fields.get("obj_id")
             if isinstance(obj_id, bool) or not isinstance(obj_id, int) or obj_id < 0:
                 raise ValueError(f"obj_id: remove_object needs a non-negative integer obj_id, got {obj_id!r}")
+        elif op == "remove_prompt":
+            text = fields.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"text: remove_prompt needs the text prompt to drop, got {text!r}")
         # Browser ids ("r1") repeat across viewers; the tracker needs unique ones to spot lazy-pirate retries.
-        return PromptRequest(request_id=new_request_id(), stream=stream, op=op, prompt=prompt, obj_id=obj_id)
+        request = PromptRequest(request_id=new_request_id(), stream=stream, op=op, prompt=prompt, obj_id=obj_id,
+                                text=text)
+        encode_prompt_request(request)  # the wire's own checks (ProtocolError is a ValueError naming the field)
+        return request
 
 
 def _parse(message: str | bytes) -> dict[str, Any]:

@@ -10,6 +10,9 @@ let channel = null;
 let frame = null;          // the newest "objects" message: frame size, index and objects
 let selected = null;       // obj_id that clicks refine; null makes a new object
 let objectsKey = "";
+let conceptsKey = "";
+const concepts = new Set();  // text prompts this page added (the tracker's own show up as labels)
+const pending = new Map();   // request id -> what to do when the tracker accepts it
 let requestCount = 0;
 let retryDelay = 1000;
 let reconnectTimer = null;
@@ -81,10 +84,14 @@ function onMessage(message) {
     $("fps").textContent = message.fps.toFixed(1);
     $("latency").textContent = `${Math.round(message.latency_ms)} ms`;
     renderObjects(message.objects);
+    renderConcepts();
   } else if (message.type === "status") {
     setBadge("state", message.state);
     if (message.state !== "live") renderObjects([]);
   } else if (message.type === "answer") {
+    const onAccepted = pending.get(message.id);
+    pending.delete(message.id);
+    if (onAccepted && message.ok) onAccepted(message);
     const ids = message.obj_ids && message.obj_ids.length ? ` → objects ${message.obj_ids.join(", ")}` : "";
     note(message.ok ? `${message.id}: ok${ids}` : `${message.id ?? "?"}: ${message.error}`, !message.ok);
   }
@@ -123,20 +130,42 @@ function renderObjects(objects) {
   }));
 }
 
+// Chips for the text prompts in effect: added here, or labels on the current frame's objects.
+function renderConcepts() {
+  const labels = new Set(concepts);
+  if (frame) frame.objects.forEach((o) => o.label && labels.add(o.label));
+  const key = [...labels].sort().join("|");
+  if (key === conceptsKey) return;
+  conceptsKey = key;
+  $("concepts").replaceChildren(...[...labels].sort().map((text) => {
+    const chip = document.createElement("span");
+    chip.className = "chip";
+    chip.textContent = text;
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.title = "stop tracking this concept";
+    remove.textContent = "✕";
+    remove.onclick = () => send({ op: "remove_prompt", text }, () => { concepts.delete(text); renderConcepts(); });
+    chip.append(remove);
+    return chip;
+  }));
+}
+
 // ---- prompts to the gateway -------------------------------------------------------------------
 
-function send(message) {
+function send(message, onAccepted = null) {
   if (!channel || channel.readyState !== "open") {
     note("not connected: prompt not sent", true);
     return;
   }
   message.id = `r${++requestCount}`;
+  if (onAccepted) pending.set(message.id, onAccepted);
   channel.send(JSON.stringify(message));
 }
 
-function addPrompt(prompt) {
+function addPrompt(prompt, onAccepted = null) {
   if (frame) prompt.frame_index = frame.frame_index;
-  send({ op: "add_prompt", prompt });
+  send({ op: "add_prompt", prompt }, onAccepted);
 }
 
 // Where the event falls in the frame, in [0, 1] x [0, 1], through object-fit: contain's letterbox;
@@ -206,12 +235,12 @@ video.addEventListener("pointerup", (event) => {
 $("concept").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("text").value.trim();
-  if (text) addPrompt({ text });
+  if (text) addPrompt({ text }, () => { concepts.add(text); renderConcepts(); $("text").value = ""; });
 });
 
 $("reset").addEventListener("click", () => {
   selected = null;
-  send({ op: "reset_session" });
+  send({ op: "reset_session" }, () => { concepts.clear(); renderConcepts(); });
 });
 
 // ---- page bits --------------------------------------------------------------------------------
