@@ -151,9 +151,9 @@ async def _metrics(request: web.Request) -> web.Response:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` command's options."""
     defaults = GatewayConfig()
-    parser.add_argument("--results-endpoint", default=DEFAULT_RESULTS_ENDPOINT, help="tracker results PUB to follow")
-    parser.add_argument("--control-endpoint", default=DEFAULT_CONTROL_ENDPOINT, help="tracker control ROUTER for prompts")
-    parser.add_argument("--stream-id", default=None, help="stream to show and prompt (default: whichever results come)")
+    parser.add_argument("--results-endpoint", default=DEFAULT_RESULTS_ENDPOINT, help="tracker results PUB to follow (default %(default)s)")
+    parser.add_argument("--control-endpoint", default=DEFAULT_CONTROL_ENDPOINT, help="tracker control ROUTER for prompts (default %(default)s)")
+    parser.add_argument("--stream-id", default=None, help="stream to show and prompt (default: the first one results come for)")
     parser.add_argument("--http-host", default=defaults.http_host, help="HTTP listen address (default %(default)s)")
     parser.add_argument("--http-port", type=int, default=defaults.http_port, help="HTTP port (default %(default)s)")
     parser.add_argument("--ice-host", action="append", dest="ice_hosts", metavar="ADDR",
