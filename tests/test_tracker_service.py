@@ -7,6 +7,7 @@ operator (a lazy-pirate client on the control socket). One tiny-model tracker se
 from __future__ import annotations
 
 import contextlib
+import inspect
 import shutil
 import tempfile
 import threading
@@ -34,6 +35,8 @@ from streamer.protocol import (
     new_request_id,
     peek_kind,
 )
+from streamer.tracking import PassThroughTracker, make_tracker
+from streamer.tracking import Tracker as TrackerInterface
 from streamer.transport import PromptClient, frames_publisher, results_subscriber
 from test_cli import launched, wait_for
 
@@ -248,3 +251,43 @@ def test_a_slow_tracker_always_takes_the_newest_frame(tmp_path: Path) -> None:
     assert len(results) < 0.6 * sent[0], "a 50 ms tracker cannot have taken most of 60 fps"
     seqs = [m.seq for m in results]
     assert seqs == sorted(seqs) and min(np.diff(seqs)) >= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The tracker interface itself (no processes)
+
+
+def test_streaming_tracker_implements_the_tracker_interface() -> None:
+    from models import StreamingTracker  # the class only: no model is loaded
+
+    for name in ("add_prompt", "remove_object", "remove_prompt", "reset", "track", "state_bytes"):
+        wanted = inspect.signature(getattr(TrackerInterface, name)).parameters
+        actual = inspect.signature(getattr(StreamingTracker, name)).parameters
+        assert list(wanted) == list(actual)[: len(wanted)], (name, list(actual))
+        assert all(actual[p].kind == wanted[p].kind for p in wanted), name
+
+
+def test_passthrough_tracker_validates_prompts_and_reports_its_synthetic_object() -> None:
+    tracker = make_tracker("passthrough")
+    assert isinstance(tracker, TrackerInterface)
+    assert tracker.track(np.zeros((HEIGHT, WIDTH, 3), np.uint8), timestamp=1.5).objects == []
+    with pytest.raises(ValueError, match="^point_labels:"):
+        tracker.add_prompt({"points": [[1, 2]], "point_labels": [3]})
+    with pytest.raises(ValueError, match="^points:"):
+        tracker.add_prompt({"points": [[500, 2]], "point_labels": [1]}, frame_size=(WIDTH, HEIGHT))
+    assert tracker.add_prompt({"bounding_boxes": [[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]],
+                               "bounding_box_labels": [1, 1]}) == [0, 1]
+    assert tracker.add_prompt({"text": "cat"}) == []
+    tracker.remove_object(1)
+    with pytest.raises(ValueError, match="^obj_id:"):
+        tracker.remove_object(1)
+    assert tracker.remove_prompt("cat") == []
+    with pytest.raises(ValueError, match="^text:"):
+        tracker.remove_prompt("cat")
+
+    synthetic = PassThroughTracker(synthetic_object=True)
+    result = synthetic.track(np.zeros((HEIGHT, WIDTH, 3), np.uint8), timestamp=2.0)
+    (obj,) = result.objects
+    assert result.timestamp == 2.0 and result.frame_index == 0 and obj.obj_id == 0
+    assert obj.mask.shape == (HEIGHT, WIDTH) and obj.mask.sum() == (WIDTH // 2) * (HEIGHT // 2)
+    assert synthetic.add_prompt({"points": [[3, 4]], "point_labels": [1]}) == [1], "id 0 is the synthetic object's"
