@@ -94,6 +94,13 @@ def test_viewer_prompts_and_sees_objects(pipeline: Pipeline) -> None:
             answer = await viewer.request({"op": "remove_object", "obj_id": 999})
             assert not answer["ok"] and answer["error"].startswith("obj_id:"), answer
 
+            answer = await viewer.request({"op": "remove_prompt", "text": "person"})
+            assert answer["ok"], answer
+            await watch(viewer, lambda v: v.objects["objects"] and all(o["label"] is None for o in v.objects["objects"]),
+                        15, "the clicked object without the text prompt's")
+            answer = await viewer.request({"op": "remove_prompt", "text": "person"})
+            assert not answer["ok"] and answer["error"].startswith("text:"), answer
+
             answer = await viewer.request({"op": "reset_session"})
             assert answer["ok"], answer
             await watch(viewer, lambda v: not object_ids(v), 15, "no objects after the reset")
