@@ -77,13 +77,21 @@ def boxes_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def resolve_overlaps(masks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Give each pixel claimed by several masks to the highest-scoring one (SAM 3's non-overlap rule)."""
+    """Give each pixel claimed by several masks to the highest-scoring one (SAM 3's non-overlap rule;
+    ties go to the earlier object).
+
+    Walks the objects from best to worst, each keeping only pixels no better object took: N passes
+    of boolean ops instead of an argmax across objects, which is slow on CPU.
+    """
     if masks.shape[0] < 2:
         return masks
-    ranked = torch.where(masks, scores.view(-1, 1, 1).float(), torch.tensor(float("-inf"), device=masks.device))
-    winner = ranked.argmax(dim=0, keepdim=True)
-    owner = torch.arange(masks.shape[0], device=masks.device).view(-1, 1, 1) == winner
-    return masks & owner
+    order = sorted(range(masks.shape[0]), key=lambda i: (-float(scores[i]), i))
+    out = torch.empty_like(masks)
+    claimed = torch.zeros_like(masks[0])
+    for i in order:
+        out[i] = masks[i] & ~claimed
+        claimed |= masks[i]
+    return out
 
 
 def prompt_to_model_points(

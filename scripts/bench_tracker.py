@@ -28,7 +28,7 @@ import torch
 from models import Prompt, StreamingTracker, TrackerConfig, load_models
 from models.loading import Sam3Models
 from models.memory import state_bytes
-from models.preprocess import frame_to_pixels, masks_to_frame, prompt_to_model_points
+from models.preprocess import boxes_from_masks, frame_to_pixels, masks_to_frame, prompt_to_model_points
 from models.sessions import add_object_inputs, add_text_prompt, point_inputs
 from models.tiny import moving_shapes
 
@@ -78,12 +78,16 @@ class Contender:
 
 
 def race(contenders: list[Contender], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Feed every frame to each contender in turn, so machine noise hits all of them alike."""
+    """Feed every frame to each contender in turn, so machine noise hits all of them alike.
+
+    The order rotates every frame: whoever runs second finds the weights warm in the CPU caches.
+    """
     sync = torch.cuda.synchronize if torch.cuda.is_available() and args.device != "cpu" else (lambda: None)
     marks = checkpoints(args.frames)
     for index in range(args.frames):
         frame = moving_shapes(index, args.width, args.height)
-        for contender in contenders:
+        shift = index % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
             start = time.perf_counter()
             contender.step(index, frame)
             sync()
@@ -110,7 +114,8 @@ def streaming_contender(models: Sam3Models, args: argparse.Namespace) -> Contend
 
 
 def baseline_contender(models: Sam3Models, source: str, args: argparse.Namespace) -> Contender:
-    """transformers' own session as its docs show for streaming, with our pre/post-processing."""
+    """transformers' own session as its docs show for streaming, with our pre/post-processing
+    (transformers' processors need torchvision), producing the same masks and boxes as ours."""
     from transformers import Sam3TrackerVideoModel
     from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
     from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
@@ -141,7 +146,10 @@ def baseline_contender(models: Sam3Models, source: str, args: argparse.Namespace
             add_object_inputs(session, 0, inputs)
         out = model(inference_session=session, frame=pixels, frame_idx=index)
         logits = out.pred_masks[:, 0] if args.workload == "points" else _stack(out.obj_id_to_mask, device)
-        masks_to_frame(logits, args.height, args.width).cpu()
+        # The same outputs StreamingTracker gives: masks and boxes at frame resolution, on the host.
+        masks = masks_to_frame(logits, args.height, args.width)
+        boxes, _ = boxes_from_masks(masks)
+        masks.cpu().numpy(), boxes.cpu().numpy()
 
     return Contender("baseline", step, lambda: state_bytes(session))
 

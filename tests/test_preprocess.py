@@ -1,0 +1,59 @@
+"""Pre/post-processing without torchvision: any frame size in, masks and boxes out at frame size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import Prompt
+from models.preprocess import boxes_from_masks, frame_to_pixels, masks_to_frame, prompt_to_model_points, resolve_overlaps
+
+
+@pytest.mark.parametrize("size", [(120, 160), (77, 333), (112, 112), (1080, 1920)])
+def test_frame_to_pixels_is_square_and_normalized(size) -> None:
+    frame = np.zeros((*size, 3), np.uint8)
+    frame[..., 0] = 255
+    pixels = frame_to_pixels(frame, 112, torch.device("cpu"), torch.float32)
+    assert pixels.shape == (1, 3, 112, 112)
+    assert torch.allclose(pixels[0, 0], torch.ones(112, 112)) and torch.allclose(pixels[0, 1], -torch.ones(112, 112))
+
+
+def test_boxes_match_the_masks_pixels() -> None:
+    rng = np.random.default_rng(1)
+    masks = np.zeros((4, 50, 70), bool)
+    masks[0, 10:20, 5:9] = True
+    masks[1, 0, 0] = True
+    masks[2] = rng.random((50, 70)) > 0.97
+    boxes, visible = boxes_from_masks(torch.from_numpy(masks))
+    assert visible.tolist() == [True, True, True, False]
+    for mask, box in zip(masks[:3], boxes.tolist()):
+        ys, xs = np.nonzero(mask)
+        assert box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    assert boxes[3].tolist() == [0, 0, 0, 0]
+
+
+def test_masks_come_back_at_frame_resolution() -> None:
+    logits = torch.full((2, 32, 32), -5.0)
+    logits[0, 8:16, 8:16] = 5.0
+    masks = masks_to_frame(logits, 120, 160)
+    assert masks.shape == (2, 120, 160) and masks.dtype == torch.bool
+    assert masks[0, 45, 60] and not masks[0, 5, 5] and not masks[1].any()
+
+
+def test_resolve_overlaps_equals_the_argmax_rule() -> None:
+    torch.manual_seed(0)
+    masks = torch.rand(5, 40, 60) > 0.4
+    scores = torch.tensor([0.3, 0.7, 0.3, 0.9, 0.1])
+    ranked = torch.where(masks, scores.view(-1, 1, 1), torch.tensor(float("-inf")))
+    expected = masks & (torch.arange(5).view(-1, 1, 1) == ranked.argmax(dim=0, keepdim=True))
+    assert torch.equal(resolve_overlaps(masks, scores), expected)
+
+
+def test_prompt_geometry_in_model_coordinates() -> None:
+    prompt = Prompt(points=((80.0, 60.0),), point_labels=(0,), bounding_boxes=((0.5, 0.5, 0.5, 0.25),), bounding_box_labels=(1,))
+    [(coords, labels)] = prompt_to_model_points(prompt, 160, 120, 112)
+    assert labels == [2, 3, 0]
+    assert coords == [[28.0, 42.0], [84.0, 70.0], [56.0, 56.0]]
+    two_boxes = Prompt(bounding_boxes=((0.25, 0.25, 0.5, 0.5), (0.75, 0.75, 0.5, 0.5)), bounding_box_labels=(1, 1))
+    assert [labels for _, labels in prompt_to_model_points(two_boxes, 160, 120, 112)] == [[2, 3], [2, 3]]
