@@ -35,4 +35,16 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'models' has no attribute {name!r}")
 
 
-__all__ = ["FrameResult", "ObjectResult", "Prompt", *_LAZY]
+__all__ = [
+    "DEFAULT_MODEL",
+    "FrameResult",
+    "ImageEncoder",
+    "ModelLoadError",
+    "ObjectResult",
+    "Prompt",
+    "Sam3Models",
+    "StreamingTracker",
+    "TorchImageEncoder",
+    "TrackerConfig",
+    "load_models",
+]

@@ -9,20 +9,18 @@ process only stops on SIGINT/SIGTERM, a stop event, or the end of ``duration``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
-import signal
 import sys
-import threading
 import time
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import zmq
 
 from streamer.config import Endpoints
 from streamer.protocol import FrameHeader, encode_frame
+from streamer.signals import StopSignals
 from streamer.sources import FrameSource, SourceError, open_source
 from streamer.transport import frames_publisher
 
@@ -121,12 +119,12 @@ class _Stopper:
     def __init__(self, event: StopEventLike | None, duration: float | None) -> None:
         self.event = event
         self.deadline = None if duration is None else time.monotonic() + duration
-        self.signalled = False
+        self.signals: StopSignals | None = None
 
     @property
     def stopped(self) -> bool:
         return (
-            self.signalled
+            (self.signals is not None and self.signals.requested)
             or (self.event is not None and self.event.is_set())
             or (self.deadline is not None and time.monotonic() >= self.deadline)
         )
@@ -139,27 +137,6 @@ class _Stopper:
             if left <= 0:
                 return
             time.sleep(min(left, _SLEEP_SLICE))
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stopper: _Stopper) -> Iterator[None]:
-    """SIGINT/SIGTERM ask the loop to stop; a second one interrupts whatever is blocking."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread; the caller's event stops us
-        return
-
-    def handle(signum: int, _frame: object) -> None:
-        if stopper.signalled:
-            raise KeyboardInterrupt
-        log.info("%s received, stopping", signal.Signals(signum).name)
-        stopper.signalled = True
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 class _Publisher:
@@ -247,7 +224,7 @@ def run_capture(
     publisher = _Publisher(sock, stream_id)
     ever_opened = False
     try:
-        with _stop_on_signals(stopper):
+        with StopSignals(log) as stopper.signals:
             while not stopper.stopped:
                 try:
                     source = open_source(spec, loop=loop, width=width, height=height, fps=fps)

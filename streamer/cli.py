@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from streamer import capture, tracker_service
 from streamer.capture import Backoff
 from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
-from streamer.tracker_service import StopSignals
+from streamer.signals import StopSignals
 
 __all__ = ["Supervisor", "build_parser", "main"]
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import socket
 import threading
 import time
@@ -44,10 +43,11 @@ from streamer.protocol import (
     encode_status,
     result_from_frame_result,
 )
+from streamer.signals import StopSignals
 from streamer.tracking import PASSTHROUGH, Tracker, TrackerFactory, tracker_factory
 from streamer.transport import ControlServer, DrainStats, drain, frames_subscriber, latest_per_stream, results_publisher
 
-__all__ = ["StopSignals", "TrackerService", "add_arguments", "run_from_args", "run_tracker_service"]
+__all__ = ["TrackerService", "add_arguments", "run_from_args", "run_tracker_service"]
 
 log = logging.getLogger(__name__)
 
@@ -57,32 +57,6 @@ MAX_STREAMS = 64  # a misconfigured sender must not make us build trackers witho
 _POLL_SLICE_MS = 100  # longest poll, so a stop request is noticed within this
 _FPS_WINDOW_S = 2.0
 _DEFAULTS = Endpoints.tcp_defaults()
-
-
-class StopSignals:
-    """Context manager: SIGINT/SIGTERM set :attr:`requested`; a second one raises ``KeyboardInterrupt``
-    (to cut short whatever blocks, e.g. a model load). Outside the main thread it installs nothing."""
-
-    def __init__(self, logger: logging.Logger = log) -> None:
-        self.requested = False
-        self._log = logger
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-        self._previous = {}
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self._log.info("%s received, stopping", signal.Signals(signum).name)
-        self.requested = True
 
 
 @dataclass

@@ -47,7 +47,7 @@ def test_one_encoder_serves_text_and_tracker(tiny_models) -> None:
     assert tiny_models.tracker_model is tiny_models.video_model.tracker_model
     assert tiny_models.tracker_model.vision_encoder is None
     calls = []
-    encoder = tiny_models.video_model.detector_model.vision_encoder
+    encoder = tiny_models.video_model.detector_model.vision_encoder.backbone
     handle = encoder.register_forward_hook(lambda *args: calls.append(1))
     try:
         results = _run(tiny_models, frames=6)

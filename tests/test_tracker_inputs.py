@@ -122,3 +122,22 @@ def test_prompt_lifecycle_mid_stream(tiny_models, frames) -> None:
     assert seven == 70 and 70 in {o.obj_id for o in tracker.track(frames(6)).objects}
     tracker.reset()
     assert tracker.track(frames(7)).objects == [] and tracker.object_ids == [] and tracker.state_bytes() == 0
+
+
+def test_lost_objects_retire_after_the_configured_frames(tiny_models, frames) -> None:
+    from models import TrackerConfig
+
+    limit = 5
+    tracker = StreamingTracker(tiny_models, TrackerConfig(retire_after_frames=limit))
+    tracker.track(frames(0))
+    tracker.add_prompt(Prompt(points=((40.0, 60.0),), point_labels=(1,)))
+    tracker.add_prompt(Prompt(text="person"))
+    white = np.full((120, 160, 3), 255, np.uint8)  # the scene changes: some objects vanish, others appear
+    last_seen: dict[int, int] = {}
+    for index in range(1, 40):
+        result = tracker.track(frames(index) if index < 5 or index > 25 else white)
+        last_seen.update({o.obj_id: index for o in result.objects})
+        for obj_id in tracker.object_ids:
+            assert index - last_seen.get(obj_id, index) <= limit, f"object {obj_id} unseen for too long but kept"
+    retired = set(last_seen) - set(tracker.object_ids)
+    assert retired, "some objects should have been lost and retired"
