@@ -8,7 +8,6 @@ Whatever backend computes the tokens (torch, ONNX Runtime, TensorRT), the same t
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any, Protocol
 
 import torch
@@ -48,17 +47,32 @@ class FrameFeatures:
     def detector(self) -> Sam3VisionEncoderOutput:
         """What ``Sam3Model.get_vision_features`` returns: the tokens plus the detector's FPN."""
         if self._detector is None:
-            vision = self.models.video_model.detector_model.vision_encoder
-            side = self.models.image_size // vision.config.backbone_config.patch_size
-            spatial = self.tokens.view(self.tokens.shape[0], side, side, -1).permute(0, 3, 1, 2)
-            fpn, fpn_pos = vision.neck(spatial)
+            fpn, fpn_pos = self.models.video_model.detector_model.vision_encoder.neck(self._spatial_tokens())
             self._detector = Sam3VisionEncoderOutput(last_hidden_state=self.tokens, fpn_hidden_states=fpn, fpn_position_encoding=fpn_pos)
         return self._detector
 
     @torch.inference_mode()
     def tracker(self) -> dict[str, Any]:
-        """The tracker's ``vision_feats`` / ``vision_pos_embeds`` (its own FPN over the same tokens)."""
+        """The tracker's ``vision_feats`` / ``vision_pos_embeds`` (its own FPN over the same tokens).
+
+        Equal to ``Sam3VideoModel.get_vision_features_for_tracker``, minus the coarsest FPN level,
+        which that method computes and then drops.
+        """
         if self._tracker is None:
-            feats, pos = self.models.video_model.get_vision_features_for_tracker(SimpleNamespace(last_hidden_state=self.tokens))
-            self._tracker = {"vision_feats": feats, "vision_pos_embeds": pos}
+            video = self.models.video_model
+            neck, decoder = video.tracker_neck, video.tracker_model.mask_decoder
+            spatial = self._spatial_tokens()
+            maps = [layer(spatial) for layer in neck.fpn_layers[:-1]]
+            positions = [neck.position_encoding(m.shape, m.device, m.dtype) for m in maps]
+            maps[0], maps[1] = decoder.conv_s0(maps[0]), decoder.conv_s1(maps[1])
+            # N x C x H x W -> HW x N x C, the layout the tracker's memory attention takes
+            self._tracker = {
+                "vision_feats": [m.flatten(2).permute(2, 0, 1) for m in maps],
+                "vision_pos_embeds": [p.flatten(2).permute(2, 0, 1) for p in positions],
+            }
         return self._tracker
+
+    def _spatial_tokens(self) -> torch.Tensor:
+        """ViT tokens ``N x HW x C`` as the feature map ``N x C x H x W`` the necks take."""
+        side = self.models.image_size // self.models.video_model.detector_model.vision_encoder.config.backbone_config.patch_size
+        return self.tokens.view(self.tokens.shape[0], side, side, -1).permute(0, 3, 1, 2)
