@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from models.frames import check_frame
 from models.prompts import Prompt
 from models.results import FrameResult, ObjectResult
 
@@ -46,5 +47,6 @@ __all__ = [
     "StreamingTracker",
     "TorchImageEncoder",
     "TrackerConfig",
+    "check_frame",
     "load_models",
 ]

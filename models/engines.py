@@ -24,6 +24,7 @@ from models.memory import FrameWindow, MemoryWindow, prune_session, state_bytes
 from models.sessions import (
     add_object_inputs,
     add_text_prompt,
+    concat_inputs,
     drop_text_prompt,
     refine_objects,
     remove_tracker_object,
@@ -115,7 +116,7 @@ class GeometryEngine(_Engine):
         """Start an object on this frame; more clicks for it on the same frame join its first prompt."""
         self._open(frame_index)
         if obj_id in self.pending:
-            self.pending[obj_id] = _concat_inputs(self.pending[obj_id], inputs)
+            self.pending[obj_id] = concat_inputs(self.pending[obj_id], inputs)
         else:
             self.pending[obj_id] = inputs
 
@@ -219,7 +220,3 @@ def _precomputed_vision_features(detector: Any, vision_embeds: Any) -> Iterator[
         yield
     finally:
         del detector.get_vision_features
-
-
-def _concat_inputs(first: dict[str, torch.Tensor], more: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {key: torch.cat([first[key], more[key]], dim=2) for key in first}

@@ -22,6 +22,11 @@ def point_inputs(coords: list[list[float]], labels: list[int], device: torch.dev
     }
 
 
+def concat_inputs(first: dict[str, torch.Tensor], more: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One object's clicks followed by more clicks on the same frame (points are dimension 2)."""
+    return {key: torch.cat([first[key], more[key]], dim=2) for key in first}
+
+
 def add_object_inputs(session: Any, frame_idx: int, inputs_by_obj: dict[int, dict[str, torch.Tensor]]) -> None:
     """Register new objects' first clicks/boxes on ``frame_idx``; the next forward initialises them.
 

@@ -20,10 +20,11 @@ from models.encoder import FrameFeatures, ImageEncoder, TorchImageEncoder
 from models.engines import EngineOutput, GeometryEngine, TextEngine
 from models.loading import Sam3Models
 from models.memory import MemoryWindow
-from models.preprocess import boxes_from_masks, check_frame, frame_to_pixels, masks_to_frame, prompt_to_model_points, resolve_overlaps
+from models.frames import check_frame
+from models.preprocess import boxes_from_masks, frame_to_pixels, masks_to_frame, prompt_to_model_points, resolve_overlaps
 from models.prompts import Prompt
 from models.results import FrameResult, ObjectResult
-from models.sessions import point_inputs
+from models.sessions import concat_inputs, point_inputs
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ class StreamingTracker:
         if obj_id in self.geometry.pending:  # created on this very frame: the clicks join its first prompt
             self.geometry.add_object(self._frame_index, obj_id, inputs)
         elif obj_id in self._refinements:
-            self._refinements[obj_id] = {k: torch.cat([self._refinements[obj_id][k], inputs[k]], dim=2) for k in inputs}
+            self._refinements[obj_id] = concat_inputs(self._refinements[obj_id], inputs)
         else:
             self._refinements[obj_id] = inputs
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from models import FrameResult, ObjectResult, Prompt
+from models import FrameResult, ObjectResult, Prompt, check_frame
 
 PASSTHROUGH = "passthrough"
 
@@ -106,9 +106,7 @@ class PassThroughTracker:
     def track(self, frame: np.ndarray, timestamp: float | None = None) -> FrameResult:
         """Return the frame's (empty or synthetic) result, after ``delay_s``."""
         start = time.perf_counter()
-        if not (isinstance(frame, np.ndarray) and frame.ndim == 3 and frame.shape[2] == 3 and frame.dtype == np.uint8):
-            raise ValueError(f"frame: expected uint8 H x W x 3, got {getattr(frame, 'dtype', None)} "
-                             f"{getattr(frame, 'shape', None)}")
+        check_frame(frame)
         height, width = frame.shape[:2]
         objects = [self._synthetic(width, height)] if self.synthetic_object else []
         left = self.delay_s - (time.perf_counter() - start)
