@@ -11,7 +11,6 @@ so memory and per-frame time stay flat over a stream of any length.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,8 @@ import torch
 POINTER_KEYS = ("object_pointer", "object_score_logits")
 # Written for the memory encoder of the same frame, never read afterwards.
 TRANSIENT_KEYS = ("high_res_masks",)
+# Longer than any hotstart threshold SAM 3 ships with (8); only lengths up to the threshold are compared.
+_HOTSTART_KEEP = 32
 
 
 class FrameWindow(dict):
@@ -74,7 +75,7 @@ class MemoryWindow:
         )
 
 
-def prune_session(session: Any, frame_idx: int, window: MemoryWindow, tracked_obj_ids: Iterable[int] = ()) -> None:
+def prune_session(session: Any, frame_idx: int, window: MemoryWindow) -> None:
     """Evict from ``session`` everything the model will not read when processing ``frame_idx + 1``.
 
     Works on both ``Sam3TrackerVideoInferenceSession`` and ``Sam3VideoInferenceSession``.
@@ -102,7 +103,7 @@ def prune_session(session: Any, frame_idx: int, window: MemoryWindow, tracked_ob
             for t in [t for t in per_frame if t < frame_idx]:
                 del per_frame[t]
     if hasattr(session, "obj_id_to_tracker_score_frame_wise"):
-        _trim_video_bookkeeping(session, frame_idx, set(tracked_obj_ids) | set(session.obj_ids))
+        _trim_video_bookkeeping(session, frame_idx, set(session.obj_ids))
 
 
 def _trim_video_bookkeeping(session: Any, frame_idx: int, live_ids: set[int]) -> None:
@@ -112,10 +113,9 @@ def _trim_video_bookkeeping(session: Any, frame_idx: int, live_ids: set[int]) ->
             del per_frame[t]
     # In streaming mode only the length of these lists matters (hotstart removal is off), and only up
     # to the hotstart thresholds; keep that many of the most recent entries.
-    for frames in session.unmatched_frame_inds.values():
-        del frames[: max(len(frames) - _HOTSTART_KEEP, 0)]
-    for frames in session.overlap_pair_to_frame_inds.values():
-        del frames[: max(len(frames) - _HOTSTART_KEEP, 0)]
+    for per_key in (session.unmatched_frame_inds, session.overlap_pair_to_frame_inds):
+        for frames in per_key.values():
+            del frames[: max(len(frames) - _HOTSTART_KEEP, 0)]
     for per_obj in (
         session.unmatched_frame_inds,
         session.trk_keep_alive,
@@ -128,10 +128,6 @@ def _trim_video_bookkeeping(session: Any, frame_idx: int, live_ids: set[int]) ->
             del per_obj[obj_id]
     for pair in [p for p in session.overlap_pair_to_frame_inds if not set(p) <= live_ids]:
         del session.overlap_pair_to_frame_inds[pair]
-
-
-# Longer than any hotstart threshold SAM 3 ships with (8); only lengths up to the threshold are compared.
-_HOTSTART_KEEP = 32
 
 
 def state_bytes(*roots: Any) -> int:
