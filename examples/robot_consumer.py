@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import time
 
-
 from streamer.protocol import ProtocolError, decode_result, peek_kind
 from streamer.transport import drain, results_subscriber
 
@@ -53,10 +52,15 @@ def main() -> None:
             if args.stream and result.stream != args.stream:
                 continue
             latency_ms = (time.time() - result.t_capture) * 1000.0
-            objects = ", ".join(f"#{o.obj_id} {o.label or ''} {list(o.bbox)} {o.score:.2f} "
-                                f"({int(o.mask.sum()) if o.mask is not None else 0} px)" for o in result.objects)
-            print(f"{result.stream} seq {result.seq}: {len(result.objects)} objects, {latency_ms:.0f} ms after "
-                  f"capture: {objects or '-'}")
+            objects = ", ".join(
+                f"#{o.obj_id} {o.label or ''} {list(o.bbox)} {o.score:.2f} "
+                f"({int(o.mask.sum()) if o.mask is not None else 0} px)"
+                for o in result.objects
+            )
+            print(
+                f"{result.stream} seq {result.seq}: {len(result.objects)} objects, {latency_ms:.0f} ms after "
+                f"capture: {objects or '-'}"
+            )
             printed += 1
     except KeyboardInterrupt:
         pass

@@ -48,7 +48,9 @@ class FrameFeatures:
         """What ``Sam3Model.get_vision_features`` returns: the tokens plus the detector's FPN."""
         if self._detector is None:
             fpn, fpn_pos = self.models.video_model.detector_model.vision_encoder.neck(self._spatial_tokens())
-            self._detector = Sam3VisionEncoderOutput(last_hidden_state=self.tokens, fpn_hidden_states=fpn, fpn_position_encoding=fpn_pos)
+            self._detector = Sam3VisionEncoderOutput(
+                last_hidden_state=self.tokens, fpn_hidden_states=fpn, fpn_position_encoding=fpn_pos
+            )
         return self._detector
 
     @torch.inference_mode()
@@ -74,5 +76,8 @@ class FrameFeatures:
 
     def _spatial_tokens(self) -> torch.Tensor:
         """ViT tokens ``N x HW x C`` as the feature map ``N x C x H x W`` the necks take."""
-        side = self.models.image_size // self.models.video_model.detector_model.vision_encoder.config.backbone_config.patch_size
+        side = (
+            self.models.image_size
+            // self.models.video_model.detector_model.vision_encoder.config.backbone_config.patch_size
+        )
         return self.tokens.view(self.tokens.shape[0], side, side, -1).permute(0, 3, 1, 2)

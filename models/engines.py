@@ -74,9 +74,15 @@ class _Engine:
     def obj_ids(self) -> list[int]:
         return list(self.session.obj_ids) if self.session is not None else []
 
-    def refine(self, frame_index: int, inputs_by_obj: dict[int, dict[str, torch.Tensor]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def refine(
+        self, frame_index: int, inputs_by_obj: dict[int, dict[str, torch.Tensor]]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         return refine_objects(
-            self.models.tracker_model, self.session, self.local(frame_index), inputs_by_obj, self.streaming_tracker_calls
+            self.models.tracker_model,
+            self.session,
+            self.local(frame_index),
+            inputs_by_obj,
+            self.streaming_tracker_calls,
         )
 
     def prune(self, frame_index: int) -> None:
@@ -177,7 +183,9 @@ class TextEngine(_Engine):
         prompt_id = self.session.obj_id_to_prompt_id.get(obj_id)
         return self.session.prompts.get(prompt_id) if prompt_id is not None else None
 
-    def step(self, frame_index: int, pixels: torch.Tensor, vision_embeds: Any, next_obj_id: int) -> tuple[EngineOutput, int]:
+    def step(
+        self, frame_index: int, pixels: torch.Tensor, vision_embeds: Any, next_obj_id: int
+    ) -> tuple[EngineOutput, int]:
         """Detect and track on this frame; new objects take ids from ``next_obj_id`` on.
 
         Returns the output and the next free object id.

@@ -86,7 +86,9 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, sour
     # Hub ids look like "org/name"; anything else path-like is meant as a local folder.
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source
     if looks_local and not path.exists():
-        raise ModelLoadError(f"model folder {source!r} does not exist; pass a folder holding config.json and model weights")
+        raise ModelLoadError(
+            f"model folder {source!r} does not exist; pass a folder holding config.json and model weights"
+        )
     if path.exists() and not (path / "config.json").is_file():
         raise ModelLoadError(f"model folder {source!r} has no config.json; it does not look like a SAM 3 checkpoint")
     location = str(path) if path.exists() else source
@@ -111,7 +113,9 @@ def _full_random(device: torch.device, dtype: torch.dtype) -> Sam3Models:
     video_model.to(dtype).eval()
     cache_constant_embeddings(video_model)
     # The tiny tokenizer's ids fit the full text encoder's vocabulary; the weights are random anyway.
-    return Sam3Models(video_model=video_model, tokenizer=tiny_tokenizer(), device=device, dtype=dtype, source=FULL_RANDOM)
+    return Sam3Models(
+        video_model=video_model, tokenizer=tiny_tokenizer(), device=device, dtype=dtype, source=FULL_RANDOM
+    )
 
 
 def cache_constant_embeddings(video_model: Sam3VideoModel) -> None:
@@ -145,7 +149,11 @@ def _explain_load_failure(source: str, error: Exception) -> str:
             f"cannot load {source!r}: no such model on the hub (or it is private/gated). If it is {DEFAULT_MODEL}: "
             f"{access}. Otherwise check the id or pass a local folder"
         )
-    if any(isinstance(e, LocalEntryNotFoundError) for e in chain) or "offline" in text.lower() or "connect" in text.lower():
+    if (
+        any(isinstance(e, LocalEntryNotFoundError) for e in chain)
+        or "offline" in text.lower()
+        or "connect" in text.lower()
+    ):
         return (
             f"cannot load {source!r}: the hub could not be reached and no cached copy was found. Connect and log in "
             f"(`hf auth login`; {DEFAULT_MODEL} also needs its license accepted on the hub), or pass a local folder"
@@ -156,8 +164,14 @@ def _explain_load_failure(source: str, error: Exception) -> str:
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
+    names = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
     if dtype not in names:
         raise ValueError(f"dtype: unknown {dtype!r} (use one of {', '.join(names)})")
     return names[dtype]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from models.prompts import Prompt
 
+
 def frame_to_pixels(frame: np.ndarray, image_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``H x W x 3`` uint8 RGB -> ``1 x 3 x S x S`` normalized pixels on ``device``.
 
@@ -21,7 +22,9 @@ def frame_to_pixels(frame: np.ndarray, image_size: int, device: torch.device, dt
     pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(device, non_blocking=True)
     pixels = pixels.permute(2, 0, 1).unsqueeze(0).float()
     if pixels.shape[-2:] != (image_size, image_size):
-        pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+        pixels = F.interpolate(
+            pixels, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        )
     pixels = (pixels / 255.0 - 0.5) / 0.5
     return pixels.to(dtype)
 
@@ -30,7 +33,9 @@ def masks_to_frame(low_res_logits: torch.Tensor, height: int, width: int) -> tor
     """``N x h x w`` mask logits -> ``N x H x W`` boolean masks at the frame's resolution."""
     if low_res_logits.shape[0] == 0:
         return torch.zeros(0, height, width, dtype=torch.bool, device=low_res_logits.device)
-    upsampled = F.interpolate(low_res_logits.unsqueeze(1).float(), size=(height, width), mode="bilinear", align_corners=False)
+    upsampled = F.interpolate(
+        low_res_logits.unsqueeze(1).float(), size=(height, width), mode="bilinear", align_corners=False
+    )
     return upsampled.squeeze(1) > 0
 
 
@@ -43,7 +48,9 @@ def boxes_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     n, height, width = masks.shape
     if n == 0:
-        return torch.zeros(0, 4, dtype=torch.int64, device=masks.device), torch.zeros(0, dtype=torch.bool, device=masks.device)
+        return torch.zeros(0, 4, dtype=torch.int64, device=masks.device), torch.zeros(
+            0, dtype=torch.bool, device=masks.device
+        )
     as_bytes = masks.view(torch.uint8)
     rows = as_bytes.amax(dim=2).bool()
     cols = as_bytes.amax(dim=1).bool()
@@ -91,7 +98,10 @@ def prompt_to_model_points(
 
     def corners(box: tuple[float, float, float, float]) -> list[list[float]]:
         cx, cy, w, h = box
-        return [[(cx - w / 2) * image_size, (cy - h / 2) * image_size], [(cx + w / 2) * image_size, (cy + h / 2) * image_size]]
+        return [
+            [(cx - w / 2) * image_size, (cy - h / 2) * image_size],
+            [(cx + w / 2) * image_size, (cy + h / 2) * image_size],
+        ]
 
     if prompt.points:
         box_points = corners(prompt.bounding_boxes[0]) if prompt.bounding_boxes else []

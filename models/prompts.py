@@ -50,7 +50,9 @@ class Prompt:
         if self.points and len(self.bounding_boxes) > 1:
             raise ValueError("bounding_boxes: with points, give at most one box (points and box describe one object)")
         if self.obj_id is not None and len(self.bounding_boxes) > 1 and not self.points:
-            raise ValueError("bounding_boxes: one obj_id takes at most one box; omit obj_id to create one object per box")
+            raise ValueError(
+                "bounding_boxes: one obj_id takes at most one box; omit obj_id to create one object per box"
+            )
         if self.text is not None and self.obj_id is not None and not self.has_geometry:
             raise ValueError("obj_id: a text prompt finds its own objects; obj_id goes with points or bounding_boxes")
 

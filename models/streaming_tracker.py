@@ -18,10 +18,16 @@ import torch
 
 from models.encoder import FrameFeatures, ImageEncoder, TorchImageEncoder
 from models.engines import EngineOutput, GeometryEngine, TextEngine
+from models.frames import check_frame
 from models.loading import Sam3Models
 from models.memory import MemoryWindow
-from models.frames import check_frame
-from models.preprocess import boxes_from_masks, frame_to_pixels, masks_to_frame, prompt_to_model_points, resolve_overlaps
+from models.preprocess import (
+    boxes_from_masks,
+    frame_to_pixels,
+    masks_to_frame,
+    prompt_to_model_points,
+    resolve_overlaps,
+)
 from models.prompts import Prompt
 from models.results import FrameResult, ObjectResult
 from models.sessions import concat_inputs, point_inputs
@@ -51,7 +57,9 @@ class StreamingTracker:
     >>> result = tracker.track(frame_rgb, timestamp=time.time())
     """
 
-    def __init__(self, models: Sam3Models, config: TrackerConfig | None = None, encoder: ImageEncoder | None = None) -> None:
+    def __init__(
+        self, models: Sam3Models, config: TrackerConfig | None = None, encoder: ImageEncoder | None = None
+    ) -> None:
         self.models = models
         self.config = config or TrackerConfig()
         if self.config.retire_after_frames is not None and self.config.retire_after_frames < 1:
@@ -81,7 +89,9 @@ class StreamingTracker:
         if prompt.has_geometry:
             size = frame_size or self._frame_size
             if size is None:
-                raise ValueError("points: no frame tracked yet, so pixel positions cannot be placed; pass frame_size=(w, h)")
+                raise ValueError(
+                    "points: no frame tracked yet, so pixel positions cannot be placed; pass frame_size=(w, h)"
+                )
             prompt.check_inside(*size)
             if prompt.obj_id is not None and self._known.get(prompt.obj_id) == "text" and prompt.text is not None:
                 raise ValueError("obj_id: refining a text-found object takes points or a box, not text")
@@ -191,7 +201,9 @@ class StreamingTracker:
             self._next_obj_id = max(self._next_obj_id, obj_id + 1)
             self._known[obj_id] = "geometry"
             inputs = point_inputs(coords, labels, device)
-            self._pending.append(lambda obj_id=obj_id, inputs=inputs: self.geometry.add_object(self._frame_index, obj_id, inputs))
+            self._pending.append(
+                lambda obj_id=obj_id, inputs=inputs: self.geometry.add_object(self._frame_index, obj_id, inputs)
+            )
             ids.append(obj_id)
         return ids
 
@@ -261,7 +273,9 @@ class StreamingTracker:
             if out.overlap_scores is not None:
                 masks = _resolve_per_label(masks, out.overlap_scores, out.labels)
             boxes, visible = boxes_from_masks(masks)
-            masks_np, boxes_np, scores_np, visible_np = (t.cpu().numpy() for t in (masks, boxes, out.scores.float(), visible))
+            masks_np, boxes_np, scores_np, visible_np = (
+                t.cpu().numpy() for t in (masks, boxes, out.scores.float(), visible)
+            )
             for i, obj_id in enumerate(out.obj_ids):
                 if visible_np[i]:
                     bbox = tuple(int(v) for v in boxes_np[i])

@@ -71,8 +71,8 @@ def paint_code(frame: np.ndarray, index: int) -> None:
     for y in _code_rows(height, cell):
         for i, bit in enumerate(bits):
             x = cell + 2 * i * cell
-            frame[y: y + cell, x: x + cell] = 255 if bit else 0
-            frame[y: y + cell, x + cell: x + 2 * cell] = 0 if bit else 255
+            frame[y : y + cell, x : x + cell] = 255 if bit else 0
+            frame[y : y + cell, x + cell : x + 2 * cell] = 0 if bit else 255
 
 
 def read_code(luma: np.ndarray) -> int | None:
@@ -81,8 +81,8 @@ def read_code(luma: np.ndarray) -> int | None:
     cell = _cell(width)
     inset = cell // 4
     for y in _code_rows(height, cell):
-        band = luma[y + inset: y + cell - inset].astype(np.int32)
-        means = [band[:, x + inset: x + cell - inset].mean() for x in range(cell, cell + 4 * CODE_BITS * cell, cell)]
+        band = luma[y + inset : y + cell - inset].astype(np.int32)
+        means = [band[:, x + inset : x + cell - inset].mean() for x in range(cell, cell + 4 * CODE_BITS * cell, cell)]
         bits = [int(means[2 * i] > means[2 * i + 1]) for i in range(2 * CODE_BITS)]
         value = sum(bit << b for b, bit in enumerate(bits[:CODE_BITS]))
         if all(bits[b] != bits[CODE_BITS + b] for b in range(CODE_BITS)) and value < PICTURES:
@@ -95,8 +95,9 @@ def make_pictures(folder: Path, width: int, height: int) -> None:
     for index in range(PICTURES):
         frame = source.frame(index).copy()
         paint_code(frame, index)
-        cv2.imwrite(str(folder / f"{index:04d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
-                    [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        cv2.imwrite(
+            str(folder / f"{index:04d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,19 +184,36 @@ def _health(url: str) -> dict | None:
         return None
 
 
-def run_configuration(folder: Path, model: str, prompt: str | None, args: argparse.Namespace,
-                      log_dir: Path) -> dict[str, Any]:
+def run_configuration(
+    folder: Path, model: str, prompt: str | None, args: argparse.Namespace, log_dir: Path
+) -> dict[str, Any]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
-    command = [sys.executable, "-m", "streamer.cli", "run", "--model", model, "--device", args.device,
-               "--source", str(folder), "--loop", "--fps", str(args.fps), "--http-port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "streamer.cli",
+        "run",
+        "--model",
+        model,
+        "--device",
+        args.device,
+        "--source",
+        str(folder),
+        "--loop",
+        "--fps",
+        str(args.fps),
+        "--http-port",
+        str(port),
+    ]
     if prompt:
         command += ["--prompt", prompt]
     env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(REPO)}
     log_path = log_dir / f"{folder.name}-{model.replace('/', '_')}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=REPO)
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO
+        )
     try:
         deadline = time.monotonic() + args.startup_timeout
         while not ((health := _health(url)) and health["state"] == "live"):
@@ -249,8 +267,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    report: dict[str, Any] = {"seconds": args.seconds, "capture_fps": args.fps, "model": args.model,
-                              "prompt": args.prompt or None, "configurations": {}, "overhead": {}}
+    report: dict[str, Any] = {
+        "seconds": args.seconds,
+        "capture_fps": args.fps,
+        "model": args.model,
+        "prompt": args.prompt or None,
+        "configurations": {},
+        "overhead": {},
+    }
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         for width, height in args.size_list:
             folder = Path(tmp) / f"{width}x{height}"
@@ -260,12 +284,12 @@ def main(argv: list[str] | None = None) -> None:
             for model, prompt in (("passthrough", None), (args.model, args.prompt or None)):
                 name = f"{width}x{height}/{model}"
                 print(f"{name}: running ...", file=sys.stderr, flush=True)
-                runs[model] = report["configurations"][name] = run_configuration(folder, model, prompt, args,
-                                                                                 Path(tmp))
+                runs[model] = report["configurations"][name] = run_configuration(folder, model, prompt, args, Path(tmp))
                 print(f"{name}: {runs[model]}", file=sys.stderr, flush=True)
             base, full = runs["passthrough"], runs[args.model]
             report["overhead"][f"{width}x{height}"] = {
-                key: round(full[key] - base[key], 1) for key in ("p50_ms", "p95_ms", "p99_ms", "fps")}
+                key: round(full[key] - base[key], 1) for key in ("p50_ms", "p95_ms", "p99_ms", "fps")
+            }
     print(json.dumps(report))
 
 

@@ -54,7 +54,10 @@ def checkpoints(frames: int) -> list[int]:
 def click_prompts(count: int, width: int, height: int) -> list[Prompt]:
     """Clicks on the synthetic pattern's moving shapes (and spread points for more objects)."""
     spots = [(0.3, 0.5), (0.8, 0.17), (0.5, 0.8), (0.15, 0.15), (0.85, 0.85), (0.5, 0.3)]
-    return [Prompt(points=((spots[i % len(spots)][0] * width, spots[i % len(spots)][1] * height),), point_labels=(1,)) for i in range(count)]
+    return [
+        Prompt(points=((spots[i % len(spots)][0] * width, spots[i % len(spots)][1] * height),), point_labels=(1,))
+        for i in range(count)
+    ]
 
 
 class Contender:
@@ -102,7 +105,9 @@ def race(contenders: list[Contender], args: argparse.Namespace) -> dict[str, dic
 
 def streaming_contender(models: Sam3Models, args: argparse.Namespace) -> Contender:
     tracker = StreamingTracker(models, TrackerConfig())
-    prompts = click_prompts(args.objects, args.width, args.height) if args.workload == "points" else [Prompt(text="person")]
+    prompts = (
+        click_prompts(args.objects, args.width, args.height) if args.workload == "points" else [Prompt(text="person")]
+    )
 
     def step(index: int, frame: np.ndarray) -> None:
         if index == 0:
@@ -121,7 +126,12 @@ def baseline_contender(models: Sam3Models, source: str, args: argparse.Namespace
     from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
 
     device, dtype, size = models.device, models.dtype, models.image_size
-    kwargs = {"inference_device": device, "inference_state_device": device, "video_storage_device": device, "dtype": dtype}
+    kwargs = {
+        "inference_device": device,
+        "inference_state_device": device,
+        "video_storage_device": device,
+        "dtype": dtype,
+    }
     if args.workload == "points":
         if source in ("tiny-random", "full-random"):
             # The same weights as ours: the video model's tracker plus its shared image encoder.
@@ -163,10 +173,21 @@ def _stack(obj_id_to_mask: dict[int, torch.Tensor], device: torch.device) -> tor
 def _tracker_state_dict(models: Sam3Models) -> dict[str, torch.Tensor]:
     """The standalone tracker's weights from the video model, as transformers' checkpoint mapping does."""
     video = models.video_model.state_dict()
-    out = {k[len("tracker_model."):]: v for k, v in video.items() if k.startswith("tracker_model.")}
-    out.update({"vision_encoder.backbone." + k[len("detector_model.vision_encoder.backbone."):]: v
-                for k, v in video.items() if k.startswith("detector_model.vision_encoder.backbone.")})
-    out.update({"vision_encoder.neck." + k[len("tracker_neck."):]: v for k, v in video.items() if k.startswith("tracker_neck.")})
+    out = {k[len("tracker_model.") :]: v for k, v in video.items() if k.startswith("tracker_model.")}
+    out.update(
+        {
+            "vision_encoder.backbone." + k[len("detector_model.vision_encoder.backbone.") :]: v
+            for k, v in video.items()
+            if k.startswith("detector_model.vision_encoder.backbone.")
+        }
+    )
+    out.update(
+        {
+            "vision_encoder.neck." + k[len("tracker_neck.") :]: v
+            for k, v in video.items()
+            if k.startswith("tracker_neck.")
+        }
+    )
     return out
 
 
@@ -202,7 +223,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["ratios"] = ratios(report["streaming"], report["baseline"])
     states = report["streaming"]["state_bytes"]
     if "1000" in states:
-        report["streaming_state_flat_from_1000"] = abs(states[str(args.frames)] - states["1000"]) <= 0.05 * states["1000"]
+        report["streaming_state_flat_from_1000"] = (
+            abs(states[str(args.frames)] - states["1000"]) <= 0.05 * states["1000"]
+        )
     print(json.dumps(report))
     return report
 

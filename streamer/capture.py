@@ -13,7 +13,8 @@ import logging
 import math
 import sys
 import time
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 import zmq
@@ -161,13 +162,20 @@ class _Publisher:
         if elapsed < STATS_INTERVAL:
             return
         sent, dropped = self.seq - self._window_seq, self.dropped - self._window_dropped
-        log.info("stream %s: %d frames in %.0f s (%.1f fps), %d late ticks dropped", self.stream_id, sent, elapsed,
-                 sent / elapsed, dropped)
+        log.info(
+            "stream %s: %d frames in %.0f s (%.1f fps), %d late ticks dropped",
+            self.stream_id,
+            sent,
+            elapsed,
+            sent / elapsed,
+            dropped,
+        )
         self._window_start, self._window_seq, self._window_dropped = time.monotonic(), self.seq, self.dropped
 
 
-def _pump(source: FrameSource, publisher: _Publisher, fps: float | None, stopper: _Stopper,
-          on_frame: Callable[[], None]) -> None:
+def _pump(
+    source: FrameSource, publisher: _Publisher, fps: float | None, stopper: _Stopper, on_frame: Callable[[], None]
+) -> None:
     """Publish frames from an open source until it ends or we are asked to stop; SourceError propagates."""
     rate = fps or (None if source.live else source.fps)
     pacer = Pacer(rate) if rate else None
@@ -266,29 +274,46 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
+
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
     return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the capture options to ``parser`` (shared by ``sam3-stream capture`` and ``python -m streamer.capture``)."""
-    parser.add_argument("--source", required=True,
-                        help="camera index (0), video file, rtsp:// or http(s):// URL, image folder, "
-                             "or synthetic[:WxH][@FPS]")
-    parser.add_argument("--frames-endpoint", default=DEFAULT_FRAMES_ENDPOINT,
-                        help=f"ZeroMQ endpoint to bind and publish frames on (default {DEFAULT_FRAMES_ENDPOINT})")
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="camera index (0), video file, rtsp:// or http(s):// URL, image folder, or synthetic[:WxH][@FPS]",
+    )
+    parser.add_argument(
+        "--frames-endpoint",
+        default=DEFAULT_FRAMES_ENDPOINT,
+        help=f"ZeroMQ endpoint to bind and publish frames on (default {DEFAULT_FRAMES_ENDPOINT})",
+    )
     parser.add_argument("--stream-id", default="cam0", help="name of this stream in every frame header (default cam0)")
     parser.add_argument("--loop", action="store_true", help="restart video files and image folders at their end")
-    parser.add_argument("--fps", type=_positive(float), default=None,
-                        help="publishing rate (default: the source's own; image folders 30)")
+    parser.add_argument(
+        "--fps",
+        type=_positive(float),
+        default=None,
+        help="publishing rate (default: the source's own; image folders 30)",
+    )
     parser.add_argument("--width", type=_positive(int), default=None, help="output width (alone: keep aspect ratio)")
     parser.add_argument("--height", type=_positive(int), default=None, help="output height (alone: keep aspect ratio)")
-    parser.add_argument("--duration", type=_positive(float), default=None, help="stop after this many seconds (default: run until stopped)")
+    parser.add_argument(
+        "--duration",
+        type=_positive(float),
+        default=None,
+        help="stop after this many seconds (default: run until stopped)",
+    )
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m streamer.capture``: :func:`add_arguments` plus ``--log-level``."""
-    parser = argparse.ArgumentParser(prog="sam3-stream capture", description="Capture a source and publish its frames over ZeroMQ.")
+    parser = argparse.ArgumentParser(
+        prog="sam3-stream capture", description="Capture a source and publish its frames over ZeroMQ."
+    )
     add_arguments(parser)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -297,8 +322,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the capture loop from parsed arguments; returns a process exit status (0 after a clean stop)."""
     try:
-        run_capture(args.source, args.frames_endpoint, args.stream_id, loop=args.loop, fps=args.fps,
-                    width=args.width, height=args.height, duration=args.duration)
+        run_capture(
+            args.source,
+            args.frames_endpoint,
+            args.stream_id,
+            loop=args.loop,
+            fps=args.fps,
+            width=args.width,
+            height=args.height,
+            duration=args.duration,
+        )
     except ValueError as exc:  # the source spec or the endpoint: the message names which
         log.error("cannot start capture: %s", exc)
         return 2

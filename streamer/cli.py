@@ -73,8 +73,12 @@ class Supervisor:
         self.children = list(children)
 
     def start(self, child: Child) -> None:
-        child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, start_new_session=True,
-                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        child.proc = subprocess.Popen(
+            child.argv,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
         child.started, child.restart_at = time.monotonic(), None
         log.info("%s started (pid %d)", child.name, child.proc.pid)
 
@@ -92,8 +96,9 @@ class Supervisor:
                     child.backoff.reset()
                 delay = child.backoff.next_delay()
                 child.restart_at = now + delay
-                log.warning("%s exited with status %d after %.1f s; restarting in %.1f s", child.name, code,
-                            uptime, delay)
+                log.warning(
+                    "%s exited with status %d after %.1f s; restarting in %.1f s", child.name, code, uptime, delay
+                )
             if child.proc is None and child.restart_at is not None and now >= child.restart_at:
                 child.restarts += 1
                 self.start(child)
@@ -145,12 +150,32 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Ch
     for option in ("fps", "width", "height"):
         if getattr(args, option) is not None:
             capture_args += [f"--{option}", str(getattr(args, option))]
-    track_args = ["--model", args.model, "--device", args.device, "--frames-endpoint", endpoints.frames,
-                  "--results-endpoint", endpoints.results, "--control-endpoint", endpoints.control]
+    track_args = [
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--frames-endpoint",
+        endpoints.frames,
+        "--results-endpoint",
+        endpoints.results,
+        "--control-endpoint",
+        endpoints.control,
+    ]
     for text in args.prompts:
         track_args += ["--prompt", text]
-    serve_args = ["--results-endpoint", endpoints.results, "--control-endpoint", endpoints.control,
-                  "--stream-id", args.stream_id, "--http-host", args.http_host, "--http-port", str(args.http_port)]
+    serve_args = [
+        "--results-endpoint",
+        endpoints.results,
+        "--control-endpoint",
+        endpoints.control,
+        "--stream-id",
+        args.stream_id,
+        "--http-host",
+        args.http_host,
+        "--http-port",
+        str(args.http_port),
+    ]
     for host in args.ice_hosts or []:
         serve_args += ["--ice-host", host]
     return [
@@ -183,8 +208,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
                     break
                 if not announced and _listening(browse_host, args.http_port):
                     print(f"sam3-stream: open {url} (Ctrl-C to stop)", flush=True)
-                    print(f"sam3-stream: robots can subscribe to results at {endpoints.results} "
-                          "(see examples/robot_consumer.py)", flush=True)
+                    print(
+                        f"sam3-stream: robots can subscribe to results at {endpoints.results} "
+                        "(see examples/robot_consumer.py)",
+                        flush=True,
+                    )
                     announced = True
                 time.sleep(_TICK_S)
             log.info("stopping capture, tracker and gateway")
@@ -199,26 +227,42 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="facebook/sam3",
-                        help="hub id, local folder, 'tiny-random' (tests) or 'passthrough' (no model) "
-                             "(default %(default)s)")
+    parser.add_argument(
+        "--model",
+        default="facebook/sam3",
+        help="hub id, local folder, 'tiny-random' (tests) or 'passthrough' (no model) (default %(default)s)",
+    )
     parser.add_argument("--device", default="auto", help="torch device for the tracker (default: cuda if any)")
-    parser.add_argument("--source", required=True,
-                        help="camera index (0), video file, rtsp:// or http(s):// URL, image folder, "
-                             "or synthetic[:WxH][@FPS]")
-    parser.add_argument("--prompt", action="append", dest="prompts", default=[], metavar="TEXT",
-                        help="text prompt to track from the start; repeatable")
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="camera index (0), video file, rtsp:// or http(s):// URL, image folder, or synthetic[:WxH][@FPS]",
+    )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        dest="prompts",
+        default=[],
+        metavar="TEXT",
+        help="text prompt to track from the start; repeatable",
+    )
     parser.add_argument("--loop", action="store_true", help="restart video files and image folders at their end")
     parser.add_argument("--stream-id", default="cam0", help="name of the stream (default %(default)s)")
     parser.add_argument("--fps", type=float, default=None, help="capture rate (default: the source's own)")
     parser.add_argument("--width", type=int, default=None, help="capture width (alone: keep aspect ratio)")
     parser.add_argument("--height", type=int, default=None, help="capture height (alone: keep aspect ratio)")
-    parser.add_argument("--http-host", default=GATEWAY_HTTP_HOST,
-                        help="address the page is served on (default %(default)s)")
+    parser.add_argument(
+        "--http-host", default=GATEWAY_HTTP_HOST, help="address the page is served on (default %(default)s)"
+    )
     parser.add_argument("--http-port", type=int, default=GATEWAY_HTTP_PORT, help="HTTP port (default %(default)s)")
-    parser.add_argument("--ice-host", action="append", dest="ice_hosts", metavar="ADDR",
-                        help="address offered to viewers for WebRTC; 'auto' adds this machine's interfaces "
-                             "(needed for viewers on other machines); repeatable (default 127.0.0.1)")
+    parser.add_argument(
+        "--ice-host",
+        action="append",
+        dest="ice_hosts",
+        metavar="ADDR",
+        help="address offered to viewers for WebRTC; 'auto' adds this machine's interfaces "
+        "(needed for viewers on other machines); repeatable (default 127.0.0.1)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,26 +274,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sam3-stream",
         description="Real-time SAM 3 tracking of live camera feeds, composited into a WebRTC stream that "
-                    "an operator can re-prompt while it plays. Robots subscribe to the tracker's results.",
+        "an operator can re-prompt while it plays. Robots subscribe to the tracker's results.",
         epilog="Run 'sam3-stream COMMAND --help' for a command's options.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
-        "run", parents=[common], help="capture, tracker and web page together on this machine",
+        "run",
+        parents=[common],
+        help="capture, tracker and web page together on this machine",
         description="Start capture, tracker and gateway as child processes talking over ipc:// in a private "
-                    "temporary folder, print the page's URL, restart a part that dies, stop all on Ctrl-C.")
+        "temporary folder, print the page's URL, restart a part that dies, stop all on Ctrl-C.",
+    )
     _add_run_arguments(run)
-    capture.add_arguments(commands.add_parser(
-        "capture", parents=[common], help="read one camera or file and publish its frames",
-        description="Capture a source, pace it, stamp each frame and publish it over ZeroMQ (PUB, bound)."))
-    tracker_service.add_arguments(commands.add_parser(
-        "track", parents=[common], help="run SAM 3 on the newest frames and publish results",
-        description="The tracker: subscribes to frames (newest only), answers prompts on its control socket, "
-                    "publishes a result with its frame per tracked frame, and a status heartbeat every 0.5 s."))
-    gateway.add_arguments(commands.add_parser(
-        "serve", parents=[common], help="serve the operator page: WebRTC video and prompts",
-        description="The gateway: composites the tracker's results onto their frames as WebRTC video, "
-                    "forwards prompts from the page's data channel, serves /health and /metrics."))
+    capture.add_arguments(
+        commands.add_parser(
+            "capture",
+            parents=[common],
+            help="read one camera or file and publish its frames",
+            description="Capture a source, pace it, stamp each frame and publish it over ZeroMQ (PUB, bound).",
+        )
+    )
+    tracker_service.add_arguments(
+        commands.add_parser(
+            "track",
+            parents=[common],
+            help="run SAM 3 on the newest frames and publish results",
+            description="The tracker: subscribes to frames (newest only), answers prompts on its control socket, "
+            "publishes a result with its frame per tracked frame, and a status heartbeat every 0.5 s.",
+        )
+    )
+    gateway.add_arguments(
+        commands.add_parser(
+            "serve",
+            parents=[common],
+            help="serve the operator page: WebRTC video and prompts",
+            description="The gateway: composites the tracker's results onto their frames as WebRTC video, "
+            "forwards prompts from the page's data channel, serves /health and /metrics.",
+        )
+    )
     return parser
 
 

@@ -67,7 +67,9 @@ def color_hex(obj_id: int) -> str:
     return "#{:02x}{:02x}{:02x}".format(*color_for(obj_id))
 
 
-def composite(frame_rgb: np.ndarray, objects: Iterable[Overlay], style: CompositeStyle = CompositeStyle()) -> np.ndarray:
+def composite(
+    frame_rgb: np.ndarray, objects: Iterable[Overlay], style: CompositeStyle = CompositeStyle()
+) -> np.ndarray:
     """Return a new frame with each object's mask blended in, outlined and tagged."""
     out = np.array(frame_rgb, dtype=np.uint8, copy=True, order="C")
     height, width = out.shape[:2]
@@ -103,7 +105,7 @@ def banner_frame(width: int, height: int, title: str, detail: str | None = None)
     gap = int(12 * scale)
     total = sum(h + base for (_, h), base in sizes) + gap * (len(lines) - 1)
     y = (height - total) // 2
-    for (text, s, colour, thickness), ((w, h), base) in zip(lines, sizes):
+    for (text, s, colour, thickness), ((w, h), base) in zip(lines, sizes, strict=True):
         y += h
         cv2.putText(frame, text, ((width - w) // 2, y), _FONT, s, colour, thickness, cv2.LINE_AA)
         y += base + gap
@@ -128,7 +130,13 @@ def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def _blend(out: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int], colour: tuple[int, int, int], style: CompositeStyle) -> None:
+def _blend(
+    out: np.ndarray,
+    mask: np.ndarray,
+    box: tuple[int, int, int, int],
+    colour: tuple[int, int, int],
+    style: CompositeStyle,
+) -> None:
     x0, y0, x1, y1 = box
     region = out[y0:y1, x0:x1]
     inside = mask[y0:y1, x0:x1]
@@ -142,7 +150,9 @@ def _blend(out: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int], co
         cv2.drawContours(region, contours, -1, colour, style.contour_thickness, cv2.LINE_AA)
 
 
-def _tag(out: np.ndarray, obj: Overlay, box: tuple[int, int, int, int], colour: tuple[int, int, int], style: CompositeStyle) -> None:
+def _tag(
+    out: np.ndarray, obj: Overlay, box: tuple[int, int, int, int], colour: tuple[int, int, int], style: CompositeStyle
+) -> None:
     parts = [f"#{obj.obj_id}"]
     if style.show_labels and obj.label:
         parts.append(obj.label)

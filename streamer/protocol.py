@@ -331,8 +331,12 @@ def _numpy_scalar(value: object) -> Any:
 
 def _dump_header(kind: str, fields: dict, limit: int = MAX_HEADER_BYTES) -> bytes:
     try:
-        text = json.dumps({"v": PROTOCOL_VERSION, "kind": kind, **fields}, allow_nan=False,
-                          separators=(",", ":"), default=_numpy_scalar)
+        text = json.dumps(
+            {"v": PROTOCOL_VERSION, "kind": kind, **fields},
+            allow_nan=False,
+            separators=(",", ":"),
+            default=_numpy_scalar,
+        )
     except (TypeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"{kind}: cannot encode header ({exc})") from None
     data = text.encode("utf-8")
@@ -385,8 +389,9 @@ def _pixels_view(path: str, part: object, width: int, height: int) -> np.ndarray
 
 def _read_frame_header(h: _Header) -> FrameHeader:
     width, height = _check_size(h.kind, h.get("width"), h.get("height"))
-    return FrameHeader(stream=h.text("stream"), seq=h.integer("seq"), t_capture=h.number("t_capture"),
-                       width=width, height=height)
+    return FrameHeader(
+        stream=h.text("stream"), seq=h.integer("seq"), t_capture=h.number("t_capture"), width=width, height=height
+    )
 
 
 def encode_frame(header: FrameHeader, pixels: np.ndarray) -> list:
@@ -395,8 +400,16 @@ def encode_frame(header: FrameHeader, pixels: np.ndarray) -> list:
     A C-contiguous ``pixels`` is sent as it is (no copy), so do not write into it until the send is
     done: hand each frame a fresh array. A non-contiguous one is copied once.
     """
-    data = _dump_header("frame", {"stream": header.stream, "seq": header.seq, "t_capture": header.t_capture,
-                                  "width": header.width, "height": header.height})
+    data = _dump_header(
+        "frame",
+        {
+            "stream": header.stream,
+            "seq": header.seq,
+            "t_capture": header.t_capture,
+            "width": header.width,
+            "height": header.height,
+        },
+    )
     checked = _read_frame_header(_header_of(data, "frame"))
     return [data, _pixels_part("frame.pixels", pixels, checked.width, checked.height)]
 
@@ -423,11 +436,15 @@ def _read_prompt_request(h: _Header) -> PromptRequest:
     if op != "add_prompt" and prompt_fields is not None:
         raise ProtocolError(f"{h.path('prompt')}: only add_prompt takes a prompt")
     if op != "remove_object" and obj_id is not None:
-        raise ProtocolError(f"{h.path('obj_id')}: only remove_object takes a top-level obj_id "
-                            "(to refine an object, put obj_id inside prompt)")
+        raise ProtocolError(
+            f"{h.path('obj_id')}: only remove_object takes a top-level obj_id "
+            "(to refine an object, put obj_id inside prompt)"
+        )
     if op != "remove_prompt" and text is not None:
-        raise ProtocolError(f"{h.path('text')}: only remove_prompt takes a top-level text "
-                            "(to add a text prompt, put text inside prompt)")
+        raise ProtocolError(
+            f"{h.path('text')}: only remove_prompt takes a top-level text "
+            "(to add a text prompt, put text inside prompt)"
+        )
     prompt = None
     if op == "add_prompt":
         if prompt_fields is None:
@@ -489,8 +506,11 @@ def _read_answer(h: _Header) -> PromptAnswer:
 
 def encode_answer(a: PromptAnswer) -> list[bytes]:
     """One-part answer for the client's REQ socket."""
-    data = _dump_header("answer", {"request_id": a.request_id, "ok": a.ok, "error": a.error,
-                                   "obj_ids": list(a.obj_ids)}, MAX_CONTROL_HEADER_BYTES)
+    data = _dump_header(
+        "answer",
+        {"request_id": a.request_id, "ok": a.ok, "error": a.error, "obj_ids": list(a.obj_ids)},
+        MAX_CONTROL_HEADER_BYTES,
+    )
     decode_answer([data])
     return [data]
 
@@ -576,8 +596,9 @@ def _check_rle_size(path: str, rle: dict, expected_shape: tuple[int, int] | None
         raise ProtocolError(f"{path}.size: expected [height, width], got {_type_name(size)}")
     width, height = _check_size(f"{path}.size", size[1], size[0])
     if expected_shape is not None and (height, width) != tuple(expected_shape):
-        raise ProtocolError(f"{path}.size: [{height}, {width}] does not match the frame's "
-                            f"[{expected_shape[0]}, {expected_shape[1]}]")
+        raise ProtocolError(
+            f"{path}.size: [{height}, {width}] does not match the frame's [{expected_shape[0]}, {expected_shape[1]}]"
+        )
     return height, width
 
 
@@ -614,8 +635,10 @@ def _read_result(h: _Header, decode_masks: bool) -> ResultMessage:
     objects = _check_list(h.path("objects"), h.get("objects"), max_items=MAX_OBJECTS)
     with_masks = sum(1 for o in objects if isinstance(o, dict) and o.get("mask") is not None)
     if with_masks * width * height > MAX_MASK_PIXELS_TOTAL:
-        raise ProtocolError(f"{h.path('objects')}: {with_masks} masks of {width}x{height} exceed "
-                            f"MAX_MASK_PIXELS_TOTAL ({MAX_MASK_PIXELS_TOTAL})")
+        raise ProtocolError(
+            f"{h.path('objects')}: {with_masks} masks of {width}x{height} exceed "
+            f"MAX_MASK_PIXELS_TOTAL ({MAX_MASK_PIXELS_TOTAL})"
+        )
     return ResultMessage(
         stream=h.text("stream"),
         seq=h.integer("seq"),
@@ -639,16 +662,26 @@ def encode_result(msg: ResultMessage, frame: np.ndarray | None) -> list:
         if obj.mask is not None:
             shape = getattr(obj.mask, "shape", None)
             if shape != (msg.height, msg.width):
-                raise ProtocolError(f"result.objects[{i}].mask: shape {shape} does not match the frame's "
-                                    f"({msg.height}, {msg.width})")
+                raise ProtocolError(
+                    f"result.objects[{i}].mask: shape {shape} does not match the frame's ({msg.height}, {msg.width})"
+                )
             mask = mask_to_rle(obj.mask)
         bbox = list(obj.bbox) if isinstance(obj.bbox, (tuple, list, np.ndarray)) else obj.bbox
         objects.append({"obj_id": obj.obj_id, "score": obj.score, "bbox": bbox, "label": obj.label, "mask": mask})
-    data = _dump_header("result", {
-        "stream": msg.stream, "seq": msg.seq, "frame_index": msg.frame_index, "t_capture": msg.t_capture,
-        "width": msg.width, "height": msg.height, "timestamps": msg.timestamps, "timings": msg.timings,
-        "objects": objects,
-    })
+    data = _dump_header(
+        "result",
+        {
+            "stream": msg.stream,
+            "seq": msg.seq,
+            "frame_index": msg.frame_index,
+            "t_capture": msg.t_capture,
+            "width": msg.width,
+            "height": msg.height,
+            "timestamps": msg.timestamps,
+            "timings": msg.timings,
+            "objects": objects,
+        },
+    )
     checked = _read_result(_header_of(data, "result"), decode_masks=False)  # our own RLE is valid
     if frame is None:
         return [data]
@@ -663,9 +696,11 @@ def decode_result(parts: Sequence) -> tuple[ResultMessage, np.ndarray | None]:
     return msg, frame
 
 
-def result_from_frame_result(stream: str, seq: int, t_capture: float, fr: FrameResult,
-                             timestamps: dict) -> ResultMessage:
+def result_from_frame_result(
+    stream: str, seq: int, t_capture: float, fr: FrameResult, timestamps: dict
+) -> ResultMessage:
     """Wrap the tracker's :class:`models.FrameResult` for the wire (boxes clipped into the frame)."""
+
     def clip(v: int, hi: int) -> int:
         return min(max(int(v), 0), hi)
 
@@ -674,11 +709,20 @@ def result_from_frame_result(stream: str, seq: int, t_capture: float, fr: FrameR
         x0, y0, x1, y1 = (int(v) for v in obj.bbox)
         x0, y0 = clip(x0, fr.width), clip(y0, fr.height)
         bbox = (x0, y0, max(clip(x1, fr.width), x0), max(clip(y1, fr.height), y0))
-        objects.append(WireObject(obj_id=int(obj.obj_id), score=float(obj.score), bbox=bbox, mask=obj.mask,
-                                  label=obj.label))
-    return ResultMessage(stream=stream, seq=seq, frame_index=fr.frame_index, t_capture=t_capture,
-                         width=fr.width, height=fr.height, timestamps=dict(timestamps),
-                         timings=dict(fr.timings), objects=objects)
+        objects.append(
+            WireObject(obj_id=int(obj.obj_id), score=float(obj.score), bbox=bbox, mask=obj.mask, label=obj.label)
+        )
+    return ResultMessage(
+        stream=stream,
+        seq=seq,
+        frame_index=fr.frame_index,
+        t_capture=t_capture,
+        width=fr.width,
+        height=fr.height,
+        timestamps=dict(timestamps),
+        timings=dict(fr.timings),
+        objects=objects,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

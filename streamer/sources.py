@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import av
 import cv2
@@ -74,7 +74,7 @@ class FrameSource(ABC):
             frame = cv2.resize(frame, self._size, interpolation=cv2.INTER_AREA)
         return np.ascontiguousarray(frame, dtype=np.uint8)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: sources holding nothing need not override it
         """Release the device or file; reading afterwards is an error."""
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -91,9 +91,7 @@ class FrameSource(ABC):
         return f"<{type(self).__name__} {self.description}>"
 
 
-def _fit_size(
-    native: tuple[int, int], width: int | None, height: int | None
-) -> tuple[int, int] | None:
+def _fit_size(native: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int] | None:
     """The (width, height) asked for; a missing side keeps the native aspect ratio. None: no resize."""
     if width is None and height is None:
         return None
@@ -370,12 +368,12 @@ class SyntheticSource(FrameSource):
 _SYNTHETIC_RE = re.compile(r"synthetic(?::(\d+)x(\d+))?(?:@(\d+(?:\.\d+)?))?")
 
 
-def _open_synthetic(
-    spec: str, width: int | None, height: int | None, fps: float | None
-) -> SyntheticSource:
+def _open_synthetic(spec: str, width: int | None, height: int | None, fps: float | None) -> SyntheticSource:
     match = _SYNTHETIC_RE.fullmatch(spec)
     if match is None:
-        raise ValueError(f"cannot parse synthetic source {spec!r}: expected synthetic[:WxH][@FPS], e.g. synthetic:640x480@30")
+        raise ValueError(
+            f"cannot parse synthetic source {spec!r}: expected synthetic[:WxH][@FPS], e.g. synthetic:640x480@30"
+        )
     w, h, rate = match.groups()
     native = (int(w), int(h)) if w else (640, 480)
     # Explicit width/height/fps arguments win over the spec; render at that size rather than resize.

@@ -97,9 +97,16 @@ class TrackerService:
     closes everything. ``prompts`` are text prompts given to every new stream.
     """
 
-    def __init__(self, results_endpoint: str, control_endpoint: str, *, prompts: Sequence[str] = (),
-                 name: str | None = None, heartbeat_s: float = HEARTBEAT_S,
-                 stats_interval_s: float = STATS_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        results_endpoint: str,
+        control_endpoint: str,
+        *,
+        prompts: Sequence[str] = (),
+        name: str | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
+        stats_interval_s: float = STATS_INTERVAL_S,
+    ) -> None:
         self._prompts = [Prompt(text=text) for text in prompts]  # ValueError now, not on the first frame
         self.name = name or f"tracker@{socket.gethostname()}"
         self._heartbeat_s = heartbeat_s
@@ -122,8 +129,12 @@ class TrackerService:
 
     # ---------------------------------------------------------------------------------- lifecycle
 
-    def serve(self, make_tracker: TrackerFactory, frames_endpoints: str | Sequence[str],
-              should_stop: Callable[[], bool] = lambda: False) -> None:
+    def serve(
+        self,
+        make_tracker: TrackerFactory,
+        frames_endpoints: str | Sequence[str],
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
         """Connect to the captures and serve until ``should_stop()`` (checked at least every 100 ms
         between frames). ``make_tracker`` makes one tracker per stream."""
         self._make_tracker = make_tracker
@@ -161,8 +172,9 @@ class TrackerService:
     def __enter__(self) -> TrackerService:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # ------------------------------------------------------------------------------------- frames
@@ -207,15 +219,20 @@ class TrackerService:
             result = stream.tracker.track(pending.pixels, timestamp=header.t_capture)
             tracked = time.time()
             # "published" is stamped as encoding starts: the header carrying it is the encoder's output.
-            message = result_from_frame_result(name, header.seq, header.t_capture, result,
-                                               {"received": pending.received, "tracked": tracked,
-                                                "published": time.time()})
+            message = result_from_frame_result(
+                name,
+                header.seq,
+                header.t_capture,
+                result,
+                {"received": pending.received, "tracked": tracked, "published": time.time()},
+            )
             parts = encode_result(message, pending.pixels)
         except Exception:  # one bad frame must not take the camera (or the others) down
             stream.errors += 1
             if stream.errors % 100 == 1:
-                log.exception("stream %s: frame %d failed (%d failures so far); skipped", name, header.seq,
-                              stream.errors)
+                log.exception(
+                    "stream %s: frame %d failed (%d failures so far); skipped", name, header.seq, stream.errors
+                )
             return
         with self._lock:
             self._results.send_multipart(parts, copy=False)
@@ -238,8 +255,11 @@ class TrackerService:
         stream = self._streams.get(req.stream)
         if stream is None:
             known = ", ".join(sorted(self._streams)) or "none yet"
-            return PromptAnswer(req.request_id, False,
-                                f"stream: unknown stream {req.stream!r} (no frame received from it; known: {known})")
+            return PromptAnswer(
+                req.request_id,
+                False,
+                f"stream: unknown stream {req.stream!r} (no frame received from it; known: {known})",
+            )
         tracker = stream.tracker
         try:
             if req.op == "add_prompt":
@@ -277,8 +297,10 @@ class TrackerService:
     def _send_status(self) -> None:
         now = time.monotonic()
         with self._lock:
-            streams = {name: {"last_seq": s.last_seq, "last_frame_t": s.last_frame_t, "fps": round(s.fps(now), 2)}
-                       for name, s in self._streams.items()}
+            streams = {
+                name: {"last_seq": s.last_seq, "last_frame_t": s.last_frame_t, "fps": round(s.fps(now), 2)}
+                for name, s in self._streams.items()
+            }
             self._results.send_multipart(encode_status(StatusMessage(self.name, time.time(), streams)))
 
     def _log_stats(self) -> None:
@@ -291,50 +313,104 @@ class TrackerService:
             latency = np.percentile(np.array(s.latencies) * 1000.0, [50, 95])
             with self._lock:
                 fps = s.fps(now)
-            log.info("stream %s: %.1f fps; frame age at the tracker p50 %.0f ms p95 %.0f ms; capture to published "
-                     "p50 %.0f ms p95 %.0f ms; %d failures", name, fps, *age, *latency, s.errors)
+            log.info(
+                "stream %s: %.1f fps; frame age at the tracker p50 %.0f ms p95 %.0f ms; capture to published "
+                "p50 %.0f ms p95 %.0f ms; %d failures",
+                name,
+                fps,
+                *age,
+                *latency,
+                s.errors,
+            )
             s.ages.clear()
             s.latencies.clear()
         if self._drain_stats.superseded:
             log.info("frames skipped for a newer one: %d in all", self._drain_stats.superseded)
 
 
-def run_tracker_service(model: str, frames_endpoints: str | Sequence[str], results_endpoint: str,
-                        control_endpoint: str, *, device: str | None = None, prompts: Sequence[str] = (),
-                        name: str | None = None, passthrough_delay_s: float = 0.0,
-                        passthrough_object: bool = False) -> None:
+def run_tracker_service(
+    model: str,
+    frames_endpoints: str | Sequence[str],
+    results_endpoint: str,
+    control_endpoint: str,
+    *,
+    device: str | None = None,
+    prompts: Sequence[str] = (),
+    name: str | None = None,
+    passthrough_delay_s: float = 0.0,
+    passthrough_object: bool = False,
+) -> None:
     """Bind, load the model, and serve until SIGINT/SIGTERM (from the main thread)."""
-    with StopSignals() as stop, TrackerService(results_endpoint, control_endpoint, prompts=prompts,
-                                               name=name or f"{model}@{socket.gethostname()}") as service:
+    with (
+        StopSignals() as stop,
+        TrackerService(
+            results_endpoint, control_endpoint, prompts=prompts, name=name or f"{model}@{socket.gethostname()}"
+        ) as service,
+    ):
         log.info("loading %s ...", model)
         start = time.monotonic()
-        make_tracker = tracker_factory(model, device, passthrough_delay_s=passthrough_delay_s,
-                                       passthrough_object=passthrough_object)
-        log.info("tracker %s ready in %.1f s: frames %s, results %s, control %s", service.name,
-                 time.monotonic() - start, frames_endpoints, results_endpoint, control_endpoint)
+        make_tracker = tracker_factory(
+            model, device, passthrough_delay_s=passthrough_delay_s, passthrough_object=passthrough_object
+        )
+        log.info(
+            "tracker %s ready in %.1f s: frames %s, results %s, control %s",
+            service.name,
+            time.monotonic() - start,
+            frames_endpoints,
+            results_endpoint,
+            control_endpoint,
+        )
         service.serve(make_tracker, frames_endpoints, lambda: stop.requested)
     log.info("tracker stopped")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the tracker options to ``parser`` (``sam3-stream track``)."""
-    parser.add_argument("--model", default="facebook/sam3",
-                        help="hub id, local folder, 'tiny-random' (tests), or 'passthrough' (no model: "
-                             "measures the pipeline alone) (default %(default)s)")
+    parser.add_argument(
+        "--model",
+        default="facebook/sam3",
+        help="hub id, local folder, 'tiny-random' (tests), or 'passthrough' (no model: "
+        "measures the pipeline alone) (default %(default)s)",
+    )
     parser.add_argument("--device", default="auto", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if any)")
-    parser.add_argument("--frames-endpoint", action="append", dest="frames_endpoints", metavar="ENDPOINT",
-                        help=f"capture PUB to connect to; repeat for several cameras (default {_DEFAULTS.frames})")
-    parser.add_argument("--results-endpoint", default=_DEFAULTS.results,
-                        help="endpoint to bind and publish results and heartbeats on (default %(default)s)")
-    parser.add_argument("--control-endpoint", default=_DEFAULTS.control,
-                        help="endpoint to bind for prompt requests (default %(default)s)")
-    parser.add_argument("--prompt", action="append", dest="prompts", default=[], metavar="TEXT",
-                        help="text prompt given to every new stream; repeatable")
+    parser.add_argument(
+        "--frames-endpoint",
+        action="append",
+        dest="frames_endpoints",
+        metavar="ENDPOINT",
+        help=f"capture PUB to connect to; repeat for several cameras (default {_DEFAULTS.frames})",
+    )
+    parser.add_argument(
+        "--results-endpoint",
+        default=_DEFAULTS.results,
+        help="endpoint to bind and publish results and heartbeats on (default %(default)s)",
+    )
+    parser.add_argument(
+        "--control-endpoint",
+        default=_DEFAULTS.control,
+        help="endpoint to bind for prompt requests (default %(default)s)",
+    )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        dest="prompts",
+        default=[],
+        metavar="TEXT",
+        help="text prompt given to every new stream; repeatable",
+    )
     parser.add_argument("--name", default=None, help="tracker name in heartbeats (default MODEL@HOST)")
-    parser.add_argument("--passthrough-delay-ms", type=float, default=0.0, metavar="MS",
-                        help="with --model passthrough: spend this long per frame (stands in for a slow model)")
-    parser.add_argument("--passthrough-object", action="store_true",
-                        help="with --model passthrough: report one fixed object per frame (masks on the wire)")
+    parser.add_argument(
+        "--passthrough-delay-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="with --model passthrough: spend this long per frame (stands in for a slow model)",
+    )
+    parser.add_argument(
+        "--passthrough-object",
+        action="store_true",
+        help="with --model passthrough: report one fixed object per frame (masks on the wire)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -347,10 +423,17 @@ def run_from_args(args: argparse.Namespace) -> int:
     # Frames arrive as read-only views of the socket's buffers; the model only reads them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     try:
-        run_tracker_service(args.model, args.frames_endpoints or [_DEFAULTS.frames], args.results_endpoint,
-                            args.control_endpoint, device=args.device, prompts=args.prompts, name=args.name,
-                            passthrough_delay_s=args.passthrough_delay_ms / 1000.0,
-                            passthrough_object=args.passthrough_object)
+        run_tracker_service(
+            args.model,
+            args.frames_endpoints or [_DEFAULTS.frames],
+            args.results_endpoint,
+            args.control_endpoint,
+            device=args.device,
+            prompts=args.prompts,
+            name=args.name,
+            passthrough_delay_s=args.passthrough_delay_ms / 1000.0,
+            passthrough_object=args.passthrough_object,
+        )
     except ValueError as exc:  # an endpoint or a --prompt; the message names it
         log.error("cannot start the tracker: %s", exc)
         return 2

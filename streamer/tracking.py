@@ -27,8 +27,9 @@ class Tracker(Protocol):
     message starts with the offending field's name.
     """
 
-    def add_prompt(self, prompt: Prompt | Mapping[str, Any], *,
-                   frame_size: tuple[int, int] | None = None) -> list[int]: ...
+    def add_prompt(
+        self, prompt: Prompt | Mapping[str, Any], *, frame_size: tuple[int, int] | None = None
+    ) -> list[int]: ...
 
     def remove_object(self, obj_id: int) -> None: ...
 
@@ -66,8 +67,7 @@ class PassThroughTracker:
         self._texts: list[str] = []
         self._mask_cache: tuple[tuple[int, int], np.ndarray] | None = None
 
-    def add_prompt(self, prompt: Prompt | Mapping[str, Any], *,
-                   frame_size: tuple[int, int] | None = None) -> list[int]:
+    def add_prompt(self, prompt: Prompt | Mapping[str, Any], *, frame_size: tuple[int, int] | None = None) -> list[int]:
         """Validate ``prompt`` and hand out the ids it would create or refine."""
         prompt = prompt if isinstance(prompt, Prompt) else Prompt.from_dict(prompt)
         if prompt.points and frame_size is not None:
@@ -112,8 +112,9 @@ class PassThroughTracker:
         left = self.delay_s - (time.perf_counter() - start)
         if left > 0:
             time.sleep(left)
-        result = FrameResult(self._frame_index, timestamp, width, height, objects,
-                             {"track": time.perf_counter() - start})
+        result = FrameResult(
+            self._frame_index, timestamp, width, height, objects, {"track": time.perf_counter() - start}
+        )
         self._frame_index += 1
         return result
 
@@ -124,14 +125,15 @@ class PassThroughTracker:
     def _synthetic(self, width: int, height: int) -> ObjectResult:
         if self._mask_cache is None or self._mask_cache[0] != (width, height):
             mask = np.zeros((height, width), dtype=bool)
-            mask[height // 4: height - height // 4, width // 4: width - width // 4] = True
+            mask[height // 4 : height - height // 4, width // 4 : width - width // 4] = True
             self._mask_cache = ((width, height), mask)
         bbox = (width // 4, height // 4, width - width // 4, height - height // 4)
         return ObjectResult(obj_id=0, score=1.0, bbox=bbox, mask=self._mask_cache[1], label="synthetic")
 
 
-def tracker_factory(model: str, device: str | None = None, *, passthrough_delay_s: float = 0.0,
-                    passthrough_object: bool = False) -> TrackerFactory:
+def tracker_factory(
+    model: str, device: str | None = None, *, passthrough_delay_s: float = 0.0, passthrough_object: bool = False
+) -> TrackerFactory:
     """Load ``model`` once and return a function making one tracker per stream.
 
     ``"passthrough"`` needs no model (see :class:`PassThroughTracker`; the ``passthrough_*`` options

@@ -56,7 +56,7 @@ Envelope = tuple[bytes, ...]
 def prepare_endpoint(endpoint: str) -> str:
     """Check ``endpoint`` is tcp:// or ipc://, and make an ipc:// socket's folder."""
     if endpoint.startswith("ipc://"):
-        path = endpoint[len("ipc://"):]
+        path = endpoint[len("ipc://") :]
         if len(path.encode()) > IPC_PATH_MAX:
             raise ValueError(f"{endpoint}: ipc path longer than {IPC_PATH_MAX} bytes (use a shorter folder)")
         if path and not path.startswith("@"):  # "@name" is Linux's abstract namespace: no file
@@ -71,8 +71,15 @@ def bound_endpoint(socket: zmq.Socket) -> str:
     return socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def _socket(context: zmq.Context | None, kind: int, endpoints: str | Sequence[str], *, bind: bool,
-            hwm: int = 1000, max_part_bytes: int = -1) -> zmq.Socket:
+def _socket(
+    context: zmq.Context | None,
+    kind: int,
+    endpoints: str | Sequence[str],
+    *,
+    bind: bool,
+    hwm: int = 1000,
+    max_part_bytes: int = -1,
+) -> zmq.Socket:
     context = context if context is not None else zmq.Context.instance()
     sock = context.socket(kind)
     try:
@@ -98,8 +105,9 @@ def frames_publisher(endpoint: str, *, context: zmq.Context | None = None, hwm: 
     return _socket(context, zmq.PUB, endpoint, bind=True, hwm=hwm)
 
 
-def frames_subscriber(endpoints: str | Sequence[str], *, context: zmq.Context | None = None,
-                      hwm: int = FRAMES_HWM) -> zmq.Socket:
+def frames_subscriber(
+    endpoints: str | Sequence[str], *, context: zmq.Context | None = None, hwm: int = FRAMES_HWM
+) -> zmq.Socket:
     """Tracker side of the frames socket: SUB to everything, connected to one capture or several."""
     return _socket(context, zmq.SUB, endpoints, bind=False, hwm=hwm, max_part_bytes=MAX_PART_BYTES)
 
@@ -109,8 +117,9 @@ def results_publisher(endpoint: str, *, context: zmq.Context | None = None, hwm:
     return _socket(context, zmq.PUB, endpoint, bind=True, hwm=hwm)
 
 
-def results_subscriber(endpoints: str | Sequence[str], *, context: zmq.Context | None = None,
-                       hwm: int = RESULTS_HWM) -> zmq.Socket:
+def results_subscriber(
+    endpoints: str | Sequence[str], *, context: zmq.Context | None = None, hwm: int = RESULTS_HWM
+) -> zmq.Socket:
     """Gateway or robot side of the results socket: SUB to everything, connected.
 
     Pass a ``zmq.asyncio.Context`` for an asyncio socket (then read it with :func:`drain_async`).
@@ -139,8 +148,9 @@ def control_requester(endpoint: str, *, context: zmq.Context | None = None) -> z
 # Latest-value receive
 
 
-def drain(socket: zmq.Socket, timeout_ms: int | None = 0,
-          max_messages: int = DRAIN_MAX_MESSAGES) -> list[list[zmq.Frame]]:
+def drain(
+    socket: zmq.Socket, timeout_ms: int | None = 0, max_messages: int = DRAIN_MAX_MESSAGES
+) -> list[list[zmq.Frame]]:
     """Latest-value receive: poll once (up to ``timeout_ms``; ``None`` waits forever), then take every
     message already queued without blocking, at most ``max_messages``, in arrival order.
 
@@ -157,8 +167,9 @@ def drain(socket: zmq.Socket, timeout_ms: int | None = 0,
     return messages
 
 
-async def drain_async(socket: zmq.asyncio.Socket, timeout_ms: int | None = 0,
-                      max_messages: int = DRAIN_MAX_MESSAGES) -> list[list[zmq.Frame]]:
+async def drain_async(
+    socket: zmq.asyncio.Socket, timeout_ms: int | None = 0, max_messages: int = DRAIN_MAX_MESSAGES
+) -> list[list[zmq.Frame]]:
     """:func:`drain` for an asyncio socket: awaits the poll, then takes what is queued."""
     if not await socket.poll(timeout_ms, zmq.POLLIN):
         return []
@@ -181,8 +192,9 @@ class DrainStats:
     malformed: int = 0
 
 
-def latest_per_stream(messages: Sequence[Sequence], stats: DrainStats | None = None
-                      ) -> dict[str, tuple[FrameHeader, np.ndarray]]:
+def latest_per_stream(
+    messages: Sequence[Sequence], stats: DrainStats | None = None
+) -> dict[str, tuple[FrameHeader, np.ndarray]]:
     """The newest decoded frame of each stream among ``messages`` (arrival order: the last one wins,
     which stays right when a restarted capture starts its ``seq`` over).
 
@@ -237,8 +249,9 @@ class PromptClient:
     the prompt twice (see :class:`ControlServer`).
     """
 
-    def __init__(self, endpoint: str, timeout_s: float = 2.0, retries: int = 3, *,
-                 context: zmq.Context | None = None) -> None:
+    def __init__(
+        self, endpoint: str, timeout_s: float = 2.0, retries: int = 3, *, context: zmq.Context | None = None
+    ) -> None:
         _check_retry_settings(timeout_s, retries)
         self.endpoint, self.timeout_s, self.retries = endpoint, timeout_s, retries
         self._own_context = context is None
@@ -279,8 +292,9 @@ class AsyncPromptClient:
     Each try uses its own REQ socket, so concurrent requests (several viewers) never wait on each other.
     """
 
-    def __init__(self, endpoint: str, timeout_s: float = 2.0, retries: int = 3, *,
-                 context: zmq.asyncio.Context | None = None) -> None:
+    def __init__(
+        self, endpoint: str, timeout_s: float = 2.0, retries: int = 3, *, context: zmq.asyncio.Context | None = None
+    ) -> None:
         _check_retry_settings(timeout_s, retries)
         self.endpoint, self.timeout_s, self.retries = endpoint, timeout_s, retries
         self._own_context = context is None
@@ -319,7 +333,7 @@ def _split_envelope(frames: list[bytes]) -> tuple[Envelope, list[bytes]]:
     """ROUTER message -> (routing frames up to and including the empty delimiter, body)."""
     for i, frame in enumerate(frames[1:], start=1):
         if not frame:
-            return tuple(frames[: i + 1]), frames[i + 1:]
+            return tuple(frames[: i + 1]), frames[i + 1 :]
     return (frames[0],), frames[1:]  # a DEALER peer without delimiter
 
 
@@ -342,8 +356,9 @@ class ControlServer:
         self._waiting: dict[str, tuple[Envelope, PromptRequest]] = {}
         self._answered: OrderedDict[str, tuple[PromptRequest, PromptAnswer]] = OrderedDict()
 
-    def poll_requests(self, timeout_ms: int | None = 0
-                      ) -> list[tuple[Envelope, PromptRequest | ProtocolError, str | None]]:
+    def poll_requests(
+        self, timeout_ms: int | None = 0
+    ) -> list[tuple[Envelope, PromptRequest | ProtocolError, str | None]]:
         """Requests received within ``timeout_ms``, in arrival order: ``(envelope, request or error,
         request id if known)``. Answer each :class:`PromptRequest` with :meth:`reply`."""
         out: list[tuple[Envelope, PromptRequest | ProtocolError, str | None]] = []

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
 import cv2
 import numpy as np
 import pytest
-from test_gateway import FIRST_OBJECT, HEIGHT, WIDTH, FakeTracker, expected_tint, gateway, run
+from helpers import FIRST_OBJECT, HEIGHT, WIDTH, FakeTracker, expected_tint, gateway, run
 
 CHROMIUM = Path("/usr/bin/chromium")
 # FACTS.md: what headless Chromium needs for WebRTC on a loopback-only box (Playwright adds --headless).
@@ -73,7 +72,10 @@ async def operator_page(pw: Any, url: str, profile: Path) -> AsyncIterator[Any]:
     """The operator page in a fresh headless Chromium, once its video plays; page errors fail the test."""
     # A wide viewport: the 4:3 video is letterboxed left and right, so the click mapping matters.
     browser = await pw.chromium.launch_persistent_context(
-        str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+        str(profile),
+        executable_path=str(CHROMIUM),
+        headless=True,
+        args=CHROMIUM_ARGS,
         viewport={"width": 1280, "height": 560},
     )
     try:
@@ -98,8 +100,12 @@ async def geometry_of(page: Any) -> dict[str, Any]:
 
 def test_page_plays_video_and_click_adds_mapped_point(tmp_path: Path) -> None:
     async def body() -> None:
-        async with (FakeTracker() as tracker, gateway(tracker) as url, playwright_api.async_playwright() as pw,
-                    operator_page(pw, url, tmp_path / "profile") as page):
+        async with (
+            FakeTracker() as tracker,
+            gateway(tracker) as url,
+            playwright_api.async_playwright() as pw,
+            operator_page(pw, url, tmp_path / "profile") as page,
+        ):
             geometry = await geometry_of(page)
 
             # The screenshot shows the object's tint where the object is.
@@ -123,7 +129,8 @@ def test_page_plays_video_and_click_adds_mapped_point(tmp_path: Path) -> None:
             # The tracker's new object shows up in the page's list, with its answer.
             await page.wait_for_selector('#objects li[data-obj-id="2"]', timeout=5000)
             await page.wait_for_function(
-                "() => document.getElementById('answers').textContent.includes('objects 2')", timeout=5000)
+                "() => document.getElementById('answers').textContent.includes('objects 2')", timeout=5000
+            )
             await page.screenshot(path=str(tmp_path / "operator_page.png"))
 
     run(body(), timeout=60)
@@ -131,8 +138,11 @@ def test_page_plays_video_and_click_adds_mapped_point(tmp_path: Path) -> None:
 
 def test_selection_box_concepts_and_reconnect(tmp_path: Path) -> None:
     async def body() -> None:
-        async with (FakeTracker() as tracker, playwright_api.async_playwright() as pw,
-                    contextlib.AsyncExitStack() as first_gateway):
+        async with (
+            FakeTracker() as tracker,
+            playwright_api.async_playwright() as pw,
+            contextlib.AsyncExitStack() as first_gateway,
+        ):
             url = await first_gateway.enter_async_context(gateway(tracker))
             async with operator_page(pw, url, tmp_path / "profile") as page:
                 geometry = await geometry_of(page)

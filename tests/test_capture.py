@@ -11,9 +11,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -78,8 +78,13 @@ def start_capture(tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
     def start(*args: str) -> subprocess.Popen:
         log_path = tmp_path / f"capture{len(procs)}.log"
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "streamer.capture", *args], stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=REPO, env=env)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "streamer.capture", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+            )
         proc.log_path = log_path  # type: ignore[attr-defined]
         procs.append(proc)
         return proc
@@ -205,8 +210,9 @@ def test_run_capture_in_a_thread_stops_on_its_event(subscriber):
     endpoint = free_tcp_endpoint()
     stop_event = threading.Event()
     counts: list[int] = []
-    worker = threading.Thread(target=lambda: counts.append(
-        run_capture("synthetic:32x32@50", endpoint, "t", stop_event=stop_event)))
+    worker = threading.Thread(
+        target=lambda: counts.append(run_capture("synthetic:32x32@50", endpoint, "t", stop_event=stop_event))
+    )
     worker.start()
     try:
         frames = receive(subscriber(endpoint), lambda fs: len(fs) >= 3, timeout=10)
@@ -238,8 +244,18 @@ def test_run_capture_refuses_a_bad_stream_id_or_endpoint():
 
 def test_cli_arguments_run_the_loop_and_report_bad_input(capsys):
     parser = build_arg_parser()
-    args = parser.parse_args(["--source", "synthetic:32x32@20", "--frames-endpoint", free_tcp_endpoint(),
-                              "--stream-id", "cli", "--duration", "0.3"])
+    args = parser.parse_args(
+        [
+            "--source",
+            "synthetic:32x32@20",
+            "--frames-endpoint",
+            free_tcp_endpoint(),
+            "--stream-id",
+            "cli",
+            "--duration",
+            "0.3",
+        ]
+    )
     assert (args.stream_id, args.fps, args.loop) == ("cli", None, False)
     assert run_from_args(args) == 0
     args.source = "/no/such/video.mp4"

@@ -52,8 +52,14 @@ def launched(args: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
     """``python -m streamer.cli ARGS`` with output to ``log_path``; stopped (and any child of it killed)
     when the block ends, whatever happens in it."""
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "streamer.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=REPO, env=child_env())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamer.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            env=child_env(),
+        )
     try:
         yield proc
     finally:
@@ -110,8 +116,14 @@ def get_json(url: str) -> dict | None:
 
 
 def run_help(*args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "streamer.cli", *args, "--help"], capture_output=True, text=True,
-                         cwd=REPO, env=child_env(), timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "streamer.cli", *args, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=child_env(),
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -122,13 +134,26 @@ def test_top_level_help_lists_every_command() -> None:
         assert re.search(rf"^\s+{command}\s+\S", text, re.MULTILINE), f"{command} missing from:\n{text}"
 
 
-@pytest.mark.parametrize("command, options", [
-    ("run", ["--model", "--source", "--prompt", "--http-port", "--loop", "--log-level"]),
-    ("capture", ["--source", "--frames-endpoint", "--stream-id", "--loop", "--log-level"]),
-    ("track", ["--model", "--device", "--frames-endpoint", "--results-endpoint", "--control-endpoint", "--prompt",
-               "--passthrough-delay-ms"]),
-    ("serve", ["--results-endpoint", "--control-endpoint", "--http-port"]),
-])
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ("run", ["--model", "--source", "--prompt", "--http-port", "--loop", "--log-level"]),
+        ("capture", ["--source", "--frames-endpoint", "--stream-id", "--loop", "--log-level"]),
+        (
+            "track",
+            [
+                "--model",
+                "--device",
+                "--frames-endpoint",
+                "--results-endpoint",
+                "--control-endpoint",
+                "--prompt",
+                "--passthrough-delay-ms",
+            ],
+        ),
+        ("serve", ["--results-endpoint", "--control-endpoint", "--http-port"]),
+    ],
+)
 def test_each_command_has_help(command: str, options: list[str]) -> None:
     text = run_help(command)
     assert text.startswith(f"usage: sam3-stream {command}")
@@ -145,25 +170,48 @@ def test_console_script_is_installed() -> None:
 
 
 def test_bad_arguments_exit_with_usage_error() -> None:
-    out = subprocess.run([sys.executable, "-m", "streamer.cli", "run", "--model", "tiny-random"], capture_output=True,
-                         text=True, cwd=REPO, env=child_env(), timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "streamer.cli", "run", "--model", "tiny-random"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=child_env(),
+        timeout=60,
+    )
     assert out.returncode == 2 and "--source" in out.stderr
 
 
 def test_run_prints_url_serves_health_and_stops_everything_on_sigint(tmp_path: Path) -> None:
     port = free_port()
     log_path = tmp_path / "run.log"
-    args = ["run", "--model", "tiny-random", "--device", "cpu", "--source", "synthetic:160x120@10",
-            "--http-port", str(port)]
+    args = [
+        "run",
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--source",
+        "synthetic:160x120@10",
+        "--http-port",
+        str(port),
+    ]
     with launched(args, log_path) as run:
-        url = wait_for(lambda: (m := re.search(r"open (http://127\.0\.0\.1:\d+/)", log_path.read_text())) and m[1],
-                       60, "the URL", log_path)
+        url = wait_for(
+            lambda: (m := re.search(r"open (http://127\.0\.0\.1:\d+/)", log_path.read_text())) and m[1],
+            60,
+            "the URL",
+            log_path,
+        )
         assert url == f"http://127.0.0.1:{port}/"
         children = children_of(run.pid)
-        assert sorted(cmd.split("streamer.cli ")[1].split()[0] for cmd in children.values()) == \
-            ["capture", "serve", "track"]
-        health = wait_for(lambda: (h := get_json(f"{url}health")) and h["state"] == "live" and h, 60,
-                          "a live feed", log_path)
+        assert sorted(cmd.split("streamer.cli ")[1].split()[0] for cmd in children.values()) == [
+            "capture",
+            "serve",
+            "track",
+        ]
+        health = wait_for(
+            lambda: (h := get_json(f"{url}health")) and h["state"] == "live" and h, 60, "a live feed", log_path
+        )
         assert health["stream"] == "cam0" and health["results_received"] > 0
 
         assert stop_process(run, signal.SIGINT) == 0
@@ -178,7 +226,23 @@ def test_run_refuses_a_busy_http_port() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        out = subprocess.run([sys.executable, "-m", "streamer.cli", "run", "--model", "passthrough", "--source",
-                              "synthetic", "--http-port", str(port)], capture_output=True, text=True, cwd=REPO,
-                             env=child_env(), timeout=60)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "streamer.cli",
+                "run",
+                "--model",
+                "passthrough",
+                "--source",
+                "synthetic",
+                "--http-port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=child_env(),
+            timeout=60,
+        )
     assert out.returncode == 2 and "already in use" in out.stderr

@@ -29,15 +29,19 @@ def test_saved_tiny_model_loads_back_with_identical_outputs(tiny_models, tmp_pat
     reloaded = load_models(str(tmp_path), device="cpu")
     first, second = _run(tiny_models), _run(reloaded)
     assert any(r.objects for r in first)
-    for a, b in zip(first, second):
-        assert [(o.obj_id, o.score, o.bbox, o.label) for o in a.objects] == [(o.obj_id, o.score, o.bbox, o.label) for o in b.objects]
-        assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.objects, b.objects))
+    for a, b in zip(first, second, strict=True):
+        assert [(o.obj_id, o.score, o.bbox, o.label) for o in a.objects] == [
+            (o.obj_id, o.score, o.bbox, o.label) for o in b.objects
+        ]
+        assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.objects, b.objects, strict=True))
 
 
 def test_tiny_random_is_seeded_and_same_as_a_saved_copy(tiny_models) -> None:
     built = load_models("tiny-random", device="cpu")
-    for (name, p), (_, q) in zip(built.video_model.state_dict().items(), tiny_models.video_model.state_dict().items()):
-        assert torch.equal(p, q), name
+    built_state, saved_state = built.video_model.state_dict(), tiny_models.video_model.state_dict()
+    assert built_state.keys() == saved_state.keys()
+    for name, p in built_state.items():
+        assert torch.equal(p, saved_state[name]), name
     assert torch.equal(tiny_video_model().tracker_model.no_memory_embedding, built.tracker_model.no_memory_embedding)
     assert built.tokenizer("the red ball").input_ids == tiny_models.tokenizer("the red ball").input_ids
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from subprocess import Popen
 
 import pytest
+from helpers import Viewer, run
 from test_cli import children_of, get_json, launched, wait_for
 from test_cli import free_port as free_http_port
-from test_gateway import Viewer, run
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -42,11 +42,21 @@ class Pipeline:
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     log_path = tmp_path_factory.mktemp("pipeline") / "run.log"
     port = free_http_port()
-    args = ["run", "--model", "tiny-random", "--device", "cpu", "--source", f"synthetic:{WIDTH}x{HEIGHT}@{FPS}",
-            "--http-port", str(port)]
+    args = [
+        "run",
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--source",
+        f"synthetic:{WIDTH}x{HEIGHT}@{FPS}",
+        "--http-port",
+        str(port),
+    ]
     with launched(args, log_path) as proc:
-        url = wait_for(lambda: (m := re.search(r"open (http://\S+/)", log_path.read_text())) and m[1], 60,
-                       "the page URL", log_path)
+        url = wait_for(
+            lambda: (m := re.search(r"open (http://\S+/)", log_path.read_text())) and m[1], 60, "the page URL", log_path
+        )
         wait_for(lambda: (h := get_json(f"{url}health")) and h["state"] == "live", 60, "a live feed", log_path)
         yield Pipeline(proc, url.rstrip("/"), log_path)
         assert proc.poll() is None, "sam3-stream run stopped on its own"
@@ -56,8 +66,9 @@ async def watch(viewer: Viewer, until: Callable[[Viewer], object], timeout: floa
     """Keep receiving video frames until ``until(viewer)`` holds (fails after ``timeout`` seconds)."""
     deadline = time.monotonic() + timeout
     while not until(viewer):
-        assert time.monotonic() < deadline, f"{what}: not seen in {timeout} s (statuses {viewer.statuses}, " \
-                                            f"objects {viewer.objects})"
+        assert time.monotonic() < deadline, (
+            f"{what}: not seen in {timeout} s (statuses {viewer.statuses}, objects {viewer.objects})"
+        )
         await viewer.frame()
 
 
@@ -85,8 +96,12 @@ def test_viewer_prompts_and_sees_objects(pipeline: Pipeline) -> None:
 
             answer = await viewer.request({"op": "add_prompt", "prompt": {"text": "person"}})
             assert answer["ok"], answer
-            await watch(viewer, lambda v: any(o["label"] == "person" for o in v.objects["objects"]), 15,
-                        "objects found by the text prompt")
+            await watch(
+                viewer,
+                lambda v: any(o["label"] == "person" for o in v.objects["objects"]),
+                15,
+                "objects found by the text prompt",
+            )
 
             # Refused by the gateway (malformed) and by the tracker (well-formed, wrong): both name the field.
             answer = await viewer.request({"op": "add_prompt", "prompt": {"points": [[5, 5]], "point_labels": [7]}})
@@ -96,8 +111,12 @@ def test_viewer_prompts_and_sees_objects(pipeline: Pipeline) -> None:
 
             answer = await viewer.request({"op": "remove_prompt", "text": "person"})
             assert answer["ok"], answer
-            await watch(viewer, lambda v: v.objects["objects"] and all(o["label"] is None for o in v.objects["objects"]),
-                        15, "the clicked object without the text prompt's")
+            await watch(
+                viewer,
+                lambda v: v.objects["objects"] and all(o["label"] is None for o in v.objects["objects"]),
+                15,
+                "the clicked object without the text prompt's",
+            )
             answer = await viewer.request({"op": "remove_prompt", "text": "person"})
             assert not answer["ok"] and answer["error"].startswith("text:"), answer
 

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from models import Prompt
-from models.preprocess import boxes_from_masks, frame_to_pixels, masks_to_frame, prompt_to_model_points, resolve_overlaps
+from models.preprocess import (
+    boxes_from_masks,
+    frame_to_pixels,
+    masks_to_frame,
+    prompt_to_model_points,
+    resolve_overlaps,
+)
 
 
 @pytest.mark.parametrize("size", [(120, 160), (77, 333), (112, 112), (1080, 1920)])
@@ -27,7 +33,7 @@ def test_boxes_match_the_masks_pixels() -> None:
     masks[2] = rng.random((50, 70)) > 0.97
     boxes, visible = boxes_from_masks(torch.from_numpy(masks))
     assert visible.tolist() == [True, True, True, False]
-    for mask, box in zip(masks[:3], boxes.tolist()):
+    for mask, box in zip(masks[:3], boxes[:3].tolist(), strict=True):
         ys, xs = np.nonzero(mask)
         assert box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     assert boxes[3].tolist() == [0, 0, 0, 0]
@@ -51,7 +57,9 @@ def test_resolve_overlaps_equals_the_argmax_rule() -> None:
 
 
 def test_prompt_geometry_in_model_coordinates() -> None:
-    prompt = Prompt(points=((80.0, 60.0),), point_labels=(0,), bounding_boxes=((0.5, 0.5, 0.5, 0.25),), bounding_box_labels=(1,))
+    prompt = Prompt(
+        points=((80.0, 60.0),), point_labels=(0,), bounding_boxes=((0.5, 0.5, 0.5, 0.25),), bounding_box_labels=(1,)
+    )
     [(coords, labels)] = prompt_to_model_points(prompt, 160, 120, 112)
     assert labels == [2, 3, 0]
     assert coords == [[28.0, 42.0], [84.0, 70.0], [56.0, 56.0]]

@@ -13,7 +13,9 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
-fields = st.sampled_from(["text", "points", "point_labels", "bounding_boxes", "bounding_box_labels", "obj_id", "frame_index", "other"])
+fields = st.sampled_from(
+    ["text", "points", "point_labels", "bounding_boxes", "bounding_box_labels", "obj_id", "frame_index", "other"]
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -28,7 +30,15 @@ def test_from_dict_accepts_or_raises_value_error_naming_a_field(data) -> None:
 
 
 def test_round_trip_of_a_full_prompt() -> None:
-    prompt = Prompt(text="the ox horns", points=((1.5, 2.0), (3.0, 4.0)), point_labels=(1, 0), bounding_boxes=((0.5, 0.5, 0.2, 0.2),), bounding_box_labels=(1,), obj_id=3, frame_index=10)
+    prompt = Prompt(
+        text="the ox horns",
+        points=((1.5, 2.0), (3.0, 4.0)),
+        point_labels=(1, 0),
+        bounding_boxes=((0.5, 0.5, 0.2, 0.2),),
+        bounding_box_labels=(1,),
+        obj_id=3,
+        frame_index=10,
+    )
     assert Prompt.from_dict(prompt.to_dict()) == prompt
 
 

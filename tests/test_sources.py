@@ -58,7 +58,7 @@ def test_synthetic_shapes_move_and_are_drawn_where_predicted():
     src = SyntheticSource(320, 240, fps=30)
     first, later = src.shapes_at(0), src.shapes_at(15)
     assert len(first) >= 4 and {s.kind for s in first} == {"circle", "rect"}
-    assert all(s0.center != s1.center for s0, s1 in zip(first, later))
+    assert all(s0.center != s1.center for s0, s1 in zip(first, later, strict=True))
     assert not np.array_equal(src.frame(0), src.frame(15))
     # The last-drawn shape is on top: its centre pixel has its colour (unless under the frame counter).
     checked = 0
@@ -78,8 +78,12 @@ def test_synthetic_motion_is_in_seconds_not_frames():
 
 @pytest.mark.parametrize(
     "spec, size, fps",
-    [("synthetic", (640, 480), 30.0), ("synthetic:320x200", (320, 200), 30.0), ("synthetic:64x48@12.5", (64, 48), 12.5),
-     ("Synthetic@15", (640, 480), 15.0)],
+    [
+        ("synthetic", (640, 480), 30.0),
+        ("synthetic:320x200", (320, 200), 30.0),
+        ("synthetic:64x48@12.5", (64, 48), 12.5),
+        ("Synthetic@15", (640, 480), 15.0),
+    ],
 )
 def test_synthetic_spec_parsing(spec, size, fps):
     src = open_source(spec)

@@ -87,7 +87,14 @@ def test_any_frame_size_and_aspect_gives_results_at_frame_resolution(tiny_models
     for width, height in ((160, 120), (64, 200), (333, 77)):
         tracker.reset()
         tracker.track(frames(0, width, height))
-        tracker.add_prompt(Prompt(points=((width / 4, height / 2),), point_labels=(1,), bounding_boxes=((0.3, 0.5, 0.5, 0.5),), bounding_box_labels=(1,)))
+        tracker.add_prompt(
+            Prompt(
+                points=((width / 4, height / 2),),
+                point_labels=(1,),
+                bounding_boxes=((0.3, 0.5, 0.5, 0.5),),
+                bounding_box_labels=(1,),
+            )
+        )
         result = tracker.track(frames(1, width, height), timestamp=123.5)
         assert (result.width, result.height, result.timestamp) == (width, height, 123.5)
         assert result.objects, "the boxed object should be visible"
@@ -105,7 +112,9 @@ def test_prompt_lifecycle_mid_stream(tiny_models, frames) -> None:
     tracker.track(frames(0))
     [a] = tracker.add_prompt(Prompt(points=((40.0, 60.0),), point_labels=(1,)))
     assert [o.obj_id for o in tracker.track(frames(1)).objects] == [a]
-    b, c = tracker.add_prompt(Prompt(bounding_boxes=((0.2, 0.2, 0.2, 0.2), (0.7, 0.7, 0.3, 0.3)), bounding_box_labels=(1, 1)))
+    b, c = tracker.add_prompt(
+        Prompt(bounding_boxes=((0.2, 0.2, 0.2, 0.2), (0.7, 0.7, 0.3, 0.3)), bounding_box_labels=(1, 1))
+    )
     assert tracker.add_prompt(Prompt(points=((45.0, 60.0),), point_labels=(0,), obj_id=a)) == [a]
     assert {a, b, c} <= {o.obj_id for o in tracker.track(frames(2)).objects}
     tracker.remove_object(b)

@@ -18,7 +18,14 @@ from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenc
 
 from models import Prompt, StreamingTracker, TrackerConfig
 from models.preprocess import frame_to_pixels, masks_to_frame, prompt_to_model_points, resolve_overlaps
-from models.sessions import add_object_inputs, add_text_prompt, drop_text_prompt, point_inputs, refine_objects, remove_tracker_object
+from models.sessions import (
+    add_object_inputs,
+    add_text_prompt,
+    drop_text_prompt,
+    point_inputs,
+    refine_objects,
+    remove_tracker_object,
+)
 from models.tiny import moving_shapes
 
 FRAMES = 300
@@ -36,14 +43,19 @@ def _assert_same(frame: int, ours, reference: Reference) -> None:
         assert got[obj_id][1] == score, f"frame {frame}: score of object {obj_id} differs"
 
 
-def _visible(obj_ids: list[int], logits: torch.Tensor, scores: list[float]) -> tuple[list[int], torch.Tensor, list[float]]:
+def _visible(
+    obj_ids: list[int], logits: torch.Tensor, scores: list[float]
+) -> tuple[list[int], torch.Tensor, list[float]]:
     masks = masks_to_frame(logits, H, W)
     keep = [i for i in range(len(obj_ids)) if bool(masks[i].any())]
     return [obj_ids[i] for i in keep], masks[keep], [scores[i] for i in keep]
 
 
 def _geometry_inputs(prompt: Prompt) -> list[dict[str, torch.Tensor]]:
-    return [point_inputs(c, l, torch.device("cpu")) for c, l in prompt_to_model_points(prompt, W, H, 112)]
+    return [
+        point_inputs(coords, labels, torch.device("cpu"))
+        for coords, labels in prompt_to_model_points(prompt, W, H, 112)
+    ]
 
 
 class GeometryReference:
@@ -71,12 +83,14 @@ class GeometryReference:
         logits = out.pred_masks[:, 0].clone()
         ids = list(out.object_ids)
         if self.refine:
-            for obj_id, (mask, _) in refine_objects(self.model, self.session, local, self.refine, streaming=True).items():
+            for obj_id, (mask, _) in refine_objects(
+                self.model, self.session, local, self.refine, streaming=True
+            ).items():
                 logits[ids.index(obj_id)] = mask[0]
             self.refine = {}
         scores = out.object_score_logits.reshape(-1).float().sigmoid().tolist()
         ids, masks, scores = _visible(ids, logits, scores)
-        return {i: (m.numpy(), s) for i, m, s in zip(ids, masks, scores)}
+        return {i: (m.numpy(), s) for i, m, s in zip(ids, masks, scores, strict=True)}
 
 
 def test_point_and_box_tracker_matches_unbounded_reference(tiny_models, tiny_folder) -> None:
@@ -86,10 +100,23 @@ def test_point_and_box_tracker_matches_unbounded_reference(tiny_models, tiny_fol
         3: [("add", Prompt(points=((40.0, 60.0),), point_labels=(1,)))],
         10: [("add", Prompt(bounding_boxes=((0.75, 0.2, 0.3, 0.25),), bounding_box_labels=(1,)))],
         40: [("refine", Prompt(points=((70.0, 62.0), (30.0, 20.0)), point_labels=(1, 0), obj_id=0))],
-        80: [("add", Prompt(points=((100.0, 60.0),), point_labels=(1,), bounding_boxes=((0.6, 0.5, 0.4, 0.4),), bounding_box_labels=(1,), obj_id=7))],
+        80: [
+            (
+                "add",
+                Prompt(
+                    points=((100.0, 60.0),),
+                    point_labels=(1,),
+                    bounding_boxes=((0.6, 0.5, 0.4, 0.4),),
+                    bounding_box_labels=(1,),
+                    obj_id=7,
+                ),
+            )
+        ],
         120: [("remove", 1)],
         150: [("refine", Prompt(points=((90.0, 50.0),), point_labels=(1,), obj_id=7))],
-        200: [("add", Prompt(bounding_boxes=((0.25, 0.5, 0.3, 0.4), (0.7, 0.7, 0.2, 0.2)), bounding_box_labels=(1, 1)))],
+        200: [
+            ("add", Prompt(bounding_boxes=((0.25, 0.5, 0.3, 0.4), (0.7, 0.7, 0.2, 0.2)), bounding_box_labels=(1, 1)))
+        ],
         250: [("remove", 0), ("refine", Prompt(points=((20.0, 100.0),), point_labels=(0,), obj_id=8))],
     }
     ours.track(moving_shapes(0))
@@ -97,7 +124,7 @@ def test_point_and_box_tracker_matches_unbounded_reference(tiny_models, tiny_fol
         for op, arg in schedule.get(frame, []):
             if op == "add":
                 created = ours.add_prompt(arg)
-                for obj_id, inputs in zip(created, _geometry_inputs(arg)):
+                for obj_id, inputs in zip(created, _geometry_inputs(arg), strict=True):
                     ref.add(frame, obj_id, inputs)
             elif op == "refine":
                 ours.add_prompt(arg)
@@ -137,7 +164,9 @@ class TextReference:
             return {}
         logits = torch.cat([out.obj_id_to_mask[i] for i in ids], dim=0)
         if self.refine:
-            for obj_id, (mask, _) in refine_objects(self.model.tracker_model, self.session, local, self.refine, streaming=False).items():
+            for obj_id, (mask, _) in refine_objects(
+                self.model.tracker_model, self.session, local, self.refine, streaming=False
+            ).items():
                 logits[ids.index(obj_id)] = mask[0]
             self.refine = {}
         scores = [float(out.obj_id_to_score[i]) for i in ids]

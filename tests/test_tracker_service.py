@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from test_cli import launched, wait_for
 
 from models import Prompt
 from models.tiny import moving_shapes
@@ -38,7 +39,6 @@ from streamer.protocol import (
 from streamer.tracking import PassThroughTracker, make_tracker
 from streamer.tracking import Tracker as TrackerInterface
 from streamer.transport import PromptClient, frames_publisher, results_subscriber
-from test_cli import launched, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,8 +58,9 @@ class Tracker:
 
     def send(self, stream: str, seq: int, pixels: np.ndarray | None = None, t_capture: float | None = None) -> None:
         pixels = moving_shapes(seq, WIDTH, HEIGHT) if pixels is None else pixels
-        header = FrameHeader(stream, seq, time.time() if t_capture is None else t_capture, pixels.shape[1],
-                             pixels.shape[0])
+        header = FrameHeader(
+            stream, seq, time.time() if t_capture is None else t_capture, pixels.shape[1], pixels.shape[0]
+        )
         self.sent[(stream, seq)] = pixels
         self.pub.send_multipart(encode_frame(header, pixels), copy=False)
 
@@ -79,8 +80,12 @@ class Tracker:
                     statuses.append(decode_status(parts))
         return results, statuses
 
-    def stream_results(self, streams: dict[str, int], frames: int, fps: float = 15.0,
-                       ) -> dict[str, list[tuple[ResultMessage, np.ndarray | None]]]:
+    def stream_results(
+        self,
+        streams: dict[str, int],
+        frames: int,
+        fps: float = 15.0,
+    ) -> dict[str, list[tuple[ResultMessage, np.ndarray | None]]]:
         """Send ``frames`` frames of each stream (seq from ``streams[name]``) and collect their results."""
         out: dict[str, list] = {name: [] for name in streams}
         for k in range(frames):
@@ -110,8 +115,16 @@ def running_tracker(*options: str, log_path: Path) -> Iterator[Tracker]:
     endpoints = Endpoints.ipc_in(folder)
     ctx = zmq.Context()
     pub = frames_publisher(endpoints.frames, context=ctx)  # the camera binds; the tracker connects
-    args = ["track", "--frames-endpoint", endpoints.frames, "--results-endpoint", endpoints.results,
-            "--control-endpoint", endpoints.control, *options]
+    args = [
+        "track",
+        "--frames-endpoint",
+        endpoints.frames,
+        "--results-endpoint",
+        endpoints.results,
+        "--control-endpoint",
+        endpoints.control,
+        *options,
+    ]
     try:
         with launched(args, log_path) as proc:
             sub = results_subscriber(endpoints.results, context=ctx)
@@ -136,8 +149,9 @@ def running_tracker(*options: str, log_path: Path) -> Iterator[Tracker]:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracker]:
     """A tiny-model tracker that gives every new stream the text prompt "person"."""
     log_path = tmp_path_factory.mktemp("tracker") / "tracker.log"
-    with running_tracker("--model", "tiny-random", "--device", "cpu", "--prompt", "person",
-                         log_path=log_path) as tracker:
+    with running_tracker(
+        "--model", "tiny-random", "--device", "cpu", "--prompt", "person", log_path=log_path
+    ) as tracker:
         yield tracker
 
 
@@ -161,9 +175,11 @@ def test_prompts_are_answered_and_results_carry_their_frame_and_masks(tiny: Trac
     clicked = answer.obj_ids[0]
     # Refused by the tracker itself (well-formed on the wire), each naming the field.
     outside = Prompt.from_dict({"points": [[900, 10]], "point_labels": [1]})
-    for op, fields, field in [("add_prompt", {"prompt": outside}, "points:"),
-                              ("remove_object", {"obj_id": 999}, "obj_id:"),
-                              ("remove_prompt", {"text": "cat"}, "text:")]:
+    for op, fields, field in [
+        ("add_prompt", {"prompt": outside}, "points:"),
+        ("remove_object", {"obj_id": 999}, "obj_id:"),
+        ("remove_prompt", {"text": "cat"}, "text:"),
+    ]:
         answer = tiny.request("cam0", op, **fields)
         assert not answer.ok and answer.error.startswith(field), answer
 
@@ -222,8 +238,9 @@ def test_a_frame_the_tracker_cannot_take_is_skipped(tiny: Tracker) -> None:
 def test_a_slow_tracker_always_takes_the_newest_frame(tmp_path: Path) -> None:
     """Camera at 60 fps, tracker at 50 ms per frame: frames must be skipped, never queued."""
     fps, delay_s, seconds = 60.0, 0.05, 3.0
-    with running_tracker("--model", "passthrough", "--passthrough-delay-ms", str(delay_s * 1000),
-                         log_path=tmp_path / "tracker.log") as tracker:
+    with running_tracker(
+        "--model", "passthrough", "--passthrough-delay-ms", str(delay_s * 1000), log_path=tmp_path / "tracker.log"
+    ) as tracker:
         stop = threading.Event()
         sent = [0]
 
@@ -245,8 +262,10 @@ def test_a_slow_tracker_always_takes_the_newest_frame(tmp_path: Path) -> None:
     assert len(results) >= 20, len(results)
     age = np.array([m.timestamps["received"] - m.t_capture for m in results])
     interval = 1.0 / fps
-    print(f"\nframe age at the tracker: median {np.median(age) * 1000:.1f} ms, p95 "
-          f"{np.percentile(age, 95) * 1000:.1f} ms; {len(results)} results for {sent[0]} frames")
+    print(
+        f"\nframe age at the tracker: median {np.median(age) * 1000:.1f} ms, p95 "
+        f"{np.percentile(age, 95) * 1000:.1f} ms; {len(results)} results for {sent[0]} frames"
+    )
     assert np.median(age) < 3 * interval and np.percentile(age, 95) < 3 * interval
     assert len(results) < 0.6 * sent[0], "a 50 ms tracker cannot have taken most of 60 fps"
     seqs = [m.seq for m in results]
@@ -275,8 +294,9 @@ def test_passthrough_tracker_validates_prompts_and_reports_its_synthetic_object(
         tracker.add_prompt({"points": [[1, 2]], "point_labels": [3]})
     with pytest.raises(ValueError, match="^points:"):
         tracker.add_prompt({"points": [[500, 2]], "point_labels": [1]}, frame_size=(WIDTH, HEIGHT))
-    assert tracker.add_prompt({"bounding_boxes": [[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]],
-                               "bounding_box_labels": [1, 1]}) == [0, 1]
+    assert tracker.add_prompt(
+        {"bounding_boxes": [[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]], "bounding_box_labels": [1, 1]}
+    ) == [0, 1]
     assert tracker.add_prompt({"text": "cat"}) == []
     tracker.remove_object(1)
     with pytest.raises(ValueError, match="^obj_id:"):

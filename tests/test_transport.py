@@ -77,8 +77,11 @@ def add_prompt(request_id: str = "r1", text: str = "person") -> PromptRequest:
 
 
 @contextmanager
-def serving(context: zmq.Context, endpoint: str = "tcp://127.0.0.1:*",
-            answer: Callable[[PromptRequest], PromptAnswer] | None = None) -> Iterator[ControlServer]:
+def serving(
+    context: zmq.Context,
+    endpoint: str = "tcp://127.0.0.1:*",
+    answer: Callable[[PromptRequest], PromptAnswer] | None = None,
+) -> Iterator[ControlServer]:
     """A ControlServer answering every request from its own thread, as the tracker service would."""
     answer = answer or (lambda req: PromptAnswer(req.request_id, True, obj_ids=[1]))
     server = ControlServer(endpoint, context=context)
@@ -171,8 +174,17 @@ def test_results_socket_carries_results_and_heartbeats(context: zmq.Context, end
     try:
         connect_pub_sub(pub, sub, lambda: beat)
         pixels = np.zeros((6, 8, 3), np.uint8)
-        msg = protocol.ResultMessage("cam0", 3, 0, 1.0, 8, 6, {"published": 2.0}, {}, [
-            protocol.WireObject(1, 0.9, (1, 1, 4, 4), np.eye(6, 8, dtype=bool), "cup")])
+        msg = protocol.ResultMessage(
+            "cam0",
+            3,
+            0,
+            1.0,
+            8,
+            6,
+            {"published": 2.0},
+            {},
+            [protocol.WireObject(1, 0.9, (1, 1, 4, 4), np.eye(6, 8, dtype=bool), "cup")],
+        )
         pub.send_multipart(protocol.encode_result(msg, pixels), copy=False)
         pub.send_multipart(beat)
         received: list = []
@@ -227,7 +239,10 @@ def test_ipc_folder_is_created_and_long_paths_are_refused(context: zmq.Context, 
 def test_endpoint_defaults(tmp_path: Path) -> None:
     tcp = Endpoints.tcp_defaults()
     assert (tcp.frames, tcp.results, tcp.control) == (
-        "tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556", "tcp://127.0.0.1:5557")
+        "tcp://127.0.0.1:5555",
+        "tcp://127.0.0.1:5556",
+        "tcp://127.0.0.1:5557",
+    )
     assert Endpoints.tcp_defaults("::1").control == "tcp://[::1]:5557"
     ipc = Endpoints.ipc_in(tmp_path)
     assert ipc.frames == f"ipc://{tmp_path}/frames" and ipc.control.endswith("/control")
@@ -240,9 +255,11 @@ def test_endpoint_defaults(tmp_path: Path) -> None:
 def test_prompt_client_times_out_cleanly_on_a_dead_endpoint(context: zmq.Context) -> None:
     endpoint = dead_endpoint()
     start = time.monotonic()
-    with PromptClient(endpoint, timeout_s=0.1, retries=3, context=context) as client:
-        with pytest.raises(TimeoutError, match=endpoint):
-            client.request(add_prompt())
+    with (
+        PromptClient(endpoint, timeout_s=0.1, retries=3, context=context) as client,
+        pytest.raises(TimeoutError, match=endpoint),
+    ):
+        client.request(add_prompt())
     assert 0.3 <= time.monotonic() - start < 3
 
 
@@ -267,14 +284,22 @@ def test_prompt_client_survives_a_tracker_that_starts_late(context: zmq.Context)
     assert result["answer"].ok
 
 
-@pytest.mark.parametrize("body, message", [
-    ([b"\xff not json"], "header: not UTF-8"),
-    ([b'{"v": 1, "kind": "prompt", "request_id": "r9", "stream": "cam0", "op": "add_prompt",'
-      b' "prompt": {"points": [[1, 2]], "point_labels": [7]}}'], "point_labels: each label"),
-    ([b'{"v": 1, "kind": "prompt", "request_id": "r9", "stream": "cam0", "op": "fly"}'], "prompt.op: unknown op"),
-    ([b'{"v": 7, "kind": "prompt"}'], "header.v"),
-    ([b"{}", b"extra"], "header.v"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ([b"\xff not json"], "header: not UTF-8"),
+        (
+            [
+                b'{"v": 1, "kind": "prompt", "request_id": "r9", "stream": "cam0", "op": "add_prompt",'
+                b' "prompt": {"points": [[1, 2]], "point_labels": [7]}}'
+            ],
+            "point_labels: each label",
+        ),
+        ([b'{"v": 1, "kind": "prompt", "request_id": "r9", "stream": "cam0", "op": "fly"}'], "prompt.op: unknown op"),
+        ([b'{"v": 7, "kind": "prompt"}'], "header.v"),
+        ([b"{}", b"extra"], "header.v"),
+    ],
+)
 def test_malformed_requests_get_an_error_answer(context: zmq.Context, body: list[bytes], message: str) -> None:
     server = ControlServer("tcp://127.0.0.1:*", context=context)
     req = transport.control_requester(server.endpoint, context=context)
@@ -364,9 +389,11 @@ def test_async_prompt_client_times_out_on_a_dead_endpoint() -> None:
 
 
 def test_clients_refuse_malformed_requests_before_sending(context: zmq.Context) -> None:
-    with PromptClient(dead_endpoint(), timeout_s=0.1, context=context) as client:
-        with pytest.raises(ProtocolError, match="prompt.obj_id: missing"):
-            client.request(PromptRequest("r", "cam0", "remove_object"))
+    with (
+        PromptClient(dead_endpoint(), timeout_s=0.1, context=context) as client,
+        pytest.raises(ProtocolError, match="prompt.obj_id: missing"),
+    ):
+        client.request(PromptRequest("r", "cam0", "remove_object"))
     with pytest.raises(ValueError, match="retries"):
         PromptClient("tcp://127.0.0.1:1", retries=0, context=context)
 

@@ -73,8 +73,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ice_servers=config.ice_servers,
         max_viewers=config.max_viewers,
     )
-    log.info("gateway: results %s, control %s, stream %s", config.results_endpoint, config.control_endpoint,
-             config.stream_id or "(any)")
+    log.info(
+        "gateway: results %s, control %s, stream %s",
+        config.results_endpoint,
+        config.control_endpoint,
+        config.stream_id or "(any)",
+    )
     try:
         yield
     finally:
@@ -138,33 +142,78 @@ async def _metrics(request: web.Request) -> web.Response:
     metric("viewers", "gauge", "Connected viewers.", [("", snap["viewers"])])
     metric("results_fps", "gauge", "Results received per second.", [("", snap["fps"])])
     if snap["latency_ms"] is not None:
-        metric("latency_seconds", "gauge", "Capture to gateway latency of the newest result.",
-               [("", snap["latency_ms"] / 1000.0)])
-    metric("state", "gauge", "1 for the feed's current state.",
-           [(f'{{state="{s.value}"}}', float(s.value == snap["state"])) for s in FeedState])
-    metric("prompts_total", "counter", "Prompt messages by outcome.",
-           [(f'{{outcome="{k}"}}', float(v)) for k, v in sorted(snap["prompts"].items())])
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+        metric(
+            "latency_seconds",
+            "gauge",
+            "Capture to gateway latency of the newest result.",
+            [("", snap["latency_ms"] / 1000.0)],
+        )
+    metric(
+        "state",
+        "gauge",
+        "1 for the feed's current state.",
+        [(f'{{state="{s.value}"}}', float(s.value == snap["state"])) for s in FeedState],
+    )
+    metric(
+        "prompts_total",
+        "counter",
+        "Prompt messages by outcome.",
+        [(f'{{outcome="{k}"}}', float(v)) for k, v in sorted(snap["prompts"].items())],
+    )
+    return web.Response(
+        text="\n".join(lines) + "\n",
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` command's options."""
     defaults = GatewayConfig()
-    parser.add_argument("--results-endpoint", default=DEFAULT_RESULTS_ENDPOINT, help="tracker results PUB to follow (default %(default)s)")
-    parser.add_argument("--control-endpoint", default=DEFAULT_CONTROL_ENDPOINT, help="tracker control ROUTER for prompts (default %(default)s)")
-    parser.add_argument("--stream-id", default=None, help="stream to show and prompt (default: the first one results come for)")
+    parser.add_argument(
+        "--results-endpoint",
+        default=DEFAULT_RESULTS_ENDPOINT,
+        help="tracker results PUB to follow (default %(default)s)",
+    )
+    parser.add_argument(
+        "--control-endpoint",
+        default=DEFAULT_CONTROL_ENDPOINT,
+        help="tracker control ROUTER for prompts (default %(default)s)",
+    )
+    parser.add_argument(
+        "--stream-id", default=None, help="stream to show and prompt (default: the first one results come for)"
+    )
     parser.add_argument("--http-host", default=defaults.http_host, help="HTTP listen address (default %(default)s)")
     parser.add_argument("--http-port", type=int, default=defaults.http_port, help="HTTP port (default %(default)s)")
-    parser.add_argument("--ice-host", action="append", dest="ice_hosts", metavar="ADDR",
-                        help=f"address to offer as an ICE host candidate; repeatable; {AUTO!r} adds the machine's "
-                        "interfaces (default 127.0.0.1)")
-    parser.add_argument("--ice-server", action="append", dest="ice_servers", metavar="URL", default=[],
-                        help="STUN/TURN server URL; repeatable (default none)")
-    parser.add_argument("--max-viewers", type=int, default=defaults.max_viewers,
-                        help="viewers served at once, each costing one encode per frame (default %(default)s)")
-    parser.add_argument("--prompt-timeout", type=float, default=defaults.prompt_timeout_s,
-                        help="seconds to wait for the tracker's answer, per try (default %(default)s)")
+    parser.add_argument(
+        "--ice-host",
+        action="append",
+        dest="ice_hosts",
+        metavar="ADDR",
+        help=f"address to offer as an ICE host candidate; repeatable; {AUTO!r} adds the machine's "
+        "interfaces (default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--ice-server",
+        action="append",
+        dest="ice_servers",
+        metavar="URL",
+        default=[],
+        help="STUN/TURN server URL; repeatable (default none)",
+    )
+    parser.add_argument(
+        "--max-viewers",
+        type=int,
+        default=defaults.max_viewers,
+        help="viewers served at once, each costing one encode per frame (default %(default)s)",
+    )
+    parser.add_argument(
+        "--prompt-timeout",
+        type=float,
+        default=defaults.prompt_timeout_s,
+        help="seconds to wait for the tracker's answer, per try (default %(default)s)",
+    )
     parser.add_argument("--alpha", type=float, default=defaults.style.alpha, help="mask opacity (default %(default)s)")
     parser.add_argument("--show-boxes", action="store_true", help="draw bounding boxes too")
 
@@ -187,8 +236,12 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 def run_gateway(config: GatewayConfig) -> None:
     """Serve until interrupted (SIGINT/SIGTERM close every peer connection)."""
-    web.run_app(create_app(config), host=config.http_host, port=config.http_port,
-                print=lambda _: log.info("gateway: http://%s:%d/", config.http_host, config.http_port))
+    web.run_app(
+        create_app(config),
+        host=config.http_host,
+        port=config.http_port,
+        print=lambda _: log.info("gateway: http://%s:%d/", config.http_host, config.http_port),
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:

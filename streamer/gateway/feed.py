@@ -172,8 +172,9 @@ class ResultFeed:
         now = time.monotonic()
         if self._last_result is not None:
             gap = min(now - self._last_result, GAP_CAP_S)
-            self._typical_gap = gap if self.results_received == 1 else (
-                (1 - GAP_WEIGHT) * self._typical_gap + GAP_WEIGHT * gap)
+            self._typical_gap = (
+                gap if self.results_received == 1 else ((1 - GAP_WEIGHT) * self._typical_gap + GAP_WEIGHT * gap)
+            )
         self.stream = message.stream
         self._last_result = now
         self._arrivals.append(now)

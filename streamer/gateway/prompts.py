@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 64 * 1024
 
 
-def answer_message(request_id: Any, ok: bool, error: str | None = None, obj_ids: list[int] | None = None) -> dict[str, Any]:
+def answer_message(
+    request_id: Any, ok: bool, error: str | None = None, obj_ids: list[int] | None = None
+) -> dict[str, Any]:
     """The data channel's ``answer`` message."""
     return {"type": "answer", "id": request_id, "ok": ok, "error": error, "obj_ids": list(obj_ids or [])}
 
@@ -95,8 +97,9 @@ class PromptForwarder:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"text: remove_prompt needs the text prompt to drop, got {text!r}")
         # Browser ids ("r1") repeat across viewers; the tracker needs unique ones to spot lazy-pirate retries.
-        request = PromptRequest(request_id=new_request_id(), stream=stream, op=op, prompt=prompt, obj_id=obj_id,
-                                text=text)
+        request = PromptRequest(
+            request_id=new_request_id(), stream=stream, op=op, prompt=prompt, obj_id=obj_id, text=text
+        )
         encode_prompt_request(request)  # the wire's own checks (ProtocolError is a ValueError naming the field)
         return request
 
