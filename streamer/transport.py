@@ -49,8 +49,10 @@ MAX_RESULT_PART_BYTES = max(protocol.MAX_PIXELS * 3, protocol.MAX_HEADER_BYTES) 
 MAX_PART_BYTES = max(MAX_FRAME_PART_BYTES, MAX_RESULT_PART_BYTES)
 # Control requests a bit over the header limit still get an error answer; far larger ones are cut off.
 MAX_CONTROL_PART_BYTES = 16 * protocol.MAX_CONTROL_HEADER_BYTES
-# A PUB only ever receives its subscribers' subscriptions (ours: the empty prefix, one byte on the wire).
-MAX_SUBSCRIPTION_PART_BYTES = 256
+# A PUB only ever receives its subscribers' subscriptions (ours: the empty prefix, one byte on the wire)
+# and, with CURVE, handshake commands: those count against MAXMSGSIZE too, and 256 bytes broke CURVE's
+# INITIATE (measured); 8 KiB leaves room for its metadata.
+MAX_SUBSCRIPTION_PART_BYTES = 8 * 1024
 IPC_PATH_MAX = 107  # sun_path on Linux, less its terminating NUL
 ANSWER_CACHE = 256  # answered requests remembered to answer a lazy-pirate retry again
 
@@ -69,7 +71,9 @@ def prepare_endpoint(endpoint: str) -> str:
         if len(path.encode()) > IPC_PATH_MAX:
             raise ValueError(f"{endpoint}: ipc path longer than {IPC_PATH_MAX} bytes (use a shorter folder)")
         if path and not path.startswith("@"):  # "@name" is Linux's abstract namespace: no file
-            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # others cannot reach the sockets
+            folder = Path(path).parent
+            for missing in reversed([f for f in (folder, *folder.parents) if not f.exists()]):
+                missing.mkdir(mode=0o700, exist_ok=True)  # private: no one else can reach the sockets in it
     elif not endpoint.startswith(("tcp://", "inproc://")):
         raise ValueError(f"{endpoint}: expected a tcp:// or ipc:// endpoint")
     return endpoint

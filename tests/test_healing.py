@@ -12,12 +12,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
 from helpers import HOSTILE_KINDS, HostileServer, free_endpoint, hostile_client, hostile_payload
+from test_cli import free_port, launched, wait_for
 
 from streamer import protocol, transport
 from streamer.gateway.feed import ResultFeed
@@ -246,3 +248,45 @@ def test_cause_log_reports_the_first_at_once_then_counts(caplog: pytest.LogCaptu
     assert "999 more in the last 40 s (1000 in all)" in lines[2] and "bad 999" in lines[2]
     assert len(lines[2]) < 400, "a hostile peer's text is cut short in the log"
     assert causes.totals["another cause"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The tracker process
+
+
+def test_the_tracker_hears_a_capture_restarted_after_a_hostile_peer_and_logs_each_cause_once(
+    endpoint: str, tmp_path: Path
+) -> None:
+    frames = endpoint
+    results, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    log_path = tmp_path / "tracker.log"
+    ctx = zmq.Context()
+    sub = transport.results_subscriber(results, context=ctx)
+    raw = transport.control_requester(control, context=ctx)
+    track = ["track", "--model", "passthrough", "--frames-endpoint", frames]
+    try:
+        with launched([*track, "--results-endpoint", results, "--control-endpoint", control], log_path) as proc:
+            wait_for(lambda: drain(sub, 200), 60, "a heartbeat", log_path)
+            with HostileServer(frames, hostile_payload("broken-handshake")) as hostile:
+                hostile.wait_served(1)
+            for i in range(30):  # malformed control requests: each answered, one log line for all
+                raw.send_multipart([b'{"v": 1, "kind": "prompt", "request_id": "r%d", "op": "fly"}' % i])
+                assert raw.poll(5000) and not protocol.decode_answer(raw.recv_multipart()).ok
+            pub = transport.frames_publisher(frames, context=ctx)  # the capture, restarted
+            try:
+
+                def a_result() -> bool:
+                    pub.send_multipart(frame(1), copy=False)
+                    return any(protocol.peek_kind(m) == "result" for m in drain(sub, 100))
+
+                wait_for(a_result, 10, "a result from the restarted capture", log_path)
+            finally:
+                pub.close()
+            assert proc.poll() is None
+        log = log_path.read_text()
+        assert log.count("broken for good") == 1, log[-3000:]
+        assert log.count("rejected malformed requests (prompt") == 1, log[-3000:]
+    finally:
+        raw.close()
+        sub.close()
+        ctx.term()
