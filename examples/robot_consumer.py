@@ -20,6 +20,7 @@ gets a fresh socket, so a tracker restarted later is heard again.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 
 from streamer import security
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=0, help="stop after this many results (default: run forever)")
     security.add_arguments(parser, binds=False)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         keys = security.key_folder_from_args(args)
         curve = security.CurveClient(keys) if keys else None

@@ -1,10 +1,10 @@
 """``sam3-stream``: run the whole pipeline on one machine, or each part on its own.
 
     sam3-stream run --model facebook/sam3 --source 0 --prompt person      # all three, ipc://, one machine
-    sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555
-    sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555
+    sam3-stream keys ~/keys                  # CURVE keys: every part across hosts takes --keys (a copy of) it
+    sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555 --keys ~/keys
+    sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555 --keys ~/keys
     sam3-stream serve --http-port 8080
-    sam3-stream keys ~/.config/sam3-stream/keys     # CURVE keys for tcp:// sockets (--keys on the others)
 
 ``run`` starts ``capture``, ``track`` and ``serve`` as child processes over ipc:// sockets in a private
 temporary folder, prints the page's URL, restarts a child that dies (with back-off) while the others

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -19,7 +21,7 @@ import pytest
 import zmq
 import zmq.asyncio
 from helpers import HOSTILE_KINDS, HostileServer, free_endpoint, hostile_client, hostile_payload
-from test_cli import free_port, launched, wait_for
+from test_cli import REPO, child_env, free_port, launched, wait_for
 
 from streamer import protocol, transport
 from streamer.gateway.feed import ResultFeed
@@ -290,3 +292,55 @@ def test_the_tracker_hears_a_capture_restarted_after_a_hostile_peer_and_logs_eac
         raw.close()
         sub.close()
         ctx.term()
+
+
+def test_a_prompt_client_reaches_a_tracker_restarted_after_a_hostile_peer(context: zmq.Context, endpoint: str) -> None:
+    """Lazy pirate heals by itself: every try after a silent one opens a fresh socket."""
+    request = PromptRequest("after-garbage", "cam0", "remove_object", obj_id=3)
+    answered: dict = {}
+    with PromptClient(endpoint, timeout_s=0.3, retries=20, context=context) as client:
+        thread = threading.Thread(target=lambda: answered.update(answer=client.request(request)))
+        with HostileServer(endpoint, hostile_payload("broken-handshake", b"ROUTER")) as hostile:
+            thread.start()
+            hostile.wait_served(1)
+        server = ControlServer(endpoint, context=context)
+        try:
+            deadline = time.monotonic() + 8
+            while thread.is_alive() and time.monotonic() < deadline:
+                for envelope, req, _ in server.poll_requests(20):
+                    server.reply(envelope, PromptAnswer(req.request_id, True, obj_ids=[3]))
+            thread.join(1)
+        finally:
+            server.close()
+    assert answered["answer"] == PromptAnswer("after-garbage", True, obj_ids=[3])
+
+
+def test_the_robot_example_hears_a_tracker_restarted_after_a_hostile_peer(context: zmq.Context, tmp_path: Path) -> None:
+    endpoint = free_endpoint("tcp", "")
+    robot = subprocess.Popen(
+        [sys.executable, str(REPO / "examples" / "robot_consumer.py"), "--results-endpoint", endpoint, "--count", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=child_env(),
+    )
+    try:
+        with HostileServer(endpoint, hostile_payload("oversized-part")) as hostile:
+            hostile.wait_served(1, timeout=30)  # the robot has started and met the hostile peer
+        pub = transport.results_publisher(endpoint, context=context)  # the tracker, restarted
+        try:
+            deadline, seq = time.monotonic() + 15, 0
+            while robot.poll() is None and time.monotonic() < deadline:
+                message = protocol.ResultMessage("cam0", seq, seq, time.time(), 8, 6, {}, {}, [])
+                pub.send_multipart(protocol.encode_result(message, np.zeros((6, 8, 3), np.uint8)), copy=False)
+                seq += 1
+                time.sleep(0.05)
+        finally:
+            pub.close()
+        output = robot.communicate(timeout=10)[0]
+        assert robot.returncode == 0 and output.count("cam0 seq") == 2, output
+        assert "broken for good" in output, "the robot says why it re-created its socket"
+    finally:
+        if robot.poll() is None:
+            robot.kill()
+            robot.wait()
