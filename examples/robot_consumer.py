@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        keys = security.key_folder_from_args(args)
+        keys = security.key_folder_from_args(args, [args.results_endpoint])
         curve = security.CurveClient(keys) if keys else None
     except ValueError as exc:  # names the missing or unsafe key file
         parser.error(str(exc))

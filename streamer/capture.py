@@ -350,7 +350,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             width=args.width,
             height=args.height,
             duration=args.duration,
-            keys=security.key_folder_from_args(args),
+            keys=security.key_folder_from_args(args, [args.frames_endpoint]),
             insecure=args.insecure,
         )
     except ValueError as exc:  # the source spec, the endpoint, --keys, an exposed address: the message names which

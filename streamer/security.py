@@ -170,6 +170,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, binds: bool) -> None:
         )
 
 
-def key_folder_from_args(args: argparse.Namespace) -> KeyFolder | None:
-    """The ``--keys`` folder, or ``None``; ``ValueError`` naming it when it is not a folder."""
-    return KeyFolder.open(args.keys) if args.keys else None
+def key_folder_from_args(args: argparse.Namespace, endpoints: Sequence[str]) -> KeyFolder | None:
+    """The ``--keys`` folder, or ``None`` when none is given or no endpoint is tcp:// (keys only ever apply
+    there, so ``SAM3_STREAM_KEYS`` set in a shell does not get in the way of ``run``'s ipc:// sockets);
+    ``ValueError`` naming the folder when it is not one."""
+    if not args.keys or not any(endpoint.startswith("tcp://") for endpoint in endpoints):
+        return None
+    return KeyFolder.open(args.keys)

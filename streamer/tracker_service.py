@@ -475,11 +475,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         log.warning("--passthrough-* options apply to --model passthrough only; ignored")
     # Frames arrive as read-only views of the socket's buffers; the model only reads them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    frames_endpoints = args.frames_endpoints or [_DEFAULTS.frames]
     try:
-        keys = security.key_folder_from_args(args)
+        keys = security.key_folder_from_args(args, [*frames_endpoints, args.results_endpoint, args.control_endpoint])
         run_tracker_service(
             args.model,
-            args.frames_endpoints or [_DEFAULTS.frames],
+            frames_endpoints,
             args.results_endpoint,
             args.control_endpoint,
             device=args.device,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
-from test_cli import child_env, free_port, launched, wait_for
+from test_cli import child_env, free_port, get_json, launched, wait_for
 
 from models import Prompt
 from streamer import keys as keys_module
@@ -277,9 +277,11 @@ def test_ipc_folders_are_private(tmp_path: Path) -> None:
     assert mode(tmp_path / "new") == 0o700 and mode(tmp_path / "new" / "deeper") == 0o700
 
 
-def test_run_keeps_its_ipc_sockets_in_a_private_folder(tmp_path: Path) -> None:
+def test_run_keeps_its_ipc_sockets_in_a_private_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(keys_module.KEYS_ENV, str(tmp_path / "nowhere"))  # keys never apply to ipc://
     log_path = tmp_path / "run.log"
-    args = ["run", "--model", "passthrough", "--source", "synthetic:64x48@5", "--http-port", str(free_port())]
+    port = free_port()
+    args = ["run", "--model", "passthrough", "--source", "synthetic:64x48@5", "--http-port", str(port)]
     with launched(args, log_path) as run:
         results = wait_for(
             lambda: (m := re.search(r"subscribe to results at ipc://(\S+)", log_path.read_text())) and m[1],
@@ -289,5 +291,7 @@ def test_run_keeps_its_ipc_sockets_in_a_private_folder(tmp_path: Path) -> None:
         )
         folder = Path(results).parent
         assert mode(folder) == 0o700
+        url = f"http://127.0.0.1:{port}/health"
+        wait_for(lambda: (h := get_json(url)) and h["state"] == "live", 60, "a live feed", log_path)
         assert {p.name for p in folder.iterdir()} >= {"frames", "results", "control"}
         assert run.poll() is None

@@ -244,7 +244,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 def _checked_keys(args: argparse.Namespace) -> KeyFolder | None:
     """``--keys``, with its client files read once now so that a missing one stops ``serve`` at start."""
-    keys = security.key_folder_from_args(args)
+    keys = security.key_folder_from_args(args, [args.results_endpoint, args.control_endpoint])
     if keys is not None:
         security.CurveClient(keys)
     return keys
