@@ -537,7 +537,9 @@ def summarize(soak: Soak, args: argparse.Namespace, minutes: float) -> dict[str,
         if channel.unanswered:
             failures.append(f"{name}: {channel.unanswered} messages never answered")
     if soak.viewer_failures:
-        failures.append(f"viewers: {len(soak.viewer_failures)} failed to connect ({soak.viewer_failures[0]})")
+        failures.append(
+            f"viewers: {len(soak.viewer_failures)} failed or were cut off (first: {soak.viewer_failures[0]})"
+        )
     fifth = max(1, len(soak.samples) // 5)
     if soak.samples and not any(s["results_fps"] for s in soak.samples[-fifth:]):
         failures.append("results: none in the last fifth of the run (the tracker stopped tracking)")
