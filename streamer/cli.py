@@ -1,8 +1,9 @@
 """``sam3-stream``: run the whole pipeline on one machine, or each part on its own.
 
     sam3-stream run --model facebook/sam3 --source 0 --prompt person      # all three, ipc://, one machine
-    sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555
-    sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555
+    sam3-stream keys ~/keys                  # CURVE keys: every part across hosts takes --keys (a copy of) it
+    sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555 --keys ~/keys
+    sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555 --keys ~/keys
     sam3-stream serve --http-port 8080
 
 ``run`` starts ``capture``, ``track`` and ``serve`` as child processes over ipc:// sockets in a private
@@ -25,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from streamer import capture, tracker_service
+from streamer import capture, keys, tracker_service
 from streamer.capture import Backoff
 from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
 from streamer.signals import StopSignals
@@ -266,7 +267,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sam3-stream`` parser with its four commands."""
+    """The ``sam3-stream`` parser with its five commands."""
     from streamer import gateway  # aiohttp and aiortc: loaded only to build the parser
 
     common = argparse.ArgumentParser(add_help=False)
@@ -312,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
             "forwards prompts from the page's data channel, serves /health and /metrics.",
         )
     )
+    keys.add_arguments(
+        commands.add_parser(
+            "keys",
+            parents=[common],
+            help="make CURVE key pairs that secure tcp:// sockets",
+            description="Make (or add to) a key folder: the servers' key pair, this host's client pair, and an "
+            "allow-list of client public keys. Pass the folder as --keys to capture, track and serve.",
+        )
+    )
     return parser
 
 
@@ -325,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return capture.run_from_args(args)
     if args.command == "track":
         return tracker_service.run_from_args(args)
+    if args.command == "keys":
+        return keys.run_from_args(args)
     from streamer import gateway
 
     return gateway.run_from_args(args)

@@ -17,12 +17,14 @@ from typing import Any
 from aiohttp import web
 from aiortc import RTCSessionDescription
 
+from streamer import security
 from streamer.compositor import CompositeStyle
 from streamer.gateway.config import DEFAULT_CONTROL_ENDPOINT, DEFAULT_RESULTS_ENDPOINT, GatewayConfig
 from streamer.gateway.feed import FeedState, ResultFeed
 from streamer.gateway.ice import AUTO, check_hosts
 from streamer.gateway.prompts import PromptForwarder
 from streamer.gateway.webrtc import Broadcaster, TooManyViewers
+from streamer.keys import KeyFolder
 from streamer.transport import AsyncPromptClient
 
 log = logging.getLogger(__name__)
@@ -50,14 +52,18 @@ def create_app(config: GatewayConfig = GatewayConfig()) -> web.Application:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    curve = security.CurveClient(config.keys) if config.keys else None
     feed = ResultFeed(
         config.results_endpoint,
         config.stream_id,
         no_signal_after_s=config.no_signal_after_s,
         offline_after_s=config.offline_after_s,
+        security=curve,
     )
     await feed.start()
-    client = AsyncPromptClient(config.control_endpoint, timeout_s=config.prompt_timeout_s, retries=config.prompt_tries)
+    client = AsyncPromptClient(
+        config.control_endpoint, timeout_s=config.prompt_timeout_s, retries=config.prompt_tries, security=curve
+    )
 
     def frame_size() -> tuple[int, int] | None:
         return (feed.latest.message.width, feed.latest.message.height) if feed.latest else None
@@ -216,6 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--alpha", type=float, default=defaults.style.alpha, help="mask opacity (default %(default)s)")
     parser.add_argument("--show-boxes", action="store_true", help="draw bounding boxes too")
+    security.add_arguments(parser, binds=False)
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -231,7 +238,16 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_viewers=args.max_viewers,
         prompt_timeout_s=args.prompt_timeout,
         style=CompositeStyle(alpha=args.alpha, show_boxes=args.show_boxes),
+        keys=_checked_keys(args),
     )
+
+
+def _checked_keys(args: argparse.Namespace) -> KeyFolder | None:
+    """``--keys``, with its client files read once now so that a missing one stops ``serve`` at start."""
+    keys = security.key_folder_from_args(args, [args.results_endpoint, args.control_endpoint])
+    if keys is not None:
+        security.CurveClient(keys)
+    return keys
 
 
 def run_gateway(config: GatewayConfig) -> None:

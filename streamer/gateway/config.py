@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from streamer.compositor import CompositeStyle
 from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
+from streamer.keys import KeyFolder
 
 DEFAULT_RESULTS_ENDPOINT = Endpoints.tcp_defaults().results
 DEFAULT_CONTROL_ENDPOINT = Endpoints.tcp_defaults().control
@@ -25,6 +26,7 @@ class GatewayConfig:
     - ``prompt_timeout_s`` / ``prompt_tries``: the lazy pirate client's wait per try and tries.
     - ``no_signal_after_s`` / ``offline_after_s``: silence that turns the feed state from live to
       no_signal (heartbeats but no results) and to tracker_offline (no heartbeats either).
+    - ``keys``: CURVE keys for tcp:// results and control endpoints (``streamer.security``); ``None``: plain.
     """
 
     results_endpoint: str = DEFAULT_RESULTS_ENDPOINT
@@ -41,3 +43,4 @@ class GatewayConfig:
     offline_after_s: float = 1.5
     banner_fps: float = 10.0
     style: CompositeStyle = field(default_factory=CompositeStyle)
+    keys: KeyFolder | None = None
