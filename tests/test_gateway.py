@@ -214,7 +214,7 @@ def test_http_page_health_metrics_and_bad_offer() -> None:
                 assert response.status == 200 and "<video" in await response.text()
             async with http.get(f"{url}/static/app.js") as response:
                 assert response.status == 200 and "gatheringComplete" in await response.text()
-            async with http.post(f"{url}/offer", data="nope") as response:
+            async with http.post(f"{url}/offer", data="nope", headers={"Content-Type": "application/json"}) as response:
                 assert response.status == 400 and (await response.json())["error"].startswith("offer:")
             async with http.post(f"{url}/offer", json={"sdp": "v=0 garbage", "type": "offer"}) as response:
                 assert response.status == 400
