@@ -53,9 +53,13 @@ BROADCASTER = web.AppKey("broadcaster", Broadcaster)
 
 
 def create_app(config: GatewayConfig = GatewayConfig()) -> web.Application:
-    """The gateway as an aiohttp application; sockets open on startup and close on cleanup."""
+    """The gateway as an aiohttp application; sockets open on startup and close on cleanup.
+
+    ``ValueError`` naming the problem for a bad config (an exposed address without a token among them).
+    """
     check_hosts(config.ice_hosts)
     check_token(config.token)
+    check_exposure(config.http_host, config.token, config.insecure)
     policy = AccessPolicy(config.http_host, config.allowed_hosts, config.token)
     app = web.Application(middlewares=[access_middleware(policy)], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
@@ -327,7 +331,7 @@ def token_from_args(args: argparse.Namespace) -> str | None:
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """A ``GatewayConfig`` from ``add_arguments``' options (``ValueError`` naming a bad one)."""
     token = token_from_args(args)
-    check_exposure(args.http_host, token, args.insecure)
+    check_exposure(args.http_host, token, args.insecure)  # before the sockets: one clear line and exit
     if args.connect_timeout <= 0:
         raise ValueError(f"connect_timeout: must be positive, got {args.connect_timeout}")
     return GatewayConfig(
@@ -341,6 +345,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_viewers=args.max_viewers,
         connect_timeout_s=args.connect_timeout,
         token=token,
+        insecure=args.insecure,
         allowed_hosts=tuple(args.allowed_hosts),
         prompt_timeout_s=args.prompt_timeout,
         style=CompositeStyle(alpha=args.alpha, show_boxes=args.show_boxes),

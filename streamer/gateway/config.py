@@ -26,6 +26,7 @@ class GatewayConfig:
       ``connect_timeout_s`` (or fails, or closes) is closed and its slot freed.
     - ``max_body_bytes``: the largest HTTP request body taken (an offer is a few kB).
     - ``token``: when set, the page, ``/offer`` and ``/metrics`` need it (see ``streamer.gateway.access``).
+    - ``insecure``: serve an address other machines can reach without a token (refused otherwise).
     - ``allowed_hosts``: host names the page may be reached by, besides ``http_host``, localhost and
       loopback addresses; any other ``Host`` header is refused (DNS rebinding).
     - ``prompt_timeout_s`` / ``prompt_tries``: the lazy pirate client's wait per try and tries.
@@ -44,6 +45,7 @@ class GatewayConfig:
     connect_timeout_s: float = 5.0
     max_body_bytes: int = 64 * 1024
     token: str | None = field(default=None, repr=False)  # never in logs
+    insecure: bool = False
     allowed_hosts: tuple[str, ...] = ()
     prompt_timeout_s: float = 1.5
     prompt_tries: int = 2

@@ -314,6 +314,7 @@ class Broadcaster:
         # Every peer connection made, until garbage collected: open ones and closed ones not yet freed.
         self.peer_connections: weakref.WeakSet[RTCPeerConnection] = weakref.WeakSet()
         self._release: asyncio.Task[None] | None = None
+        self._closed = False
         self._frames_sent_closed = 0  # by sessions gone, so the total only grows
         self._feed = feed
         self._prompts = prompts
@@ -365,6 +366,7 @@ class Broadcaster:
 
     async def close(self) -> None:
         """Close every peer connection and stop the shared track."""
+        self._closed = True
         await asyncio.gather(*(self._drop(s) for s in list(self.sessions)), return_exceptions=True)
         if self._release is not None:
             self._release.cancel()
@@ -385,7 +387,7 @@ class Broadcaster:
             log.info("viewer %s: closed (%d viewers)", session.id, len(self.sessions))
         self.track.set_demand(bool(self.sessions))
         await session.close()
-        if self._release is None or self._release.done():
+        if not self._closed and (self._release is None or self._release.done()):
             self._release = asyncio.ensure_future(self._release_memory())
 
     async def _release_memory(self) -> None:
