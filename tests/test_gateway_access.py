@@ -178,23 +178,25 @@ def test_insecure_serves_other_machines_and_env_token_is_required(
     port = free_port()
     log_path = tmp_path / "token.log"
     monkeypatch.setenv(TOKEN_ENV, TOKEN)  # launched() hands the environment to the child
-    with launched(["serve", "--http-host", "0.0.0.0", "--http-port", str(port)], log_path) as proc:
+    args = ["serve", "--log-level", "DEBUG", "--http-host", "0.0.0.0", "--http-port", str(port)]
+    with launched(args, log_path) as proc:
         url = f"http://127.0.0.1:{port}"
         run(wait_json(f"{url}/health", lambda h: h == {"state": "tracker_offline"}, 30))
 
-        async def probe() -> tuple[int, int, int]:
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(f"{url}/metrics") as without,
-                http.get(f"{url}/metrics", headers=BEARER) as ok,
-                http.get(f"{url}/?token={TOKEN}") as page,
-            ):
-                return without.status, ok.status, page.status
+        async def probe() -> list[int]:
+            statuses = []
+            async with aiohttp.ClientSession() as http:
+                for path, headers in [("/metrics", None)] * 3 + [("/metrics", BEARER), (f"/?token={TOKEN}", None)]:
+                    async with http.get(f"{url}{path}", headers=headers) as response:
+                        statuses.append(response.status)
+            return statuses
 
-        assert run(probe()) == (401, 200, 200)
+        assert run(probe()) == [401, 401, 401, 200, 200]
         assert stop_process(proc, signal.SIGTERM) == 0
     log = log_path.read_text()
-    assert '"GET /" 200' in log and TOKEN not in log, log[-2000:]
+    assert '"GET /" 200' in log and TOKEN not in log, log[-2000:]  # the access log, without the query
+    (refusal,) = [line for line in log.splitlines() if "refused a request" in line]  # one line, not one each
+    assert "token: missing or wrong on /metrics" in refusal
 
 
 @pytest.mark.timeout(120)

@@ -24,6 +24,7 @@ import html
 import ipaddress
 import logging
 import re
+import time
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -45,6 +46,7 @@ FORM = "application/x-www-form-urlencoded"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOGIN_PAGE = Path(__file__).parent / "static" / "login.html"
 AUTHORIZED = web.RequestKey("authorized", bool)
+REPORT_REFUSALS_EVERY_S = 60.0
 # The page loads only its own files; nobody may frame it (clickjacking its clicks into prompts).
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -110,6 +112,7 @@ class AccessPolicy:
         # The cookie proves the token without being it: a stolen cookie store does not reveal the token.
         self._cookie = hmac.new(token.encode(), b"sam3-stream session", hashlib.sha256).hexdigest() if token else ""
         self.refused: Counter[str] = Counter()
+        self._next_report = 0.0  # monotonic
 
     @property
     def token_required(self) -> bool:
@@ -149,6 +152,15 @@ class AccessPolicy:
         if site is not None and site not in ("same-origin", "none"):
             return f"origin: a {site[:20]} request may not use this gateway"
         return None
+
+    def refuse(self, problem: str) -> None:
+        """Count a refusal by its field (``problem`` starts ``field:``); log the first at once, then at most one
+        summary line a minute, so a flood of bad requests cannot flood the log."""
+        self.refused[problem.split(":", 1)[0]] += 1
+        now = time.monotonic()
+        if now >= self._next_report:
+            self._next_report = now + REPORT_REFUSALS_EVERY_S
+            log.warning("refused a request (%s); refusals so far: %s", problem, dict(self.refused))
 
     def token_matches(self, candidate: str) -> bool:
         """Whether ``candidate`` is the token (constant time)."""
@@ -193,8 +205,7 @@ def access_middleware(policy: AccessPolicy) -> Middleware:
     async def check_access(request: web.Request, handler: Handler) -> web.StreamResponse:
         problem = policy.host_problem(request) or policy.origin_problem(request)
         if problem is not None:
-            policy.refused[problem.split(":", 1)[0]] += 1
-            log.debug("refused %s %s: %s", request.method, request.path, problem)
+            policy.refuse(problem)
             return web.json_response({"error": problem}, status=403)
         request[AUTHORIZED] = policy.authorized(request)
         if request[AUTHORIZED] or request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIX):
@@ -208,9 +219,9 @@ def access_middleware(policy: AccessPolicy) -> Middleware:
                 response = await handler(request)
                 policy.log_in(response, request)
                 return response
-            policy.refused["token"] += 1
+            policy.refuse("token: missing or wrong on the page")
             return login_page("wrong token" if offered is not None else None, status=401)
-        policy.refused["token"] += 1
+        policy.refuse(f"token: missing or wrong on {request.path[:100]}")
         return unauthorized()
 
     return check_access
@@ -229,7 +240,7 @@ def login_routes(policy: AccessPolicy) -> list[web.RouteDef]:
             return login_page(f"content-type: the form posts {FORM}, not {request.content_type!r}", 415)
         token = (await request.post()).get("token")
         if not isinstance(token, str) or not policy.token_matches(token):
-            policy.refused["token"] += 1
+            policy.refuse("token: wrong token in the login form")
             return login_page("wrong token", status=401)
         response = web.Response(status=303, headers={"Location": "/"})
         policy.log_in(response, request)
@@ -245,7 +256,8 @@ async def add_security_headers(request: web.BaseRequest, response: web.StreamRes
 
 
 class AccessLogger(AbstractAccessLogger):
-    """aiohttp's access log without query strings (``/?token=...`` must not reach the logs)."""
+    """aiohttp's access log at DEBUG (probes and viewers would fill INFO), without query strings
+    (``/?token=...`` must not reach the logs)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info('%s "%s %s" %d %.3fs', request.remote, request.method, request.path, response.status, time)
+        self.logger.debug('%s "%s %s" %d %.3fs', request.remote, request.method, request.path, response.status, time)
