@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,7 +259,7 @@ class ViewerSession:
         channel.on("message", self._on_message)
         self._on_state(self._feed.state)  # the current state, so the page can show it at once
 
-    def run_task(self, coroutine: Any) -> None:
+    def run_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run ``coroutine`` for this session; cancelled when the session closes."""
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
