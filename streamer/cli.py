@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -179,6 +180,10 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Ch
     ]
     for host in args.ice_hosts or []:
         serve_args += ["--ice-host", host]
+    for name in args.allowed_hosts:
+        serve_args += ["--allowed-host", name]
+    if args.insecure:
+        serve_args.append("--insecure")
     return [
         Child("capture", _child_argv("capture", args.log_level, *capture_args)),
         Child("tracker", _child_argv("track", args.log_level, *track_args)),
@@ -188,6 +193,16 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Ch
 
 def run_pipeline(args: argparse.Namespace) -> int:
     """``sam3-stream run``: start the three parts, print the URL, supervise until a signal; exit status."""
+    from streamer.gateway import TOKEN_ENV, check_exposure, token_from_args
+
+    try:
+        token = token_from_args(args)
+        check_exposure(args.http_host, token, args.insecure)
+    except ValueError as exc:  # the gateway would refuse the same, after the tracker had loaded
+        log.error("%s", exc)
+        return USAGE_ERROR
+    if token:
+        os.environ[TOKEN_ENV] = token  # inherited by the gateway; an argument would show in every process list
     browse_host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::", "") else args.http_host
     if _listening(browse_host, args.http_port):  # else the gateway would fail and be restarted forever
         log.error("port %d is already in use on %s; pass another --http-port", args.http_port, browse_host)
@@ -287,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         "temporary folder, print the page's URL, restart a part that dies, stop all on Ctrl-C.",
     )
     _add_run_arguments(run)
+    gateway.add_access_arguments(run)
     capture.add_arguments(
         commands.add_parser(
             "capture",

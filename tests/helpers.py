@@ -207,18 +207,22 @@ class Viewer:
         self.pc.on("track", lambda track: self._track.done() or self._track.set_result(track))
         self.channel.on("message", self._on_message)
 
-    async def connect(self, base_url: str) -> None:
+    async def connect(self, base_url: str, headers: dict[str, str] | None = None) -> None:
+        """Offer, apply the answer and wait until the data channel is open."""
         opened = asyncio.get_running_loop().create_future()
         self.channel.on("open", lambda: opened.done() or opened.set_result(None))
-        with gather_on(["127.0.0.1"]):
-            await self.pc.setLocalDescription(await self.pc.createOffer())
-        async with aiohttp.ClientSession() as http:
-            offer = {"sdp": self.pc.localDescription.sdp, "type": self.pc.localDescription.type}
-            async with http.post(f"{base_url}/offer", json=offer) as response:
-                assert response.status == 200, await response.text()
-                answer = await response.json()
+        status, answer = await self.offer(base_url, headers)
+        assert status == 200, answer
         await self.pc.setRemoteDescription(RTCSessionDescription(**answer))
         await asyncio.wait_for(opened, 10)
+
+    async def offer(self, base_url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        """POST this viewer's offer (candidates gathered); the HTTP status and JSON body. Applying the
+        answer is left to the caller: a viewer that never does holds a slot without ever connecting."""
+        with gather_on(["127.0.0.1"]):
+            await self.pc.setLocalDescription(await self.pc.createOffer())
+        offer = {"sdp": self.pc.localDescription.sdp, "type": self.pc.localDescription.type}
+        return await post_json(f"{base_url}/offer", offer, headers)
 
     async def frame(self) -> np.ndarray:
         track = await asyncio.wait_for(self._track, 10)
@@ -262,6 +266,32 @@ class Viewer:
             self.statuses.append(message["state"])
         elif message["type"] == "objects":
             self.objects = message
+
+
+async def post_json(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` as JSON; the HTTP status and the JSON answer."""
+    async with aiohttp.ClientSession() as http, http.post(url, json=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def fetch_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """GET ``url``; the HTTP status and the JSON answer."""
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def wait_json(url: str, predicate: Any, timeout: float, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """GET ``url`` until its JSON satisfies ``predicate`` (waiting for the server to come up too); fails with
+    the last answer after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    answer: dict[str, Any] | None = None
+    while True:
+        with contextlib.suppress(aiohttp.ClientConnectionError):
+            _, answer = await fetch_json(url, headers)
+            if predicate(answer):
+                return answer
+        assert time.monotonic() < deadline, f"{url}: condition not met in {timeout} s; last answer {answer}"
+        await asyncio.sleep(0.1)
 
 
 def expected_tint(obj_id: int, alpha: float = 0.45) -> np.ndarray:
