@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from models.encoder import ENCODER_NAMES, ENCODER_PRECISIONS, check_encoder_choice
 from models.frames import check_frame
 from models.prompts import Prompt
 from models.results import FrameResult, ObjectResult
@@ -20,12 +21,23 @@ _LAZY = {
     "load_models": "models.loading",
     "ImageEncoder": "models.encoder",
     "TorchImageEncoder": "models.encoder",
+    "EncoderUnavailable": "models.encoder",
+    "make_encoder": "models.encoder",
+    "export_encoder": "models.encoder",
+    "build_engine": "models.encoder",
     "StreamingTracker": "models.streaming_tracker",
     "TrackerConfig": "models.streaming_tracker",
 }
 
 if TYPE_CHECKING:
-    from models.encoder import ImageEncoder, TorchImageEncoder
+    from models.encoder import (
+        EncoderUnavailable,
+        ImageEncoder,
+        TorchImageEncoder,
+        build_engine,
+        export_encoder,
+        make_encoder,
+    )
     from models.loading import DEFAULT_MODEL, ModelLoadError, Sam3Models, load_models
     from models.streaming_tracker import StreamingTracker, TrackerConfig
 
@@ -38,6 +50,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DEFAULT_MODEL",
+    "ENCODER_NAMES",
+    "ENCODER_PRECISIONS",
+    "EncoderUnavailable",
     "FrameResult",
     "ImageEncoder",
     "ModelLoadError",
@@ -47,6 +62,10 @@ __all__ = [
     "StreamingTracker",
     "TorchImageEncoder",
     "TrackerConfig",
+    "build_engine",
+    "check_encoder_choice",
     "check_frame",
+    "export_encoder",
     "load_models",
+    "make_encoder",
 ]
