@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from models.encoder import ENCODER_NAMES, ENCODER_PRECISIONS, check_encoder_choice
+from models.encoder import ENCODER_NAMES, ENCODER_PRECISIONS, EXPORT_PRECISIONS, check_encoder_choice
 from models.frames import check_frame
 from models.prompts import Prompt
 from models.results import FrameResult, ObjectResult
@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "ENCODER_NAMES",
     "ENCODER_PRECISIONS",
+    "EXPORT_PRECISIONS",
     "EncoderUnavailable",
     "FrameResult",
     "ImageEncoder",

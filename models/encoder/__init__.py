@@ -27,6 +27,9 @@ ENCODER_NAMES = ("torch", "compiled", "onnxruntime", "tensorrt")
 ENCODER_PRECISIONS = {"torch": (), "compiled": ("fp8",), "onnxruntime": (), "tensorrt": ("fp16", "bf16")}
 """Precisions each backend takes besides its default (``tensorrt``: fp16 by default)."""
 
+EXPORT_PRECISIONS = ("fp32", "fp16", "bf16")
+"""Precisions of the ONNX export: fp32 for ONNX Runtime, fp16/bf16 (with fp32 islands) for TensorRT."""
+
 _LAZY = {
     "ImageEncoder": "models.encoder.base",
     "EncoderUnavailable": "models.encoder.base",
@@ -64,6 +67,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ENCODER_NAMES",
     "ENCODER_PRECISIONS",
+    "EXPORT_PRECISIONS",
     "EncoderUnavailable",
     "FrameFeatures",
     "ImageEncoder",

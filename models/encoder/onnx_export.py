@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.encoder import EXPORT_PRECISIONS
 from models.encoder.base import EncoderUnavailable, TokensOnly, pixels_shape, replace_modules, vision_backbone
 from models.loading import Sam3Models, as_dtype
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-EXPORT_PRECISIONS = ("fp32", "fp16", "bf16")
 EXPORT_RECIPE = "1"  # bump when the exported graph changes, so cached exports and engines are rebuilt
 ONNX_FILE = "encoder.onnx"
 INSTALL_HINT = "pip install 'sam3-stream[onnx]'"
