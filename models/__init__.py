@@ -25,6 +25,7 @@ _LAZY = {
     "make_encoder": "models.encoder",
     "export_encoder": "models.encoder",
     "build_engine": "models.encoder",
+    "tensorrt_problem": "models.encoder",
     "StreamingTracker": "models.streaming_tracker",
     "TrackerConfig": "models.streaming_tracker",
 }
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
         build_engine,
         export_encoder,
         make_encoder,
+        tensorrt_problem,
     )
     from models.loading import DEFAULT_MODEL, ModelLoadError, Sam3Models, load_models
     from models.streaming_tracker import StreamingTracker, TrackerConfig
@@ -69,4 +71,5 @@ __all__ = [
     "export_encoder",
     "load_models",
     "make_encoder",
+    "tensorrt_problem",
 ]

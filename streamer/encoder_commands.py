@@ -83,6 +83,10 @@ def run_build(args: argparse.Namespace) -> int:
     """``build-engine``: build (or find in the cache) the TensorRT engine, print its path; returns the exit status."""
     import models
 
+    problem = models.tensorrt_problem()
+    if problem is not None:  # before loading a model for nothing
+        log.error("build-engine: %s", problem)
+        return FAILED
     return _run(args, lambda bundle: models.build_engine(bundle, args.precision, cache_dir=args.cache_dir))
 
 

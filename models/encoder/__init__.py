@@ -38,6 +38,7 @@ _LAZY = {
     "make_encoder": "models.encoder.factory",
     "export_encoder": "models.encoder.onnx_export",
     "build_engine": "models.encoder.tensorrt_engine",
+    "tensorrt_problem": "models.encoder.tensorrt_engine",
 }
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from models.encoder.factory import make_encoder
     from models.encoder.features import FrameFeatures
     from models.encoder.onnx_export import export_encoder
-    from models.encoder.tensorrt_engine import build_engine
+    from models.encoder.tensorrt_engine import build_engine, tensorrt_problem
 
 
 def check_encoder_choice(name: str, precision: str | None = None) -> None:
@@ -76,4 +77,5 @@ __all__ = [
     "check_encoder_choice",
     "export_encoder",
     "make_encoder",
+    "tensorrt_problem",
 ]

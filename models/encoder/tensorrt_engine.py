@@ -14,6 +14,7 @@ loads on machines without it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import tempfile
 from pathlib import Path
@@ -41,6 +42,18 @@ def tensorrt_module() -> Any:
     except ImportError as error:
         raise EncoderUnavailable(f"TensorRT is not installed ({INSTALL_HINT})") from error
     return tensorrt
+
+
+def tensorrt_problem() -> str | None:
+    """Why no engine can be built or run on this machine (TensorRT or a CUDA GPU missing), or ``None``.
+
+    Cheap: lets a command refuse before it loads a model for nothing.
+    """
+    if importlib.util.find_spec("tensorrt") is None:
+        return f"TensorRT is not installed ({INSTALL_HINT})"
+    if not torch.cuda.is_available():
+        return "TensorRT needs a CUDA GPU and torch sees none"
+    return None
 
 
 def engine_cache_key(weights: str, image_size: int, precision: str, gpu_name: str, tensorrt_version: str) -> CacheKey:
