@@ -131,3 +131,18 @@ def test_fp8_vit_keeps_the_tokens_direction_and_leaves_the_model_alone(tiny_mode
     with torch.inference_mode():
         exact, approx = TokensOnly(backbone)(pixels), TokensOnly(fp8)(pixels)
     assert float(F.cosine_similarity(approx.flatten(1), exact.flatten(1)).min()) > 0.99
+
+
+def test_tracker_factory_shares_one_named_encoder_across_streams(
+    tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The streamer side passes only a name; the models layer builds the backend once for every stream."""
+    from streamer.tracking import tracker_factory
+
+    monkeypatch.setenv("SAM3_STREAM_CACHE", str(tmp_path))
+    make_tracker = tracker_factory(str(tiny_folder), "cpu", encoder="onnxruntime")
+    first, second = make_tracker(), make_tracker()
+    assert first.encoder is second.encoder and first.encoder.name == "onnxruntime-fp32"
+    assert any(p.name.startswith("onnx-") for p in tmp_path.iterdir())
+    result = first.track(moving_shapes(0))
+    assert result.frame_index == 0
