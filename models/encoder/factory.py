@@ -34,7 +34,7 @@ def make_encoder(
     try:
         return _BACKENDS[name](models, precision, ArtifactCache(cache_dir))
     except EncoderUnavailable as why:
-        log.warning("encoder: %s cannot run here (%s); using torch", name, why)
+        log.warning("encoder: %s cannot run here, using torch: %s", name, why)
         return TorchImageEncoder(models)
 
 
