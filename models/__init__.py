@@ -6,11 +6,11 @@ protocol, which uses them); the model side loads on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from models.encoder import ENCODER_NAMES, ENCODER_PRECISIONS, EXPORT_PRECISIONS, check_encoder_choice
 from models.frames import check_frame
+from models.lazy import lazy_attributes
 from models.prompts import Prompt
 from models.results import FrameResult, ObjectResult
 
@@ -44,10 +44,7 @@ if TYPE_CHECKING:
     from models.streaming_tracker import StreamingTracker, TrackerConfig
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'models' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

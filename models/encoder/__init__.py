@@ -18,8 +18,9 @@ until one of its classes or functions is used.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from models.lazy import lazy_attributes
 
 ENCODER_NAMES = ("torch", "compiled", "onnxruntime", "tensorrt")
 """The backends ``make_encoder`` (and ``--encoder``) take."""
@@ -59,10 +60,7 @@ def check_encoder_choice(name: str, precision: str | None = None) -> None:
         raise ValueError(f"encoder_precision: {name} takes {allowed}; got {precision!r}")
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'models.encoder' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [
