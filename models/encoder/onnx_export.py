@@ -104,11 +104,22 @@ def export_copy(models: Sam3Models, precision: str) -> nn.Module:
     dtype = as_dtype(precision)
     if dtype == torch.float32:
         return backbone if models.dtype == torch.float32 else copy.deepcopy(backbone).float()
-    half = copy.deepcopy(backbone).to(dtype)
+    half = copy.deepcopy(backbone)
     replace_modules(half, nn.LayerNorm, lambda norm: Float32Island(norm, dtype))
-    embeddings = half.embeddings
-    embeddings.patch_embeddings = Float32Island(embeddings.patch_embeddings, dtype)
+    half.embeddings.patch_embeddings = Float32Island(half.embeddings.patch_embeddings, dtype)
+    _parameters_to(half, dtype)
     return half
+
+
+def _parameters_to(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters outside the fp32 islands. Buffers keep their type: the rotary embedding's
+    frequencies and positions feed fp32 arithmetic, and rounding them would move every position."""
+    if isinstance(module, Float32Island):
+        return
+    for param in module.parameters(recurse=False):
+        param.data = param.data.to(dtype)
+    for child in module.children():
+        _parameters_to(child, dtype)
 
 
 def _weight_bytes(module: nn.Module) -> int:
