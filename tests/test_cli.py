@@ -282,3 +282,18 @@ def test_build_engine_without_tensorrt_fails_saying_why() -> None:
 def test_track_refuses_a_precision_its_encoder_does_not_take() -> None:
     out = run_cli("track", "--model", "tiny-random", "--encoder", "onnxruntime", "--encoder-precision", "fp8")
     assert out.returncode == 2 and "encoder_precision: onnxruntime takes none" in out.stderr
+
+
+def test_run_hands_the_encoder_choice_to_its_tracker(tmp_path: Path) -> None:
+    from streamer.cli import build_parser, pipeline_children
+    from streamer.config import Endpoints
+
+    def tracker_argv(*extra: str) -> list[str]:
+        args = build_parser().parse_args(["run", "--model", "tiny-random", "--source", "synthetic", *extra])
+        (tracker,) = [c for c in pipeline_children(args, Endpoints.ipc_in(str(tmp_path))) if c.name == "tracker"]
+        return tracker.argv
+
+    argv = tracker_argv("--encoder", "tensorrt", "--encoder-precision", "bf16")
+    assert argv[argv.index("--encoder") + 1] == "tensorrt" and argv[argv.index("--encoder-precision") + 1] == "bf16"
+    default = tracker_argv()
+    assert default[default.index("--encoder") + 1] == "torch" and "--encoder-precision" not in default
