@@ -30,6 +30,12 @@ class ImageEncoder(Protocol):
 class EncoderUnavailable(RuntimeError):
     """A backend cannot run here (library missing, no GPU, build failed); the message says why."""
 
+    @classmethod
+    def failed(cls, step: str, error: BaseException) -> EncoderUnavailable:
+        """``"<step> failed: <ErrorType>: <first line of its message>"``: one line for a log."""
+        lines = str(error).strip().splitlines()
+        return cls(f"{step} failed: {type(error).__name__}: {lines[0] if lines else ''}".rstrip(": "))
+
 
 _PRECISION_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

@@ -45,8 +45,7 @@ class CompiledImageEncoder:
             for _ in range(WARMUP_CALLS):
                 self.encode(blank)
         except Exception as error:  # Inductor and Triton raise many types; any of them means "use eager"
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise EncoderUnavailable(f"torch.compile failed: {type(error).__name__}: {first_line}") from error
+            raise EncoderUnavailable.failed("torch.compile", error) from error
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -84,17 +84,20 @@ def export_encoder(
     log.info("exporting the %s image encoder (%s) to %s", models.source, precision, path)
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")  # tracer chatter about constant shapes: the input size is fixed on purpose
-        torch.onnx.export(
-            module,
-            (pixels,),
-            str(path),
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=["pixels"],
-            output_names=["tokens"],
-            external_data=external_data,
-            verbose=False,
-        )
+        try:
+            torch.onnx.export(
+                module,
+                (pixels,),
+                str(path),
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=["pixels"],
+                output_names=["tokens"],
+                external_data=external_data,
+                verbose=False,
+            )
+        except Exception as error:  # torch.export and onnxscript raise many types; all mean "no export"
+            raise EncoderUnavailable.failed("the ONNX export", error) from error
     return path
 
 
