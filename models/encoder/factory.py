@@ -29,13 +29,17 @@ def make_encoder(
     The result's ``name`` says what actually runs.
     """
     check_encoder_choice(name, precision)
+    encoder: ImageEncoder
     if name == "torch":
-        return TorchImageEncoder(models)
-    try:
-        return _BACKENDS[name](models, precision, ArtifactCache(cache_dir))
-    except EncoderUnavailable as why:
-        log.warning("encoder: %s cannot run here, using torch: %s", name, why)
-        return TorchImageEncoder(models)
+        encoder = TorchImageEncoder(models)
+    else:
+        try:
+            encoder = _BACKENDS[name](models, precision, ArtifactCache(cache_dir))
+        except EncoderUnavailable as why:
+            log.warning("encoder: %s cannot run here, using torch: %s", name, why)
+            encoder = TorchImageEncoder(models)
+    log.info("image encoder: %s", encoder.name)
+    return encoder
 
 
 def _compiled(models: Sam3Models, precision: str | None, cache: ArtifactCache) -> ImageEncoder:
