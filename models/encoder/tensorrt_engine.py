@@ -100,6 +100,8 @@ class TensorRTImageEncoder:
         if built_for != pixels_shape(models):
             raise CorruptArtifact(f"it was built for input {built_for}, the model takes {pixels_shape(models)}")
         self.tokens_shape = tuple(self.engine.get_tensor_shape(self.output_name))
+        # TensorRT synchronizes the device around work enqueued on the default stream: use a stream of our own.
+        self.stream = torch.cuda.Stream(self.device)
         self.tokens_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
 
     @torch.inference_mode()
@@ -108,9 +110,11 @@ class TensorRTImageEncoder:
         tokens = torch.empty(self.tokens_shape, dtype=self.tokens_dtype, device=self.device)
         self.context.set_tensor_address(self.input_name, pixels.data_ptr())
         self.context.set_tensor_address(self.output_name, tokens.data_ptr())
-        # On torch's current stream: ordered after the preprocessing and before the necks, no sync needed.
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # after the preprocessing that made the pixels
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT failed to run the encoder engine (see its log)")
+        caller.wait_stream(self.stream)  # the necks read the tokens only once the engine is done
         return tokens.to(self.models.dtype)
 
 
