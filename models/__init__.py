@@ -28,6 +28,10 @@ _LAZY = {
     "tensorrt_problem": "models.encoder",
     "StreamingTracker": "models.streaming_tracker",
     "TrackerConfig": "models.streaming_tracker",
+    "FrameOutputs": "models.predictor",
+    "PredictorError": "models.predictor",
+    "Sam3VideoPredictor": "models.predictor",
+    "UnknownSessionError": "models.predictor",
 }
 
 if TYPE_CHECKING:
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
         tensorrt_problem,
     )
     from models.loading import DEFAULT_MODEL, ModelLoadError, Sam3Models, load_models
+    from models.predictor import FrameOutputs, PredictorError, Sam3VideoPredictor, UnknownSessionError
     from models.streaming_tracker import StreamingTracker, TrackerConfig
 
 
@@ -53,15 +58,19 @@ __all__ = [
     "ENCODER_PRECISIONS",
     "EXPORT_PRECISIONS",
     "EncoderUnavailable",
+    "FrameOutputs",
     "FrameResult",
     "ImageEncoder",
     "ModelLoadError",
     "ObjectResult",
+    "PredictorError",
     "Prompt",
     "Sam3Models",
+    "Sam3VideoPredictor",
     "StreamingTracker",
     "TorchImageEncoder",
     "TrackerConfig",
+    "UnknownSessionError",
     "build_engine",
     "check_encoder_choice",
     "check_frame",
