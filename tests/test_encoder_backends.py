@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,3 +147,44 @@ def test_tracker_factory_shares_one_named_encoder_across_streams(
     assert any(p.name.startswith("onnx-") for p in tmp_path.iterdir())
     result = first.track(moving_shapes(0))
     assert result.frame_index == 0
+
+
+class CountingEncoder:
+    """An ImageEncoder that counts its calls and computes with ONNX Runtime (a real backend)."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.name, self.calls = inner, inner.name, 0
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner.encode(pixels)
+
+
+def test_the_file_predictor_computes_click_sessions_with_the_given_encoder(tiny_models, tmp_path: Path) -> None:
+    import cv2
+
+    from models import Sam3VideoPredictor
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for index in range(4):
+        cv2.imwrite(str(frames / f"{index:05d}.jpg"), moving_shapes(index)[:, :, ::-1])
+    encoder = CountingEncoder(make_encoder("onnxruntime", tiny_models, cache_dir=tmp_path / "cache"))
+    outputs = {}
+    for name, predictor in (
+        ("torch", Sam3VideoPredictor(models=tiny_models)),
+        ("onnxruntime", Sam3VideoPredictor(models=tiny_models, encoder=encoder)),
+    ):
+        session = predictor.handle_request({"type": "start_session", "resource_path": str(frames)})["session_id"]
+        predictor.handle_request(
+            {"type": "add_prompt", "session_id": session, "frame_index": 0, "points": [[40, 60]], "point_labels": [1]}
+        )
+        request = {"type": "propagate_in_video", "session_id": session, "propagation_direction": "forward"}
+        outputs[name] = {r["frame_index"]: r["outputs"] for r in predictor.handle_stream_request(request)}
+    assert encoder.calls >= 4  # every frame's features came from the given backend
+    assert sorted(outputs["torch"]) == sorted(outputs["onnxruntime"]) == [0, 1, 2, 3]
+    for index, reference in outputs["torch"].items():
+        assert sorted(reference) == sorted(outputs["onnxruntime"][index])
+        for obj_id, obj in reference.items():
+            ours = outputs["onnxruntime"][index][obj_id]["mask"]
+            assert np.count_nonzero(ours & obj["mask"]) >= 0.99 * np.count_nonzero(ours | obj["mask"])
