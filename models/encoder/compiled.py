@@ -30,21 +30,29 @@ class CompiledImageEncoder:
     def __init__(self, models: Sam3Models, *, fp8: bool = False, mode: str = COMPILE_MODE) -> None:
         if models.device.type != "cuda":
             raise EncoderUnavailable(f"compiled needs a CUDA GPU (CUDA graphs); the model is on {models.device}")
+        self.mode = mode
         backbone = vision_backbone(models)
         label = precision_name(models.dtype)
+        blank = torch.zeros(pixels_shape(models), dtype=models.dtype, device=models.device)
         if fp8:
             problem = fp8_problem(models.device)
             if problem is None:
-                backbone, label = with_fp8_linears(backbone), "fp8"
-            else:
-                log.warning("encoder: %s; compiled runs in %s", problem, label)
+                try:
+                    self._compile(with_fp8_linears(backbone), "fp8", blank)
+                    return
+                except EncoderUnavailable as why:
+                    problem = f"FP8 {why}"
+            log.warning("encoder: %s; compiled runs in %s", problem, label)
+        self._compile(backbone, label, blank)
+
+    def _compile(self, backbone: torch.nn.Module, label: str, blank: torch.Tensor) -> None:
+        """Compile and warm up (compile, record, replay) on a blank frame; a failure is EncoderUnavailable."""
         self.name = f"compiled-{label}"
-        self._forward = torch.compile(TokensOnly(backbone).eval(), mode=mode, fullgraph=True, dynamic=False)
-        blank = torch.zeros(pixels_shape(models), dtype=models.dtype, device=models.device)
+        self._forward = torch.compile(TokensOnly(backbone).eval(), mode=self.mode, fullgraph=True, dynamic=False)
         try:
             for _ in range(WARMUP_CALLS):
                 self.encode(blank)
-        except Exception as error:  # Inductor and Triton raise many types; any of them means "use eager"
+        except Exception as error:  # Inductor and Triton raise many types; any of them means "not compiled"
             raise EncoderUnavailable.failed("torch.compile", error) from error
 
     @torch.inference_mode()

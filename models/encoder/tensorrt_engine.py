@@ -75,7 +75,7 @@ def check_engine_precision(precision: str) -> None:
 
 
 class TensorRTImageEncoder:
-    """Runs a serialized encoder engine (``encoder.plan``) on the models' GPU, on torch's current stream."""
+    """Runs a serialized encoder engine (``encoder.plan``) on the models' GPU, ordered with torch's stream."""
 
     def __init__(self, models: Sam3Models, plan_path: str | Path, precision: str) -> None:
         trt = tensorrt_module()
