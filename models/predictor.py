@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.encoder import ImageEncoder, TorchImageEncoder
 from models.loading import DEFAULT_MODEL, Sam3Models, load_models
 from models.prompts import PROMPT_FIELDS, Prompt
 from models.results import ObjectResult
@@ -124,11 +125,14 @@ class Sam3VideoPredictor:
         *,
         models: Sam3Models | None = None,
         cache_frames: int = DEFAULT_CACHE_FRAMES,
+        encoder: ImageEncoder | None = None,
     ) -> None:
         """Load ``model`` (hub id, local folder, ``tiny-random`` or ``full-random``; ``ModelLoadError``
         says what to do when it cannot), or use already loaded ``models``. ``cache_frames`` decoded
-        frames are kept per session."""
+        frames are kept per session. ``encoder`` (``models.make_encoder``; default torch) computes the
+        image features of click/box sessions; text concepts still run the detector's own ViT."""
         self.models = models if models is not None else load_models(model, device=device, dtype=dtype)
+        self.encoder = encoder if encoder is not None else TorchImageEncoder(self.models)
         self.cache_frames = cache_frames
         self._sessions: dict[str, VideoSession] = {}
         self._lock = threading.RLock()
@@ -179,7 +183,7 @@ class Sam3VideoPredictor:
             except VideoReadError as exc:
                 raise PredictorError(f"resource_path: {exc}") from exc
             session_id = session_id or str(uuid.uuid4())
-            self._sessions[session_id] = VideoSession(self.models, frames)
+            self._sessions[session_id] = VideoSession(self.models, frames, self.encoder)
         return {"session_id": session_id}
 
     def add_prompt(

@@ -26,7 +26,7 @@ from transformers.models.sam3_video.modeling_sam3_video import (
     Sam3VideoSegmentationOutput,
 )
 
-from models.encoder import FrameFeatures, TorchImageEncoder
+from models.encoder import FrameFeatures, ImageEncoder, TorchImageEncoder
 from models.loading import Sam3Models
 from models.memory import TRANSIENT_KEYS, MemoryWindow, trim_video_bookkeeping
 from models.preprocess import (
@@ -97,11 +97,11 @@ class VideoSession:
     Problems with a request raise ``ValueError`` whose message starts with the field's name.
     """
 
-    def __init__(self, models: Sam3Models, frames: VideoFrames) -> None:
+    def __init__(self, models: Sam3Models, frames: VideoFrames, encoder: ImageEncoder | None = None) -> None:
         self.models = models
         self.frames = frames
         self.pixels = ProcessedFrames(frames, models)
-        self.encoder = TorchImageEncoder(models)
+        self.encoder = encoder if encoder is not None else TorchImageEncoder(models)
         self.window = MemoryWindow.for_tracker(models.tracker_model.config, max_conditioning_frames=None)
         self.version = 0
         self._clear()

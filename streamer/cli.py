@@ -5,6 +5,8 @@
     sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555 --keys ~/keys
     sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555 --keys ~/keys
     sam3-stream serve --http-port 8080
+    sam3-stream export-encoder --model facebook/sam3 --out exported/     # the image encoder as ONNX
+    sam3-stream build-engine --model facebook/sam3 --precision fp16     # its TensorRT engine, cached
 
 ``run`` starts ``capture``, ``track`` and ``serve`` as child processes over ipc:// sockets in a private
 temporary folder, prints the page's URL, restarts a child that dies (with back-off) while the others
@@ -27,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from streamer import capture, keys, tracker_service
+from streamer import capture, encoder_commands, keys, tracker_service
 from streamer.capture import Backoff
 from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
 from streamer.signals import StopSignals
@@ -163,7 +165,11 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Ch
         endpoints.results,
         "--control-endpoint",
         endpoints.control,
+        "--encoder",
+        args.encoder,
     ]
+    if args.encoder_precision is not None:
+        track_args += ["--encoder-precision", args.encoder_precision]
     for text in args.prompts:
         track_args += ["--prompt", text]
     serve_args = [
@@ -249,6 +255,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="hub id, local folder, 'tiny-random' (tests) or 'passthrough' (no model) (default %(default)s)",
     )
     parser.add_argument("--device", default="auto", help="torch device for the tracker (default: cuda if any)")
+    tracker_service.add_encoder_arguments(parser)
     parser.add_argument(
         "--source",
         required=True,
@@ -282,7 +289,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sam3-stream`` parser with its five commands."""
+    """The ``sam3-stream`` parser with its commands."""
     from streamer import gateway  # aiohttp and aiortc: loaded only to build the parser
 
     common = argparse.ArgumentParser(add_help=False)
@@ -338,6 +345,24 @@ def build_parser() -> argparse.ArgumentParser:
             "allow-list of client public keys. Pass the folder as --keys to capture, track and serve.",
         )
     )
+    encoder_commands.add_export_arguments(
+        commands.add_parser(
+            "export-encoder",
+            parents=[common],
+            help="write the image encoder as ONNX",
+            description="Export the model's ViT image encoder to DIR/encoder.onnx (fixed input size; external "
+            "data for large models) and print its path.",
+        )
+    )
+    encoder_commands.add_build_arguments(
+        commands.add_parser(
+            "build-engine",
+            parents=[common],
+            help="build the image encoder's TensorRT engine",
+            description="Build the TensorRT engine of the image encoder from its ONNX export (needs TensorRT and "
+            "an NVIDIA GPU), cache it on disk and print its path; 'track --encoder tensorrt' then uses it.",
+        )
+    )
     return parser
 
 
@@ -353,6 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tracker_service.run_from_args(args)
     if args.command == "keys":
         return keys.run_from_args(args)
+    if args.command == "export-encoder":
+        return encoder_commands.run_export(args)
+    if args.command == "build-engine":
+        return encoder_commands.run_build(args)
     from streamer import gateway
 
     return gateway.run_from_args(args)
