@@ -201,13 +201,11 @@ class VideoSession:
         """
         if direction not in DIRECTIONS:
             raise ValueError(f"propagation_direction: must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+        if start_frame_index is not None:
+            self._check_frame_index("start_frame_index", start_frame_index)
         if not self.prompted_frames:
             raise ValueError("session: no prompt added yet; add_prompt before propagate_in_video")
-        if start_frame_index is None:
-            start = min(self.prompted_frames)
-        else:
-            self._check_frame_index("start_frame_index", start_frame_index)
-            start = start_frame_index
+        start = min(self.prompted_frames) if start_frame_index is None else start_frame_index
         count = self.num_frames if max_frame_num_to_track is None else max_frame_num_to_track
         legs: list[tuple[range, bool]] = []
         if direction in (FORWARD, BOTH):

@@ -4,6 +4,8 @@
     sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555
     sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555
     sam3-stream serve --http-port 8080
+    sam3-stream segment-video clip.mp4 --prompt person -o out.mp4 --masks masks.json   # one-off files
+    sam3-stream segment-image photo.jpg --prompt dog -o dog.png
 
 ``run`` starts ``capture``, ``track`` and ``serve`` as child processes over ipc:// sockets in a private
 temporary folder, prints the page's URL, restarts a child that dies (with back-off) while the others
@@ -25,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from streamer import capture, tracker_service
+from streamer import capture, segment_cli, tracker_service
 from streamer.capture import Backoff
 from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
 from streamer.signals import StopSignals
@@ -266,7 +268,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sam3-stream`` parser with its four commands."""
+    """The ``sam3-stream`` parser with its commands."""
     from streamer import gateway  # aiohttp and aiortc: loaded only to build the parser
 
     common = argparse.ArgumentParser(add_help=False)
@@ -312,6 +314,25 @@ def build_parser() -> argparse.ArgumentParser:
             "forwards prompts from the page's data channel, serves /health and /metrics.",
         )
     )
+    segment_cli.add_video_arguments(
+        commands.add_parser(
+            "segment-video",
+            parents=[common],
+            help="segment a video file: write it with the masks drawn, and the masks as JSON",
+            description="Track text prompts, clicks or boxes through a video file with SAM 3's video predictor "
+            "and write an H.264 mp4 with the objects drawn (or the masks alone), optionally every frame's masks "
+            "as COCO RLE JSON. The video is decoded, tracked and encoded frame by frame.",
+        )
+    )
+    segment_cli.add_image_arguments(
+        commands.add_parser(
+            "segment-image",
+            parents=[common],
+            help="segment an image: write it with the masks drawn",
+            description="Segment text prompts, clicks or boxes in one image and write it with the objects drawn "
+            "(or the mask alone), optionally the masks as COCO RLE JSON.",
+        )
+    )
     return parser
 
 
@@ -325,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return capture.run_from_args(args)
     if args.command == "track":
         return tracker_service.run_from_args(args)
+    if args.command in ("segment-video", "segment-image"):
+        return segment_cli.run_from_args(args)
     from streamer import gateway
 
     return gateway.run_from_args(args)
