@@ -368,39 +368,52 @@ class VideoSession:
                 prune_for_next_frame(session, frame_index, reverse, self.window, keep)
 
     def _postprocess(self, raw: RawFrame) -> list[ObjectResult]:
-        objects = self._text_objects(raw.text) if raw.text is not None else []
+        objects = []
+        if raw.text is not None:
+            objects += text_objects(raw.text, self.text, self.height, self.width, hidden=self.hidden)
         if raw.geometry_ids:
-            labels = [None] * len(raw.geometry_ids)
-            objects += _objects(
-                list(raw.geometry_ids), raw.geometry_logits, raw.geometry_scores, labels, self.height, self.width
+            objects += objects_from_logits(
+                list(raw.geometry_ids), raw.geometry_logits, raw.geometry_scores, self.height, self.width
             )
         return sorted(objects, key=lambda o: o.obj_id)
 
-    def _text_objects(self, out: Sam3VideoSegmentationOutput) -> list[ObjectResult]:
-        session = self.text
-        hide = set(out.suppressed_obj_ids or ()) | session.hotstart_removed_obj_ids | self.hidden
-        ids = [i for i in sorted(out.obj_id_to_mask) if i not in hide]
-        if not ids:
-            return []
-        device = self.models.device
-        logits = torch.cat([out.obj_id_to_mask[i] for i in ids], dim=0)
-        scores = torch.tensor([float(out.obj_id_to_score[i]) for i in ids], device=device)
-        tracker_scores = out.obj_id_to_tracker_score or {}
-        overlap = torch.tensor([float(tracker_scores.get(i, 0.0)) for i in ids], device=device)
-        labels = [session.prompts.get(session.obj_id_to_prompt_id.get(i)) for i in ids]
-        return _objects(ids, logits, scores, labels, self.height, self.width, overlap)
+
+def text_objects(
+    out: Sam3VideoSegmentationOutput,
+    session: Sam3VideoInferenceSession,
+    height: int,
+    width: int,
+    hidden: set[int] | frozenset[int] = frozenset(),
+) -> list[ObjectResult]:
+    """The objects ``Sam3VideoModel`` shows on a frame, as transformers' video processor post-processes
+    them: suppressed and hot-start-removed objects hidden (and ``hidden`` ones), masks at ``height`` x
+    ``width``, overlaps settled per prompt by tracker score, empty masks left out; ``score`` is the
+    detection score."""
+    hide = set(out.suppressed_obj_ids or ()) | session.hotstart_removed_obj_ids | set(hidden)
+    ids = [i for i in sorted(out.obj_id_to_mask) if i not in hide]
+    if not ids:
+        return []
+    device = out.obj_id_to_mask[ids[0]].device
+    logits = torch.cat([out.obj_id_to_mask[i] for i in ids], dim=0)
+    scores = torch.tensor([float(out.obj_id_to_score[i]) for i in ids], device=device)
+    tracker_scores = out.obj_id_to_tracker_score or {}
+    overlap = torch.tensor([float(tracker_scores.get(i, 0.0)) for i in ids], device=device)
+    labels = [session.prompts.get(session.obj_id_to_prompt_id.get(i)) for i in ids]
+    return objects_from_logits(ids, logits, scores, height, width, labels, overlap)
 
 
-def _objects(
+def objects_from_logits(
     ids: list[int],
     logits: torch.Tensor,
     scores: torch.Tensor,
-    labels: list[str | None],
     height: int,
     width: int,
+    labels: list[str | None] | None = None,
     overlap_scores: torch.Tensor | None = None,
 ) -> list[ObjectResult]:
-    """Low-res logits -> masks at the video's size, boxes; objects with an empty mask are left out."""
+    """Low-res mask logits -> objects with masks at ``height`` x ``width`` and pixel boxes; objects with
+    an empty mask are left out. ``overlap_scores`` settle pixels claimed by objects of one label."""
+    labels = labels if labels is not None else [None] * len(ids)
     masks = masks_to_frame(logits, height, width)
     if overlap_scores is not None:
         masks = resolve_overlaps_per_label(masks, overlap_scores, labels)

@@ -264,3 +264,34 @@ def test_every_bad_request_says_what_is_wrong(predictor, clip: Path) -> None:
             predictor.handle_request(["start_session"])  # type: ignore[arg-type]
     finally:
         predictor.close_session("S")
+
+
+def test_long_video_is_decoded_on_demand_and_state_stays_flat(tiny_models, tmp_path: Path) -> None:
+    from models import Sam3VideoPredictor
+    from models.memory import state_bytes
+    from models.tiny import moving_shapes
+    from tests.helpers import write_video
+
+    count, cache = 80, 8
+    path = write_video(tmp_path / "long.mp4", (moving_shapes(i, 96, 72) for i in range(count)), gop=24)
+    predictor = Sam3VideoPredictor(models=tiny_models, cache_frames=cache)
+    session_id = predictor.start_session(path)["session_id"]
+    predictor.add_prompt(session_id, 0, points=[[30, 36]], point_labels=[1])
+    predictor.add_prompt(session_id, 0, bounding_boxes=[[0.7, 0.3, 0.3, 0.3]], bounding_box_labels=[1])
+    session, frames = predictor._sessions[session_id], predictor.frames(session_id)
+    state: dict[int, int] = {}
+    for response in predictor.propagate_in_video(session_id, "forward"):
+        assert frames.cached_count <= cache
+        assert sorted(response["outputs"]) == [0, 1]
+        if response["frame_index"] in (30, count - 1):
+            state[response["frame_index"]] = state_bytes(session.geometry)
+    assert frames.decoded_count == count, "forward: every frame decoded once, none kept beyond the cache"
+    assert abs(state[count - 1] - state[30]) <= 0.05 * state[30], "per-frame outputs do not pile up"
+    for outputs in session.geometry.output_dict_per_obj.values():
+        assert len(outputs["non_cond_frame_outputs"]) <= session.window.pointer_frames
+
+    decoded = frames.decoded_count
+    backward = list(predictor.propagate_in_video(session_id, "backward", start_frame_idx=count - 1))
+    assert [r["frame_index"] for r in backward] == list(range(count - 1, -1, -1))
+    assert frames.decoded_count - decoded <= count * (1 + 24 / cache)
+    predictor.close_session(session_id)

@@ -21,9 +21,10 @@ from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import S
 from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
 
 from models import Prompt
-from models.preprocess import frame_to_pixels, masks_to_frame, prompt_to_model_points, resolve_overlaps_per_label
+from models.preprocess import frame_to_pixels, prompt_to_model_points
 from models.sessions import add_object_inputs, add_text_prompt, point_inputs
 from models.tiny import moving_shapes
+from models.video_session import objects_from_logits, text_objects
 from streamer.video_writer import Mp4Writer
 
 FRAMES, START = 40, 20
@@ -47,11 +48,8 @@ def _video_tensor(path: Path, size: int) -> torch.Tensor:
     return torch.cat([frame_to_pixels(f, size, torch.device("cpu"), torch.float32) for f in frames])
 
 
-def _visible(ids: list[int], logits: torch.Tensor, scores: list[float], labels=None, overlap=None) -> Frame:
-    masks = masks_to_frame(logits, H, W)
-    if overlap is not None:
-        masks = resolve_overlaps_per_label(masks, torch.tensor(overlap), labels)
-    return {i: (masks[k].numpy(), scores[k]) for k, i in enumerate(ids) if bool(masks[k].any())}
+def _shown(objects) -> Frame:
+    return {o.obj_id: (o.mask, o.score) for o in objects}
 
 
 def _text_reference(models, video: torch.Tensor, text: str) -> list[tuple[int, Frame]]:
@@ -61,15 +59,8 @@ def _text_reference(models, video: torch.Tensor, text: str) -> list[tuple[int, F
     frames = []
     for reverse in (False, True):
         for out in model.propagate_in_video_iterator(session, start_frame_idx=START, reverse=reverse):
-            hide = set(out.suppressed_obj_ids or ()) | session.hotstart_removed_obj_ids
-            ids = [i for i in sorted(out.obj_id_to_mask) if i not in hide]
-            shown: Frame = {}
-            if ids:
-                logits = torch.cat([out.obj_id_to_mask[i] for i in ids])
-                labels = [session.prompts[session.obj_id_to_prompt_id[i]] for i in ids]
-                overlap = [float(out.obj_id_to_tracker_score.get(i, 0.0)) for i in ids]
-                shown = _visible(ids, logits, [float(out.obj_id_to_score[i]) for i in ids], labels, overlap)
-            frames.append((out.frame_idx, shown))
+            # shown as transformers' video processor shows them, at the moment the iterator yields
+            frames.append((out.frame_idx, _shown(text_objects(out, session, H, W))))
     return frames
 
 
@@ -87,8 +78,9 @@ def _geometry_reference(folder: Path, video: torch.Tensor, prompt: Prompt) -> li
     frames = []
     for leg in legs:
         for out in leg:
-            scores = out.object_score_logits.reshape(-1).float().sigmoid().tolist()
-            frames.append((out.frame_idx, _visible(list(out.object_ids), out.pred_masks[:, 0], scores)))
+            scores = out.object_score_logits.reshape(-1).float().sigmoid()
+            objects = objects_from_logits(list(out.object_ids), out.pred_masks[:, 0], scores, H, W)
+            frames.append((out.frame_idx, _shown(objects)))
     return frames
 
 
