@@ -169,7 +169,6 @@ class VideoSession:
         """
         if self.geometry is not None and obj_id in self.geometry.obj_ids:
             remove_tracker_object(self.geometry, obj_id)
-            self.init_frames.pop(obj_id, None)
             if not self.geometry.obj_ids:
                 self.geometry = None
         elif self.text is not None and obj_id in self.text.obj_ids and obj_id not in self.hidden:
@@ -262,7 +261,6 @@ class VideoSession:
         self.geometry: Sam3TrackerVideoInferenceSession | None = None
         self.prompted_frames: set[int] = set()
         self.hidden: set[int] = set()  # text-found objects the user removed
-        self.init_frames: dict[int, int] = {}  # point/box object -> the frame it was created on
         self.next_obj_id = 0
         self._fresh: tuple[int, RawFrame] | None = None
 
@@ -309,7 +307,6 @@ class VideoSession:
                 new_id = obj_id if obj_id is not None else self.next_obj_id
                 self.next_obj_id = max(self.next_obj_id, new_id + 1)
                 new[new_id] = point_inputs(coords, labels, device)
-                self.init_frames.setdefault(new_id, frame_index)
         if self.geometry is None:
             self.geometry = self._new_session(Sam3TrackerVideoInferenceSession)
         add_object_inputs(self.geometry, frame_index, new)

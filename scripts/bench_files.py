@@ -81,10 +81,10 @@ def _packed(objects) -> dict[int, bytes]:
 def predictor_propagate(predictor: Sam3VideoPredictor, video: Path, text: str) -> tuple[dict[str, Any], Masks]:
     session_id = predictor.start_session(video)["session_id"]
     try:
-        predictor.add_prompt(session_id, 0, text=text)
         masks: Masks = []
         _sync(predictor.models)
-        start = time.perf_counter()
+        start = time.perf_counter()  # add_prompt runs frame 0, which propagation then does not run again
+        predictor.add_prompt(session_id, 0, text=text)
         for response in predictor.propagate_in_video(session_id, "forward"):
             masks.append(_packed(response["outputs"].objects))
         _sync(predictor.models)

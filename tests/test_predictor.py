@@ -73,10 +73,36 @@ def test_sam3_documented_workflow(predictor, clip: Path) -> None:
             x0, y0, x1, y1 = out[obj_id]["bbox"]
             assert out["out_boxes_xywh"][idx] == pytest.approx([x0 / W, y0 / H, (x1 - x0) / W, (y1 - y0) / H])
 
+    session, frames = predictor._sessions[session_id], predictor.frames(session_id)
     assert predictor.handle_request(request=dict(type="close_session", session_id=session_id)) == {"is_success": True}
+    assert session.text is None and session.geometry is None and frames.cached_count == 0  # memory freed
     with pytest.raises(RuntimeError, match="session_id: no open session"):
         predictor.handle_request(dict(type="add_prompt", session_id=session_id, frame_index=0, text="person"))
     assert predictor.handle_request(dict(type="close_session", session_id=session_id)) == {"is_success": False}
+
+
+def test_meta_coordinates_read_prompts_as_metas_predictor_does(predictor, tiny_models, clip: Path) -> None:
+    from models import Sam3VideoPredictor
+
+    meta = Sam3VideoPredictor(models=tiny_models, prompt_coordinates="meta")
+    results = []
+    for which, points, boxes in [
+        (predictor, [[40.0, 60.0]], [[0.75, 0.25, 0.3, 0.3]]),  # pixels; [cx, cy, w, h]
+        (meta, torch.tensor([[0.25, 0.5]]), torch.tensor([[0.6, 0.1, 0.3, 0.3]])),  # Meta: 0..1; [x, y, w, h]
+    ]:
+        session_id = _start(which, clip)
+        which.add_prompt(session_id, 0, points=points, point_labels=torch.tensor([1]))
+        out = which.add_prompt(session_id, 0, bounding_boxes=boxes, bounding_box_labels=[1])["outputs"]
+        results.append({i: o["mask"] for i, o in out.items()})
+        which.close_session(session_id)
+    assert sorted(results[0]) == sorted(results[1]) == [0, 1]
+    assert all(np.array_equal(results[0][i], results[1][i]) for i in (0, 1))
+    with pytest.raises(PredictorError, match="points: with prompt_coordinates='meta', points are normalized"):
+        session_id = _start(meta, clip)
+        try:
+            meta.add_prompt(session_id, 0, points=[[40, 60]], point_labels=[1])
+        finally:
+            meta.close_session(session_id)
 
 
 def test_prompt_on_a_middle_frame_and_the_directions(predictor, clip: Path) -> None:
