@@ -321,3 +321,20 @@ def test_long_video_is_decoded_on_demand_and_state_stays_flat(tiny_models, tmp_p
     assert [r["frame_index"] for r in backward] == list(range(count - 1, -1, -1))
     assert frames.decoded_count - decoded <= count * (1 + 24 / cache)
     predictor.close_session(session_id)
+
+
+def test_one_predictor_serves_threads(predictor, clip: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(start: int) -> list[tuple[int, list[int]]]:
+        session_id = _start(predictor, clip)
+        try:
+            predictor.add_prompt(session_id, start, points=[[40, 50]], point_labels=[1])
+            return [(i, sorted(out)) for i, out in _propagate(predictor, session_id, propagation_direction="forward")]
+        finally:
+            predictor.close_session(session_id)
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(run, [0, 12])
+    assert first == [(i, [0]) for i in range(CLIP_FRAMES)]
+    assert second == [(i, [0]) for i in range(12, CLIP_FRAMES)]

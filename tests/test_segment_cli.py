@@ -118,3 +118,21 @@ def test_errors_exit_without_a_traceback(clip: Path, tmp_path: Path) -> None:
     assert "Traceback" not in bad_output.stderr
     bad_points = subprocess.run([*command, "--points", "1;2", "-o", "x.mp4"], capture_output=True, text=True, env=env)
     assert bad_points.returncode == 2 and "expected X,Y in pixels, got '1;2'" in bad_points.stderr
+
+
+def test_a_progress_callback_can_stop_a_job(predictor, clip: Path, tmp_path: Path) -> None:
+    from streamer.segment import FilePrompt, ObjectPrompt, segment_video
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(done: int, total: int) -> None:
+        assert total == CLIP_FRAMES
+        if done == 3:
+            raise Cancelled
+
+    prompt = FilePrompt(objects=(ObjectPrompt(points=((40, 50),), point_labels=(1,)),))
+    open_before = set(predictor.session_ids)
+    with pytest.raises(Cancelled):
+        segment_video(predictor, clip, tmp_path / "out.mp4", prompt, progress=progress)
+    assert set(predictor.session_ids) == open_before  # the job's session was closed
