@@ -67,6 +67,7 @@ def test_unreadable_resources_say_why(tmp_path: Path) -> None:
     (tmp_path / "junk.png").write_bytes(b"\x00not an image")
     (tmp_path / "clip.xyz").write_bytes(b"data")
     (tmp_path / "empty").mkdir()
+    cv2.imwrite(str(tmp_path / "huge.png"), np.zeros((2, 8193, 3), np.uint8))
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     cv2.imwrite(str(mixed / "0.jpg"), np.zeros((10, 20, 3), np.uint8))
@@ -77,6 +78,7 @@ def test_unreadable_resources_say_why(tmp_path: Path) -> None:
         tmp_path / "junk.png": "not a readable image",
         tmp_path / "clip.xyz": "unsupported file type '.xyz'",
         tmp_path / "empty": "no JPEG frames",
+        tmp_path / "huge.png": "frames of 8193x2 are outside 1..8192 pixels a side",
     }
     for path, message in cases.items():
         with pytest.raises(VideoReadError, match=message):
