@@ -14,11 +14,10 @@ import argparse
 import logging
 import sys
 
-from models.loading import DEFAULT_MODEL, ModelLoadError
-
 log = logging.getLogger("sam3-stream")
 
 FAILED = 1
+DEFAULT_MODEL = "facebook/sam3"  # models.DEFAULT_MODEL, without importing torch to build the parser
 
 
 def add_video_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +42,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run ``segment-video`` or ``segment-image`` (by ``args.command``); returns the exit status."""
     try:
         return _run(args)
-    except (ModelLoadError, ValueError, OSError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:  # RuntimeError: PredictorError, ModelLoadError
         print(f"sam3-stream {args.command}: error: {error}", file=sys.stderr)
         return FAILED
 
