@@ -1,8 +1,9 @@
 """``sam3-stream``: run the whole pipeline on one machine, or each part on its own.
 
     sam3-stream run --model facebook/sam3 --source 0 --prompt person      # all three, ipc://, one machine
-    sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555
-    sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555
+    sam3-stream keys ~/keys                  # CURVE keys: every part across hosts takes --keys (a copy of) it
+    sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555 --keys ~/keys
+    sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555 --keys ~/keys
     sam3-stream serve --http-port 8080
     sam3-stream segment-video clip.mp4 --prompt person -o out.mp4 --masks masks.json   # one-off files
     sam3-stream segment-image photo.jpg --prompt dog -o dog.png
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -27,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from streamer import capture, segment_cli, tracker_service
+from streamer import capture, keys, segment_cli, tracker_service
 from streamer.capture import Backoff
 from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
 from streamer.signals import StopSignals
@@ -180,6 +182,10 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Ch
     ]
     for host in args.ice_hosts or []:
         serve_args += ["--ice-host", host]
+    for name in args.allowed_hosts:
+        serve_args += ["--allowed-host", name]
+    if args.insecure:
+        serve_args.append("--insecure")
     return [
         Child("capture", _child_argv("capture", args.log_level, *capture_args)),
         Child("tracker", _child_argv("track", args.log_level, *track_args)),
@@ -189,6 +195,16 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Ch
 
 def run_pipeline(args: argparse.Namespace) -> int:
     """``sam3-stream run``: start the three parts, print the URL, supervise until a signal; exit status."""
+    from streamer.gateway import TOKEN_ENV, check_exposure, token_from_args
+
+    try:
+        token = token_from_args(args)
+        check_exposure(args.http_host, token, args.insecure)
+    except ValueError as exc:  # the gateway would refuse the same, after the tracker had loaded
+        log.error("%s", exc)
+        return USAGE_ERROR
+    if token:
+        os.environ[TOKEN_ENV] = token  # inherited by the gateway; an argument would show in every process list
     browse_host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::", "") else args.http_host
     if _listening(browse_host, args.http_port):  # else the gateway would fail and be restarted forever
         log.error("port %d is already in use on %s; pass another --http-port", args.http_port, browse_host)
@@ -288,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         "temporary folder, print the page's URL, restart a part that dies, stop all on Ctrl-C.",
     )
     _add_run_arguments(run)
+    gateway.add_access_arguments(run)
     capture.add_arguments(
         commands.add_parser(
             "capture",
@@ -333,6 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
             "(or the mask alone), optionally the masks as COCO RLE JSON.",
         )
     )
+    keys.add_arguments(
+        commands.add_parser(
+            "keys",
+            parents=[common],
+            help="make CURVE key pairs that secure tcp:// sockets",
+            description="Make (or add to) a key folder: the servers' key pair, this host's client pair, and an "
+            "allow-list of client public keys. Pass the folder as --keys to capture, track and serve.",
+        )
+    )
     return parser
 
 
@@ -348,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tracker_service.run_from_args(args)
     if args.command in ("segment-video", "segment-image"):
         return segment_cli.run_from_args(args)
+    if args.command == "keys":
+        return keys.run_from_args(args)
     from streamer import gateway
 
     return gateway.run_from_args(args)
