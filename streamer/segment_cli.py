@@ -11,8 +11,10 @@ with one line on stderr and exit status 1; bad arguments exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger("sam3-stream")
 
@@ -93,21 +95,18 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _progress_bar:  # noqa: N801 - used as a context manager, like open()
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[Callable[[int, int], None]]:
     """A tqdm bar on stderr (hidden when stderr is not a terminal), fed ``(done, total)``."""
+    from tqdm import tqdm
 
-    def __enter__(self):
-        from tqdm import tqdm
+    with tqdm(unit="frame", desc="segmenting", disable=None, file=sys.stderr) as bar:
 
-        self._bar = tqdm(unit="frame", desc="segmenting", disable=None, file=sys.stderr)
-        return self
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
 
-    def __call__(self, done: int, total: int) -> None:
-        self._bar.total = total
-        self._bar.update(done - self._bar.n)
-
-    def __exit__(self, *exc: object) -> None:
-        self._bar.close()
+        yield update
 
 
 def _point(text: str) -> tuple[float, float]:
