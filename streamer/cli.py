@@ -4,6 +4,7 @@
     sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555
     sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555
     sam3-stream serve --http-port 8080
+    sam3-stream api --model facebook/sam3 --http-port 8090                # files over HTTP (hosted-API fields)
 
 ``run`` starts ``capture``, ``track`` and ``serve`` as child processes over ipc:// sockets in a private
 temporary folder, prints the page's URL, restarts a child that dies (with back-off) while the others
@@ -266,8 +267,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sam3-stream`` parser with its four commands."""
-    from streamer import gateway  # aiohttp and aiortc: loaded only to build the parser
+    """The ``sam3-stream`` parser with its five commands."""
+    from streamer import api, gateway  # aiohttp and aiortc: loaded only to build the parser
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="(default %(default)s)")
@@ -312,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
             "forwards prompts from the page's data channel, serves /health and /metrics.",
         )
     )
+    api.add_arguments(
+        commands.add_parser(
+            "api",
+            parents=[common],
+            help="serve SAM 3 on images and videos over HTTP (hosted SAM 3 services' requests)",
+            description="An HTTP service with the request fields of the hosted SAM 3 services (Oxen.ai, Segmind): "
+            "synchronous and queued jobs kept in SQLite under --data-dir, results by URL, server-sent events.",
+        )
+    )
     return parser
 
 
@@ -325,6 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return capture.run_from_args(args)
     if args.command == "track":
         return tracker_service.run_from_args(args)
+    if args.command == "api":
+        from streamer import api
+
+        return api.run_from_args(args)
     from streamer import gateway
 
     return gateway.run_from_args(args)
