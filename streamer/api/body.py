@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from streamer.api.errors import bad_request, too_large
 
@@ -92,7 +93,7 @@ def _checked_count(fields: dict[str, Any]) -> dict[str, Any]:
 async def _read_multipart(request: web.Request, staging: Path, max_upload_bytes: int) -> dict[str, Any]:
     try:
         reader = await request.multipart()
-    except (ValueError, AssertionError) as exc:
+    except (ValueError, HttpProcessingError) as exc:
         raise bad_request(f"body: malformed multipart form ({exc})") from None
     fields: dict[str, Any] = {}
     text_limit = max_body_bytes(max_upload_bytes)
@@ -115,7 +116,7 @@ async def _read_multipart(request: web.Request, staging: Path, max_upload_bytes:
                     fields[name] = data.decode("utf-8")
                 except UnicodeDecodeError:
                     raise bad_request(f"{name[:60]}: form field is not UTF-8 text") from None
-    except ValueError as exc:  # malformed part headers or boundaries
+    except (ValueError, HttpProcessingError) as exc:  # malformed part headers or boundaries
         raise bad_request(f"body: malformed multipart form ({str(exc)[:120]})") from None
     return fields
 

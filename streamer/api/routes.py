@@ -320,8 +320,11 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Any
         return await handler(request)
     except ApiError as exc:
         return exc.response()
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, "payload_too_large", f"body: larger than the {exc.max_size} bytes accepted")
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONTEXT].config.max_upload_mb
+        return error_response(
+            413, "payload_too_large", f"body: too large (inputs up to {limit:g} MB, 4/3 of that as base64 in JSON)"
+        )
     except web.HTTPNotFound:
         return error_response(404, "not_found", f"path: no route {request.path[:100]!r}")
     except web.HTTPMethodNotAllowed as exc:
