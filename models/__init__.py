@@ -22,11 +22,16 @@ _LAZY = {
     "TorchImageEncoder": "models.encoder",
     "StreamingTracker": "models.streaming_tracker",
     "TrackerConfig": "models.streaming_tracker",
+    "FrameOutputs": "models.predictor",
+    "PredictorError": "models.predictor",
+    "Sam3VideoPredictor": "models.predictor",
+    "UnknownSessionError": "models.predictor",
 }
 
 if TYPE_CHECKING:
     from models.encoder import ImageEncoder, TorchImageEncoder
     from models.loading import DEFAULT_MODEL, ModelLoadError, Sam3Models, load_models
+    from models.predictor import FrameOutputs, PredictorError, Sam3VideoPredictor, UnknownSessionError
     from models.streaming_tracker import StreamingTracker, TrackerConfig
 
 
@@ -38,15 +43,19 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DEFAULT_MODEL",
+    "FrameOutputs",
     "FrameResult",
     "ImageEncoder",
     "ModelLoadError",
     "ObjectResult",
+    "PredictorError",
     "Prompt",
     "Sam3Models",
+    "Sam3VideoPredictor",
     "StreamingTracker",
     "TorchImageEncoder",
     "TrackerConfig",
+    "UnknownSessionError",
     "check_frame",
     "load_models",
 ]
