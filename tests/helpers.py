@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -446,5 +447,10 @@ class EventListener:
         return self.wait(lambda: next((e for e in self.events if e["generation_id"] == generation_id), None), timeout)
 
     def close(self) -> None:
+        # Shut the socket down: closing the response alone leaves the reader blocked until the next keep-alive.
+        connection = self._response.raw.connection
+        if connection is not None and connection.sock is not None:
+            with contextlib.suppress(OSError):
+                connection.sock.shutdown(socket.SHUT_RDWR)
         self._response.close()
         self._thread.join(5)

@@ -103,7 +103,6 @@ class JobRequest:
         spec: dict[str, Any] = {
             "input": input_name,
             "prompts": self.prompts(info.width, info.height),
-            "label": self.text,
             "apply_mask": self.apply_mask,
             "output_format": self.output_format,
             "masks_rle": self.masks_rle,

@@ -1,19 +1,15 @@
 """What a job hands back: the input with its masks drawn (``apply_mask``) or the masks themselves, as a
-PNG/JPEG image or an H.264 mp4, and optionally every frame's masks as COCO RLE JSON.
-
-Video is written with PyAV's libx264 (OpenCV's writer cannot produce H.264 here), one frame at a
-time, so a job never holds more than the frame it is on.
+PNG/JPEG image (videos: ``streamer.video_writer.Mp4Writer``, H.264), and optionally every frame's masks
+as COCO RLE JSON, written frame by frame.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import IO
 
-import av
 import cv2
 import numpy as np
 
@@ -46,40 +42,6 @@ def encode_image(rgb: np.ndarray, fmt: str) -> bytes:
     if not ok:
         raise RuntimeError(f"OpenCV could not encode a {fmt} image")
     return data.tobytes()
-
-
-class Mp4Writer:
-    """H.264 (yuv420p, browser-playable) mp4 written frame by frame. Odd sizes are padded by one
-    edge pixel: 4:2:0 chroma needs even sides."""
-
-    def __init__(self, path: Path, width: int, height: int, fps: float) -> None:
-        self.width, self.height = width + width % 2, height + height % 2
-        self._container = av.open(str(path), "w", format="mp4")
-        rate = Fraction(fps).limit_denominator(1001)
-        self._stream = self._container.add_stream("libx264", rate=rate, options={"preset": "veryfast", "crf": "20"})
-        self._stream.width, self._stream.height, self._stream.pix_fmt = self.width, self.height, "yuv420p"
-        self.frames = 0
-
-    def write(self, rgb: np.ndarray) -> None:
-        pad_y, pad_x = self.height - rgb.shape[0], self.width - rgb.shape[1]
-        if pad_y or pad_x:
-            rgb = np.pad(rgb, ((0, pad_y), (0, pad_x), (0, 0)), mode="edge")
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-        self._container.mux(self._stream.encode(frame))
-        self.frames += 1
-
-    def close(self) -> None:
-        self._container.mux(self._stream.encode())  # flush
-        self._container.close()
-
-    def __enter__(self) -> Mp4Writer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if exc[0] is None:
-            self.close()
-        else:
-            self._container.close()
 
 
 class MasksJson:

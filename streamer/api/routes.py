@@ -14,6 +14,7 @@ import base64
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -246,17 +247,22 @@ async def _events(request: web.Request) -> web.StreamResponse:
     try:
         await response.prepare(request)
         await response.write(b": connected\n\n")
-        while True:
+        quiet_since = time.monotonic()
+        while request.transport is not None and not request.transport.is_closing():
             try:
-                job = await asyncio.wait_for(queue.get(), ctx.config.keepalive_s)
+                # Short waits: a client that went away frees its slot within a second, not a keep-alive later.
+                job = await asyncio.wait_for(queue.get(), min(1.0, ctx.config.keepalive_s))
             except asyncio.TimeoutError:
-                await response.write(b": keep-alive\n\n")
+                if time.monotonic() - quiet_since >= ctx.config.keepalive_s:
+                    await response.write(b": keep-alive\n\n")
+                    quiet_since = time.monotonic()
                 continue
             if job is CLOSED:
                 break
             # Compact JSON: the hosted service's examples match '"generation_id":"<id>"' in the line.
             data = json.dumps(ctx.views.completion_event(job, base), separators=(",", ":"))
             await response.write(f"event: media_generation_completed\ndata: {data}\n\n".encode())
+            quiet_since = time.monotonic()
     except ConnectionResetError:
         pass
     finally:

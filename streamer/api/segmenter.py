@@ -1,27 +1,25 @@
-"""The one seam between the API and the model: SAM 3's video predictor, driven by its public requests.
+"""The one seam between the API and the model: ``models.Sam3VideoPredictor``, driven by its public requests.
 
 A job is one predictor session: ``start_session`` on the input file, one ``add_prompt`` per prompt on
-frame 0, ``propagate_in_video`` forward (an image is a one-frame session), ``close_session``. Nothing
-here knows the model's insides.
+frame 0, ``propagate_in_video`` forward from frame 0 (an image is a one-frame session),
+``close_session``. The frames drawn on are the predictor's own (``frames(session_id)``, decoded on
+demand), so every video is decoded once. Nothing here knows the model's insides.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models import ObjectResult
 
+if TYPE_CHECKING:  # the predictor pulls in torch: imported when a server loads it, not to build the CLI parser
+    from models import Sam3VideoPredictor
 
-class Predictor(Protocol):
-    """What the API needs of ``models.Sam3VideoPredictor``: SAM 3's request/response API."""
-
-    def handle_request(self, request: dict[str, Any]) -> dict[str, Any]: ...
-
-    def handle_stream_request(self, request: dict[str, Any]) -> Any: ...
+FrameCallback = Callable[[int, np.ndarray, list[ObjectResult]], None]
 
 
 class Stopped(Exception):
@@ -29,19 +27,18 @@ class Stopped(Exception):
 
 
 class RequestRefused(Exception):
-    """The predictor refused a request: by its contract a plain ``RuntimeError`` saying what is wrong
-    with the request (subclasses, such as torch's out-of-memory error, are the server's trouble)."""
+    """The predictor refused a request (its ``PredictorError``: the input or a prompt is at fault)."""
 
 
 class Segmenter:
-    """Runs whole files through a :class:`Predictor`, one at a time, frame results to a callback."""
+    """Runs whole files through a predictor, frame results (with their frames) to a callback."""
 
-    def __init__(self, predictor: Predictor) -> None:
+    def __init__(self, predictor: Sam3VideoPredictor) -> None:
         self.predictor = predictor
 
     @classmethod
     def load(cls, model: str, device: str | None) -> Segmenter:
-        """Load ``models.Sam3VideoPredictor`` (``model``: hub id, local folder or ``tiny-random``)."""
+        """Load the predictor (``model``: hub id, local folder or ``tiny-random``); raises ``ModelLoadError``."""
         from models import Sam3VideoPredictor
 
         return cls(Sam3VideoPredictor(model=model, device=device))
@@ -50,63 +47,56 @@ class Segmenter:
         self,
         path: Path,
         prompts: Sequence[Mapping[str, Any]],
-        on_frame: Callable[[int, list[ObjectResult]], None],
+        on_frame: FrameCallback,
         should_stop: Callable[[], bool],
-        label: str | None = None,
-    ) -> None:
+    ) -> int:
         """Segment the file at ``path`` with ``prompts`` (``add_prompt`` fields) given on frame 0.
 
-        ``on_frame(frame_index, objects)`` is called for every frame in order; ``label`` tags the objects
-        (the text prompt). Raises :class:`Stopped` when ``should_stop()`` turns true between frames, and
-        :class:`RequestRefused` when the predictor refuses a request.
+        ``on_frame(frame_index, frame_rgb, objects)`` is called for every frame in order, also for any
+        frame the predictor yields nothing for (with no objects). Returns the number of frames. Raises
+        :class:`Stopped` when ``should_stop()`` turns true between frames, :class:`RequestRefused` when
+        the predictor refuses a request.
         """
-        try:
-            self._run(path, prompts, on_frame, should_stop, label)
-        except RuntimeError as exc:
-            if type(exc) is RuntimeError:
-                raise RequestRefused(str(exc)) from exc
-            raise
+        from models import PredictorError
 
-    def _run(
-        self,
-        path: Path,
-        prompts: Sequence[Mapping[str, Any]],
-        on_frame: Callable[[int, list[ObjectResult]], None],
-        should_stop: Callable[[], bool],
-        label: str | None,
-    ) -> None:
-        session = self.predictor.handle_request({"type": "start_session", "resource_path": str(path)})["session_id"]
         try:
-            for prompt in prompts:
-                if should_stop():
-                    raise Stopped
-                self.predictor.handle_request({"type": "add_prompt", "session_id": session, "frame_index": 0, **prompt})
-            frames = self.predictor.handle_stream_request(
-                {
-                    "type": "propagate_in_video",
-                    "session_id": session,
-                    "propagation_direction": "forward",
-                    "start_frame_index": 0,
-                }
-            )
-            try:
-                for response in frames:
-                    if should_stop():
-                        raise Stopped
-                    on_frame(int(response["frame_index"]), objects_of(response["outputs"], label))
-            finally:
-                close = getattr(frames, "close", None)
-                if close is not None:
-                    close()
+            session = self.predictor.handle_request({"type": "start_session", "resource_path": str(path)})["session_id"]
+        except PredictorError as exc:
+            raise RequestRefused(str(exc)) from exc
+        try:
+            return self._run(session, prompts, on_frame, should_stop)
+        except PredictorError as exc:
+            raise RequestRefused(str(exc)) from exc
         finally:
             self.predictor.handle_request({"type": "close_session", "session_id": session})
 
-
-def objects_of(outputs: Mapping[int, Mapping[str, Any]], label: str | None = None) -> list[ObjectResult]:
-    """The predictor's ``outputs`` (obj_id -> ``{mask, score, bbox}``) as :class:`ObjectResult` s, by id."""
-    objects = []
-    for obj_id, output in sorted(outputs.items()):
-        x0, y0, x1, y1 = (int(round(float(v))) for v in output["bbox"])
-        mask = np.asarray(output["mask"], dtype=bool)
-        objects.append(ObjectResult(int(obj_id), float(output["score"]), (x0, y0, x1, y1), mask, label))
-    return objects
+    def _run(
+        self,
+        session: str,
+        prompts: Sequence[Mapping[str, Any]],
+        on_frame: FrameCallback,
+        should_stop: Callable[[], bool],
+    ) -> int:
+        for prompt in prompts:
+            if should_stop():
+                raise Stopped
+            self.predictor.handle_request({"type": "add_prompt", "session_id": session, "frame_index": 0, **prompt})
+        frames = self.predictor.frames(session)
+        request = {
+            "type": "propagate_in_video",
+            "session_id": session,
+            "propagation_direction": "forward",
+            "start_frame_index": 0,
+        }
+        done = 0
+        for response in self.predictor.handle_stream_request(request):
+            if should_stop():
+                raise Stopped
+            index = int(response["frame_index"])
+            for skipped in range(done, index):
+                on_frame(skipped, frames[skipped], [])
+            on_frame(index, frames[index], list(response["outputs"].objects))
+            done = index + 1
+        for rest in range(done, len(frames)):
+            on_frame(rest, frames[rest], [])
+        return len(frames)
