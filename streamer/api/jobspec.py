@@ -335,19 +335,42 @@ def segmind_sam3_request(fields: Mapping[str, Any], query: Mapping[str, str]) ->
     if not text and not objects:
         raise bad_request("text_prompt: give text_prompt, points_input or boxes_input")
     overlay = read_bool(fields, "return_overlay", True)
+    return _video_request(
+        fields,
+        query,
+        "video",
+        text,
+        objects,
+        overlay,
+        ("points_input", "boxes_input"),
+        {"text_prompt": text, "return_overlay": overlay},
+    )
+
+
+def _video_request(
+    fields: Mapping[str, Any],
+    query: Mapping[str, str],
+    input_field: str,
+    text: str | None,
+    objects: tuple[GeometryObject, ...],
+    overlay: bool,
+    geometry_fields: tuple[str, str],
+    params: dict[str, Any],
+) -> JobRequest:
+    """A Segmind-style video job: an mp4 back, the overlay or the binary mask."""
     return JobRequest(
         model=MODEL_VIDEO,
         media_type="video",
-        input_field="video",
-        input_value=fields["video"],
+        input_field=input_field,
+        input_value=fields[input_field],
         text=text or None,
         objects=objects,
         apply_mask=overlay,
         output_format="mp4",
         masks_rle=masks_requested(fields, query),
-        points_field="points_input",
-        boxes_field="boxes_input",
-        params={"text_prompt": text, "return_overlay": overlay},
+        points_field=geometry_fields[0],
+        boxes_field=geometry_fields[1],
+        params=params,
     )
 
 
@@ -404,17 +427,13 @@ def segmind_sam2_request(fields: Mapping[str, Any], query: Mapping[str, str]) ->
         clicks = tuple(positive + negative)
         objects = (GeometryObject(points=clicks, labels=(1,) * len(positive) + (0,) * len(negative)),)  # type: ignore[arg-type]
     overlay = read_bool(fields, "overlay_mask", True)
-    return JobRequest(
-        model=MODEL_VIDEO,
-        media_type="video",
-        input_field="input_video",
-        input_value=fields["input_video"],
-        text=text or None,
-        objects=objects,
-        apply_mask=overlay,
-        output_format="mp4",
-        masks_rle=masks_requested(fields, query),
-        points_field="coordinates",
-        boxes_field="coordinates",
-        params={"prompt": text, "overlay_mask": overlay},
+    return _video_request(
+        fields,
+        query,
+        "input_video",
+        text,
+        objects,
+        overlay,
+        ("coordinates", "coordinates"),
+        {"prompt": text, "overlay_mask": overlay},
     )

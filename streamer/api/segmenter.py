@@ -59,44 +59,34 @@ class Segmenter:
         """
         from models import PredictorError
 
+        predictor = self.predictor
         try:
-            session = self.predictor.handle_request({"type": "start_session", "resource_path": str(path)})["session_id"]
+            session = predictor.handle_request({"type": "start_session", "resource_path": str(path)})["session_id"]
+            try:
+                for prompt in prompts:
+                    if should_stop():
+                        raise Stopped
+                    predictor.handle_request({"type": "add_prompt", "session_id": session, "frame_index": 0, **prompt})
+                frames = predictor.frames(session)
+                request = {
+                    "type": "propagate_in_video",
+                    "session_id": session,
+                    "propagation_direction": "forward",
+                    "start_frame_index": 0,
+                }
+                done = 0
+                for response in predictor.handle_stream_request(request):
+                    if should_stop():
+                        raise Stopped
+                    index = int(response["frame_index"])
+                    for skipped in range(done, index):
+                        on_frame(skipped, frames[skipped], [])
+                    on_frame(index, frames[index], list(response["outputs"].objects))
+                    done = index + 1
+                for rest in range(done, len(frames)):
+                    on_frame(rest, frames[rest], [])
+                return len(frames)
+            finally:
+                predictor.handle_request({"type": "close_session", "session_id": session})
         except PredictorError as exc:
             raise RequestRefused(str(exc)) from exc
-        try:
-            return self._run(session, prompts, on_frame, should_stop)
-        except PredictorError as exc:
-            raise RequestRefused(str(exc)) from exc
-        finally:
-            self.predictor.handle_request({"type": "close_session", "session_id": session})
-
-    def _run(
-        self,
-        session: str,
-        prompts: Sequence[Mapping[str, Any]],
-        on_frame: FrameCallback,
-        should_stop: Callable[[], bool],
-    ) -> int:
-        for prompt in prompts:
-            if should_stop():
-                raise Stopped
-            self.predictor.handle_request({"type": "add_prompt", "session_id": session, "frame_index": 0, **prompt})
-        frames = self.predictor.frames(session)
-        request = {
-            "type": "propagate_in_video",
-            "session_id": session,
-            "propagation_direction": "forward",
-            "start_frame_index": 0,
-        }
-        done = 0
-        for response in self.predictor.handle_stream_request(request):
-            if should_stop():
-                raise Stopped
-            index = int(response["frame_index"])
-            for skipped in range(done, index):
-                on_frame(skipped, frames[skipped], [])
-            on_frame(index, frames[index], list(response["outputs"].objects))
-            done = index + 1
-        for rest in range(done, len(frames)):
-            on_frame(rest, frames[rest], [])
-        return len(frames)
