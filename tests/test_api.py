@@ -208,6 +208,16 @@ def wait_for_generation_progress(base: str, generation_id: str, timeout: float =
         time.sleep(0.05)
 
 
+def test_queue_makes_num_generations_jobs(api_server, api_media):
+    _, media = api_media
+    body = {"model": "sam-3-image", "input_image": f"{media}/still.webp", "prompt": "shape", "num_generations": 2}
+    generations = post(api_server, "/api/ai/queue", body).json()["generations"]
+    assert len({g["generation_id"] for g in generations}) == 2
+    for generation in generations:
+        view = wait_for_generation(api_server.url, generation["generation_id"], {"succeeded", "failed", "cancelled"})
+        assert view["status"] == "succeeded" and view["media_type"] == "image" and view["output_format"] == "png"
+
+
 def test_openapi_document_lists_every_route(api_server):
     document = requests.get(f"{api_server.url}/openapi.json", timeout=10).json()
     assert document["openapi"].startswith("3.")

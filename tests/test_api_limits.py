@@ -63,6 +63,7 @@ def video_body(media: str, **fields) -> dict:
         ("/api/ai/images/edit", {"input_image": "file:///etc/passwd"}, None, "input_image"),
         ("/api/ai/images/edit", {"input_image": "ftp://example.com/a.png"}, None, "input_image"),
         ("/api/ai/queue", {"num_generations": 9}, None, "num_generations"),
+        ("/api/ai/images/edit", {"num_generations": 2}, None, "num_generations"),
         ("/api/ai/queue", {"model": "dall-e"}, None, "model"),
         ("/v1/sam3-video", {}, "video", "video"),
         ("/v1/sam3-video", {}, "points_input", "text_prompt"),

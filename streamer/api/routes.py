@@ -16,7 +16,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -30,13 +30,14 @@ from streamer.api.inputs import InputReceiver
 from streamer.api.jobspec import JobRequest, oxen_request, segmind_sam2_request, segmind_sam3_request
 from streamer.api.openapi import openapi_document
 from streamer.api.outputs import IMAGE_CONTENT_TYPES, JSON_CONTENT_TYPE, VIDEO_CONTENT_TYPE
-from streamer.api.store import ACTIVE, CANCELLED, STATUSES, SUCCEEDED, Job, JobStore, QueueFull, new_job_id
+from streamer.api.store import ACTIVE, CANCELLED, RUNNING, STATUSES, SUCCEEDED, Job, JobStore, QueueFull, new_job_id
 from streamer.api.views import Views
 from streamer.api.worker import Worker
 
 log = logging.getLogger(__name__)
 
 MAX_LIST = 1000
+MAX_CONCURRENT_INTAKE = 8
 _CONTENT_TYPES = {".png": IMAGE_CONTENT_TYPES["png"], ".jpg": IMAGE_CONTENT_TYPES["jpeg"], ".mp4": VIDEO_CONTENT_TYPE}
 
 
@@ -51,6 +52,8 @@ class ApiContext:
     inputs: InputReceiver
     auth: Auth
     views: Views
+    # Requests receiving their input at once (each may write up to --max-upload-mb to disk); more wait.
+    intake: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_INTAKE))
 
     def base(self, request: web.Request) -> str:
         return base_url(request, f"http://{self.config.http_host}:{self.config.http_port}")
@@ -79,18 +82,21 @@ def add_routes(app: web.Application) -> None:
 # ------------------------------------------------------------------------------------- submitting
 
 
-async def _submit(request: web.Request, parse: Parser) -> tuple[JobRequest, list[Job]]:
-    """Read the body, fetch and check the input, queue the job(s). Raises :class:`ApiError`."""
+async def _submit(request: web.Request, parse: Parser, *, single: bool = False) -> tuple[JobRequest, list[Job]]:
+    """Read the body, fetch and check the input, queue the job(s) (one when ``single``). Raises :class:`ApiError`."""
     ctx = request.app[CONTEXT]
     if ctx.store.count_active() >= ctx.config.max_queue:  # before reading a large body for nothing
         raise ApiError(429, "queue_full", f"the queue holds {ctx.config.max_queue} jobs; try again later")
     staging = ctx.store.staging_area()
     try:
-        fields = await read_fields(request, staging, ctx.config.max_upload_bytes)
-        job_request = parse(fields, request.query)
-        received = await ctx.inputs.receive(
-            job_request.input_field, job_request.input_value, job_request.media_type, staging
-        )
+        async with ctx.intake:
+            fields = await read_fields(request, staging, ctx.config.max_upload_bytes)
+            job_request = parse(fields, request.query)
+            if single and job_request.count != 1:
+                raise bad_request("num_generations: a synchronous route makes one generation; use /api/ai/queue")
+            received = await ctx.inputs.receive(
+                job_request.input_field, job_request.input_value, job_request.media_type, staging
+            )
         spec = job_request.spec(received.path.name, received.info)
         jobs = [
             Job(
@@ -150,9 +156,7 @@ async def _wait(request: web.Request, job: Job) -> Job:
 def _oxen_sync(parse: Parser) -> Callable[[web.Request], Any]:
     async def handler(request: web.Request) -> web.Response:
         ctx = request.app[CONTEXT]
-        job_request, jobs = await _submit(request, parse)
-        if len(jobs) != 1:
-            raise bad_request("num_generations: the synchronous routes make one generation; use /api/ai/queue")
+        job_request, jobs = await _submit(request, parse, single=True)
         job = await _wait(request, jobs[0])
         b64 = None
         if job_request.response_format == "b64_json":
@@ -166,7 +170,7 @@ def _oxen_sync(parse: Parser) -> Callable[[web.Request], Any]:
 def _segmind(parse: Parser) -> Callable[[web.Request], Any]:
     async def handler(request: web.Request) -> web.StreamResponse:
         ctx = request.app[CONTEXT]
-        _, jobs = await _submit(request, parse)
+        _, jobs = await _submit(request, parse, single=True)
         job = await _wait(request, jobs[0])
         base = ctx.base(request)
         headers = {"X-Generation-Id": job.id, "X-Result-Url": ctx.views.result_url(job, base) or ""}
@@ -224,7 +228,7 @@ async def _cancel(request: web.Request) -> web.Response:
     before = ctx.store.cancel(job.id)
     if before not in ACTIVE:
         raise ApiError(409, "not_cancellable", f"generation {job.id} already {before}; nothing to cancel")
-    if before == "running":
+    if before == RUNNING:
         ctx.worker.cancel(job.id)  # the worker announces the end once the job has stopped
     else:
         shutil.rmtree(ctx.store.job_dir(job.id), ignore_errors=True)
@@ -310,7 +314,7 @@ async def _health(request: web.Request) -> web.Response:
         {
             "status": "ok",
             "active_jobs": ctx.store.count_active(),
-            "running": ctx.worker.current,
+            "running": ctx.worker.current is not None,
             "event_streams": ctx.hub.subscribers,
         }
     )
