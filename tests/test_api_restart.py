@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import signal
 import sqlite3
+import subprocess
 import time
 
 import requests
@@ -46,6 +47,8 @@ def test_killed_server_runs_the_interrupted_and_queued_jobs_after_a_restart(tmp_
 
     with ApiServer(data_dir, "--allow-private-urls") as again:
         assert any("1 queued again" in line for line in again.output)
+        second = subprocess.run(again.argv, capture_output=True, text=True, timeout=120)  # same data directory
+        assert second.returncode == 2 and "another sam3-stream api server" in second.stderr
         views = [wait_for_generation(again.url, i, ENDED, timeout=180) for i in (running_id, *queued_ids)]
         assert [v["status"] for v in views] == [SUCCEEDED] * 3, views
         for view in views:

@@ -27,7 +27,7 @@ from streamer.api.fetch import UrlFetcher
 from streamer.api.inputs import InputReceiver
 from streamer.api.routes import CONTEXT, ApiContext, add_routes, json_errors
 from streamer.api.segmenter import Segmenter
-from streamer.api.store import JobStore
+from streamer.api.store import DataDirInUse, JobStore, exclusive_data_dir
 from streamer.api.views import Views
 from streamer.api.worker import Worker
 
@@ -210,14 +210,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    config.data_dir.mkdir(parents=True, exist_ok=True)
     from models import ModelLoadError
 
-    try:
-        segmenter = Segmenter.load(args.model, args.device)
-    except ModelLoadError as exc:
-        log.error("%s", exc)
-        return 1
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config, segmenter))
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive_data_dir(config.data_dir))
+        except DataDirInUse as exc:
+            log.error("%s", exc)
+            return 2
+        try:
+            segmenter = Segmenter.load(args.model, args.device)
+        except ModelLoadError as exc:
+            log.error("%s", exc)
+            return 1
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(config, segmenter))
     return 0

@@ -9,6 +9,8 @@ job is lost or left ``running``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import re
 import shutil
@@ -16,7 +18,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,23 @@ CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 
 class QueueFull(Exception):
     """The queue already holds ``max_queue`` active jobs."""
+
+
+class DataDirInUse(Exception):
+    """Another server holds the data directory (two would run and recover each other's jobs)."""
+
+
+@contextlib.contextmanager
+def exclusive_data_dir(data_dir: Path) -> Iterator[None]:
+    """Hold ``data_dir`` for this process (an advisory lock the kernel drops when the process dies, even
+    by SIGKILL); raises :class:`DataDirInUse` when another process holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir / "server.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataDirInUse(f"--data-dir {data_dir}: another sam3-stream api server is using it") from None
+        yield
 
 
 def new_job_id() -> str:
