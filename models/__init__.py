@@ -10,7 +10,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from models.frames import check_frame
-from models.prompts import Prompt
+from models.object_ids import ObjectIds
+from models.prompts import MAX_OBJ_ID, Prompt, PromptFailure
 from models.results import FrameResult, ObjectResult
 
 _LAZY = {
@@ -38,11 +39,14 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DEFAULT_MODEL",
+    "MAX_OBJ_ID",
     "FrameResult",
     "ImageEncoder",
     "ModelLoadError",
+    "ObjectIds",
     "ObjectResult",
     "Prompt",
+    "PromptFailure",
     "Sam3Models",
     "StreamingTracker",
     "TorchImageEncoder",
