@@ -14,7 +14,9 @@ Every socket has linger 0 (unsent frames and answers are stale once their socket
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +45,10 @@ MAX_PART_BYTES = max(protocol.MAX_PIXELS * 3, protocol.MAX_HEADER_BYTES)
 # Control requests a bit over the header limit still get an error answer; far larger ones are cut off.
 MAX_CONTROL_PART_BYTES = 16 * protocol.MAX_CONTROL_HEADER_BYTES
 IPC_PATH_MAX = 107  # sun_path on Linux, less its terminating NUL
-ANSWER_CACHE = 256  # answered requests remembered to answer a lazy-pirate retry again
+# A lazy-pirate client retries for timeout x tries (a few seconds); answers are remembered far longer so a
+# retry is answered again, never applied twice. Each costs ~250 bytes: 65536 of them ~16 MB at most.
+RETRY_WINDOW_S = 120.0
+MAX_REMEMBERED_ANSWERS = 65536
 
 Envelope = tuple[bytes, ...]
 """ROUTER routing frames of one request (the peer's identity, up to its empty delimiter)."""
@@ -337,24 +342,49 @@ def _split_envelope(frames: list[bytes]) -> tuple[Envelope, list[bytes]]:
     return (frames[0],), frames[1:]  # a DEALER peer without delimiter
 
 
+@dataclass
+class _Answered:
+    digest: bytes  # of the request's bytes: a retry is byte for byte the same request
+    answer: list[bytes]  # encoded, to send again as it is
+    t: float  # monotonic, when answered
+
+
+def _digest(body: list[bytes]) -> bytes:
+    return hashlib.blake2b(b"\0".join(body), digest_size=16).digest()
+
+
 class ControlServer:
     """Tracker side of the control socket: a ROUTER that reads :class:`PromptRequest`\\ s and sends
     :class:`PromptAnswer`\\ s (the guide's reliable request-reply, server half of lazy pirate).
 
-    - A malformed request is answered here at once (``ok=False``, the error naming the field) and also
+    - A malformed request is answered here at once (``ok=False``, the error naming the field, with the
+      request's id when it can be read, even from a message too large or too nested to parse) and also
       returned, as a ``ProtocolError``, so the caller can log or count it: do not reply to it.
-    - A lazy-pirate retry of a request that is still waiting is not returned again: its answer goes to
-      the retrying socket. A retry of an answered request gets the same answer again. So a slow tracker
-      never applies a prompt twice. A request id reused for a different request is refused.
+    - A lazy-pirate retry (same ``request_id``, same bytes) of a request that is still waiting is not
+      returned again: its answer goes to the retrying socket. A retry of an answered request gets the
+      same answer again, for ``retry_window_s`` after the answer; so a prompt is never applied twice.
+      A request id reused for a different request is refused.
+    - Memory is bounded: at most ``max_remembered`` answers are kept; when that many were given within
+      the window, new requests are refused ("retry later") rather than forgetting answers a client may
+      still ask for again.
     """
 
-    def __init__(self, endpoint: str, *, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        context: zmq.Context | None = None,
+        retry_window_s: float = RETRY_WINDOW_S,
+        max_remembered: int = MAX_REMEMBERED_ANSWERS,
+    ) -> None:
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
         self.socket = control_router(endpoint, context=self._context)
         self.endpoint = bound_endpoint(self.socket)
-        self._waiting: dict[str, tuple[Envelope, PromptRequest]] = {}
-        self._answered: OrderedDict[str, tuple[PromptRequest, PromptAnswer]] = OrderedDict()
+        self.retry_window_s = retry_window_s
+        self.max_remembered = max_remembered
+        self._waiting: dict[str, tuple[Envelope, bytes]] = {}
+        self._answered: OrderedDict[str, _Answered] = OrderedDict()
 
     def poll_requests(
         self, timeout_ms: int | None = 0
@@ -367,40 +397,52 @@ class ControlServer:
             request_id = protocol.peek_request_id(body) if body else None
             try:
                 req = protocol.decode_prompt_request(body)
-                if self._handled_as_retry(envelope, req):
+                digest = _digest(body)
+                if self._handled_as_retry(envelope, req.request_id, digest):
                     continue
+                self._check_room()
             except ProtocolError as exc:
                 self._send(envelope, PromptAnswer(request_id or "", ok=False, error=str(exc)))
                 out.append((envelope, exc, request_id))
                 continue
-            self._waiting[req.request_id] = (envelope, req)
+            self._waiting[req.request_id] = (envelope, digest)
             out.append((envelope, req, req.request_id))
         return out
 
-    def _handled_as_retry(self, envelope: Envelope, req: PromptRequest) -> bool:
+    def _handled_as_retry(self, envelope: Envelope, request_id: str, digest: bytes) -> bool:
         """True for a retry of a request seen before (now handled); ``ProtocolError`` for a reused id."""
-        if req.request_id in self._waiting:
-            if self._waiting[req.request_id][1] == req:
-                self._waiting[req.request_id] = (envelope, req)  # answer the retrying socket, not the dead one
+        if request_id in self._waiting:
+            if self._waiting[request_id][1] == digest:
+                self._waiting[request_id] = (envelope, digest)  # answer the retrying socket, not the dead one
                 return True
-        elif req.request_id in self._answered:
-            first, answer = self._answered[req.request_id]
-            if first == req:
-                self._send(envelope, answer)
+        elif request_id in self._answered:
+            answered = self._answered[request_id]
+            if answered.digest == digest:
+                self.socket.send_multipart([*envelope, *answered.answer])
                 return True
         else:
             return False
-        raise ProtocolError(f"prompt.request_id: {req.request_id!r} was already used for a different request")
+        raise ProtocolError(f"prompt.request_id: {request_id!r} was already used for a different request")
+
+    def _check_room(self) -> None:
+        """Forget answers past the retry window; refuse a request when too many are still in it."""
+        expired_before = time.monotonic() - self.retry_window_s
+        while self._answered and next(iter(self._answered.values())).t < expired_before:
+            self._answered.popitem(last=False)
+        if len(self._answered) + len(self._waiting) >= self.max_remembered:
+            raise ProtocolError(
+                f"control: {self.max_remembered} requests within {self.retry_window_s:g} s, the most this tracker "
+                "remembers for retries; retry later"
+            )
 
     def reply(self, identity: Envelope, answer: PromptAnswer) -> None:
         """Send ``answer`` to the request it answers: to ``identity``, or to the socket of a newer retry."""
         waiting = self._waiting.pop(answer.request_id, None)
+        encoded = protocol.encode_answer(answer)
         if waiting is not None:
             identity = waiting[0]
-            self._answered[answer.request_id] = (waiting[1], answer)
-            while len(self._answered) > ANSWER_CACHE:
-                self._answered.popitem(last=False)
-        self._send(identity, answer)
+            self._answered[answer.request_id] = _Answered(waiting[1], encoded, time.monotonic())
+        self.socket.send_multipart([*identity, *encoded])
 
     def _send(self, envelope: Envelope, answer: PromptAnswer) -> None:
         # A peer gone since is silently dropped by the ROUTER: its client has given up on this answer.
