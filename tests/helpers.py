@@ -24,11 +24,13 @@ from streamer.compositor import BANNER_BACKGROUND, color_for
 from streamer.gateway import GatewayConfig, create_app
 from streamer.gateway.ice import gather_on
 from streamer.protocol import (
+    EventMessage,
     PromptAnswer,
     PromptRequest,
     ResultMessage,
     StatusMessage,
     WireObject,
+    encode_event,
     encode_result,
     encode_status,
 )
@@ -56,7 +58,9 @@ class FakeTracker:
 
     Objects are discs: a click makes (or moves) one of radius 20 centred on the click, a box one
     inscribed in the box.
-    ``publishing`` / ``heartbeats`` switch the two kinds of traffic off and on.
+    ``publishing`` / ``heartbeats`` switch the two kinds of traffic off and on; the heartbeats say frames
+    reach the tracker while ``receiving`` (``None``: while publishing); ``instance`` is the process id
+    its heartbeats carry (change it to play a restart); :meth:`send_event` publishes an event.
     """
 
     def __init__(self, stream: str = "cam0", fps: float = 30.0, heartbeat_s: float = 0.25) -> None:
@@ -72,6 +76,10 @@ class FakeTracker:
         self.requests: list[PromptRequest] = []
         self.publishing = True
         self.heartbeats = True
+        self.receiving: bool | None = None
+        self.instance = "fake-1"
+        self.frames_received = 0
+        self.last_received_t: float | None = None
         self.seq = 0
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -119,10 +127,23 @@ class FakeTracker:
 
     async def _heartbeat(self) -> None:
         while True:
+            if self.receiving or (self.receiving is None and self.publishing):
+                self.frames_received += 1
+                self.last_received_t = time.time()
             if self.heartbeats:
-                info = {"last_seq": self.seq, "last_frame_t": time.time(), "fps": self.fps}
-                await self.pub.send_multipart(encode_status(StatusMessage("fake", time.time(), {self.stream: info})))
+                info = {
+                    "last_seq": self.seq,
+                    "last_frame_t": time.time(),
+                    "fps": self.fps,
+                    "frames_received": self.frames_received,
+                    "last_received_t": self.last_received_t,
+                }
+                status = StatusMessage("fake", time.time(), {self.stream: info}, self.instance)
+                await self.pub.send_multipart(encode_status(status))
             await asyncio.sleep(self.heartbeat_s)
+
+    async def send_event(self, event: EventMessage) -> None:
+        await self.pub.send_multipart(encode_event(event))
 
     async def _answer(self) -> None:
         while True:
@@ -160,7 +181,7 @@ class FakeTracker:
             self.objects[obj_id] = (cx * WIDTH, cy * HEIGHT, min(w * WIDTH, h * HEIGHT) / 2)
         else:
             return PromptAnswer(request.request_id, False, "text: the fake tracker takes clicks and boxes only")
-        return PromptAnswer(request.request_id, True, obj_ids=[obj_id])
+        return PromptAnswer(request.request_id, True, obj_ids=[obj_id], frame_index=self.seq)
 
 
 @contextlib.asynccontextmanager

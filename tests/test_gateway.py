@@ -58,7 +58,9 @@ def test_prompts_forwarded_and_malformed_ones_answered() -> None:
                 await viewer.wait_status("live")
                 click = {"op": "add_prompt", "prompt": {"points": [[250, 60]], "point_labels": [1]}}
                 answer = await viewer.request(click)
+                frame_index = answer.pop("frame_index")
                 assert answer == {"type": "answer", "id": "t1", "ok": True, "error": None, "obj_ids": [2]}
+                assert isinstance(frame_index, int) and frame_index > 0, "the frame it applies before"
                 request = tracker.requests[-1]
                 assert request.stream == "cam0" and request.op == "add_prompt"
                 assert request.prompt is not None and request.prompt.points == ((250.0, 60.0),)
@@ -149,25 +151,39 @@ def test_banners_when_results_or_tracker_stop_and_recovery() -> None:
     run(body())
 
 
-def test_slow_tracker_stays_live_until_results_stop() -> None:
+def test_state_follows_heartbeats_not_result_age() -> None:
+    """A tracker slower than no_signal_after_s is live while frames reach it; when it dies it is offline
+    at once, however recent its last result (regression: a dead slow tracker stayed "live")."""
+
     async def body() -> None:
-        async with FakeTracker(fps=4) as tracker:  # a result every 0.25 s, slower than no_signal_after_s
-            feed = ResultFeed(tracker.results_endpoint, tracker.stream, no_signal_after_s=0.15)
+        async with FakeTracker(fps=0.5) as tracker:  # a result every 2 s, slower than no_signal_after_s
+            feed = ResultFeed(tracker.results_endpoint, tracker.stream, no_signal_after_s=1.0, offline_after_s=1.0)
             changes: list[FeedState] = []
             feed.add_listener(changes.append)
             await feed.start()
             try:
                 deadline = time.monotonic() + 5
-                while feed.results_received < 3:
+                while feed.results_received < 1:
                     assert time.monotonic() < deadline, "no results"
                     await asyncio.sleep(0.05)
                 changes.clear()
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(3.0)
                 assert feed.state is FeedState.LIVE and changes == [], changes
-                assert 3 < feed.fps < 5
-                tracker.publishing = False
-                await asyncio.sleep(1.0)
-                assert changes == [FeedState.NO_SIGNAL]
+                assert feed.stream_status is not None and feed.stream_status["frames_received"] > 0
+
+                tracker.receiving = False  # the camera is gone: heartbeats go on, no frame reaches the tracker
+                await asyncio.sleep(1.8)
+                assert changes == [FeedState.NO_SIGNAL], changes
+                tracker.receiving = None
+                await asyncio.sleep(0.8)
+                assert changes[-1] is FeedState.LIVE, changes
+
+                await asyncio.sleep(1.0)  # right after a result ...
+                tracker.publishing = tracker.heartbeats = False  # ... the tracker dies
+                started = time.monotonic()
+                while feed.state is not FeedState.TRACKER_OFFLINE:
+                    assert time.monotonic() - started < 2.0, f"still {feed.state} after the tracker died"
+                    await asyncio.sleep(0.05)
             finally:
                 await feed.close()
 

@@ -188,6 +188,10 @@ class ViewerSession:
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe = feed.add_listener(self._on_state)
+        # Tracker events (a prompt failed when applied, objects re-acquired after a restart) reach every viewer.
+        self._unsubscribe_events = feed.add_event_listener(
+            lambda event: self._send(prompts.event_message(event), always=True)
+        )
         pc.on("datachannel", self._on_datachannel)
 
     def on_frame(self, item: FeedItem | None) -> None:
@@ -202,6 +206,7 @@ class ViewerSession:
             return
         self._closed = True
         self._unsubscribe()
+        self._unsubscribe_events()
         for task in self._tasks:
             task.cancel()
         await self.pc.close()
