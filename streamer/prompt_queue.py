@@ -54,7 +54,7 @@ class PromptLimits:
     max_concepts: int = 16
     max_text_chars: int = MAX_TEXT_CHARS
     max_points: int = MAX_POINTS
-    max_queued: int = 512
+    max_queued: int = 1024
 
     def __post_init__(self) -> None:
         for name, hi in (

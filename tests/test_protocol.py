@@ -189,7 +189,7 @@ def test_prompt_round_trips() -> None:
         ({"op": "add_prompt", "prompt": [1]}, "prompt.prompt: expected an object"),
         ({"op": "remove_object"}, "prompt.obj_id: missing"),
         ({"op": "remove_object", "obj_id": -2}, "prompt.obj_id: must be between 0 and 2147483647"),
-            ({"op": "remove_object", "obj_id": 2**63 - 1}, "prompt.obj_id: must be between 0 and 2147483647"),
+        ({"op": "remove_object", "obj_id": 2**63 - 1}, "prompt.obj_id: must be between 0 and 2147483647"),
         ({"op": "remove_object", "obj_id": True}, "prompt.obj_id: expected an integer"),
         ({"op": "reset_session", "obj_id": 3}, "prompt.obj_id: only remove_object"),
         ({"op": "remove_prompt"}, "prompt.text: missing"),
