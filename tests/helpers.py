@@ -214,6 +214,7 @@ class Viewer:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("prompts")
         self.statuses: list[str] = []
+        self.events: list[dict[str, Any]] = []
         self.objects: dict[str, Any] | None = None
         self._track: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._answers: dict[str | None, asyncio.Future[dict[str, Any]]] = {}
@@ -277,6 +278,18 @@ class Viewer:
             self.statuses.append(message["state"])
         elif message["type"] == "objects":
             self.objects = message
+        elif message["type"] == "event":
+            self.events.append(message)
+
+    async def wait_event(self, event: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The first event of that type received (waiting up to ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events if e["event"] == event]
+            if found:
+                return found[0]
+            assert time.monotonic() < deadline, f"no {event!r} event; saw {self.events}"
+            await asyncio.sleep(0.05)
 
 
 def expected_tint(obj_id: int, alpha: float = 0.45) -> np.ndarray:
