@@ -511,11 +511,13 @@ class TrackerService:
     # ------------------------------------------------------------------------------ heartbeat, stats
 
     def _beat(self) -> None:
-        while not self._stopping.wait(self._heartbeat_s):
+        while True:  # the first at once: subscribers learn of a (re)started tracker before its first frame
             try:
                 self._send_status()
             except Exception:  # keep beating: the next one may go through
                 log.exception("heartbeat failed")
+            if self._stopping.wait(self._heartbeat_s):
+                return
 
     def _send_status(self) -> None:
         now = time.monotonic()
