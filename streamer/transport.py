@@ -49,6 +49,7 @@ IPC_PATH_MAX = 107  # sun_path on Linux, less its terminating NUL
 # retry is answered again, never applied twice. Each costs ~250 bytes: 65536 of them ~16 MB at most.
 RETRY_WINDOW_S = 120.0
 MAX_REMEMBERED_ANSWERS = 65536
+_MAX_RETRY_ENVELOPES = 64  # copies of one waiting request answered; more are dropped (a flood, not a retry)
 
 Envelope = tuple[bytes, ...]
 """ROUTER routing frames of one request (the peer's identity, up to its empty delimiter)."""
@@ -361,8 +362,9 @@ class ControlServer:
       request's id when it can be read, even from a message too large or too nested to parse) and also
       returned, as a ``ProtocolError``, so the caller can log or count it: do not reply to it.
     - A lazy-pirate retry (same ``request_id``, same bytes) of a request that is still waiting is not
-      returned again: its answer goes to the retrying socket. A retry of an answered request gets the
-      same answer again, for ``retry_window_s`` after the answer; so a prompt is never applied twice.
+      returned again: the answer goes to the retrying socket too (a dead one drops it). A retry of an
+      answered request gets the same answer again, for ``retry_window_s`` after the answer; so a prompt
+      is never applied twice, and each copy sent gets one answer.
       A request id reused for a different request is refused.
     - Memory is bounded: at most ``max_remembered`` answers are kept; when that many were given within
       the window, new requests are refused ("retry later") rather than forgetting answers a client may
@@ -383,7 +385,9 @@ class ControlServer:
         self.endpoint = bound_endpoint(self.socket)
         self.retry_window_s = retry_window_s
         self.max_remembered = max_remembered
-        self._waiting: dict[str, tuple[Envelope, bytes]] = {}
+        # Requests handed out and not yet answered: every envelope that sent one (the original and its
+        # retries; a dead lazy-pirate socket's answer is dropped by the ROUTER) and the request's digest.
+        self._waiting: dict[str, tuple[list[Envelope], bytes]] = {}
         self._answered: OrderedDict[str, _Answered] = OrderedDict()
 
     def poll_requests(
@@ -405,15 +409,17 @@ class ControlServer:
                 self._send(envelope, PromptAnswer(request_id or "", ok=False, error=str(exc)))
                 out.append((envelope, exc, request_id))
                 continue
-            self._waiting[req.request_id] = (envelope, digest)
+            self._waiting[req.request_id] = ([envelope], digest)
             out.append((envelope, req, req.request_id))
         return out
 
     def _handled_as_retry(self, envelope: Envelope, request_id: str, digest: bytes) -> bool:
         """True for a retry of a request seen before (now handled); ``ProtocolError`` for a reused id."""
         if request_id in self._waiting:
-            if self._waiting[request_id][1] == digest:
-                self._waiting[request_id] = (envelope, digest)  # answer the retrying socket, not the dead one
+            envelopes, first = self._waiting[request_id]
+            if first == digest:
+                if len(envelopes) < _MAX_RETRY_ENVELOPES:  # each copy gets the answer once it is known
+                    envelopes.append(envelope)
                 return True
         elif request_id in self._answered:
             answered = self._answered[request_id]
@@ -436,13 +442,15 @@ class ControlServer:
             )
 
     def reply(self, identity: Envelope, answer: PromptAnswer) -> None:
-        """Send ``answer`` to the request it answers: to ``identity``, or to the socket of a newer retry."""
+        """Send ``answer`` to the request it answers (``identity``) and to every retry of it meanwhile."""
         waiting = self._waiting.pop(answer.request_id, None)
         encoded = protocol.encode_answer(answer)
+        envelopes = [identity]
         if waiting is not None:
-            identity = waiting[0]
+            envelopes = waiting[0]
             self._answered[answer.request_id] = _Answered(waiting[1], encoded, time.monotonic())
-        self.socket.send_multipart([*identity, *encoded])
+        for envelope in envelopes:
+            self.socket.send_multipart([*envelope, *encoded])
 
     def _send(self, envelope: Envelope, answer: PromptAnswer) -> None:
         # A peer gone since is silently dropped by the ROUTER: its client has given up on this answer.
