@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.frames import check_frame
 from models.object_ids import ObjectIds
-from models.prompts import MAX_OBJ_ID, Prompt, PromptFailure
+from models.prompts import MAX_OBJ_ID, MAX_POINTS, MAX_TEXT_CHARS, Prompt, PromptFailure
 from models.results import FrameResult, ObjectResult
 
 _LAZY = {
@@ -40,6 +40,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DEFAULT_MODEL",
     "MAX_OBJ_ID",
+    "MAX_POINTS",
+    "MAX_TEXT_CHARS",
     "FrameResult",
     "ImageEncoder",
     "ModelLoadError",

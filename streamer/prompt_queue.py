@@ -30,8 +30,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from models import Prompt, PromptFailure
-from models.prompts import MAX_POINTS, MAX_TEXT_CHARS
+from models import MAX_POINTS, MAX_TEXT_CHARS, Prompt, PromptFailure
 from streamer.prompt_store import PromptStore
 from streamer.protocol import MAX_OBJECTS, PromptAnswer, PromptRequest
 from streamer.tracking import Tracker

@@ -482,7 +482,7 @@ class TrackerService:
         """The control thread: answers every request at once, never waiting for the frame in progress."""
         while not self._stopping.is_set():
             try:
-                for envelope, request, _request_id in self._control.poll_requests(_POLL_SLICE_MS):
+                for envelope, request, _request_id in self._control.requests(_POLL_SLICE_MS):
                     if isinstance(request, ProtocolError):  # already answered by the ControlServer
                         if self._malformed.log_this():
                             log.info("control: rejected a malformed request: %s", str(request)[:300])

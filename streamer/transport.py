@@ -18,7 +18,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -395,7 +395,13 @@ class ControlServer:
     ) -> list[tuple[Envelope, PromptRequest | ProtocolError, str | None]]:
         """Requests received within ``timeout_ms``, in arrival order: ``(envelope, request or error,
         request id if known)``. Answer each :class:`PromptRequest` with :meth:`reply`."""
-        out: list[tuple[Envelope, PromptRequest | ProtocolError, str | None]] = []
+        return list(self.requests(timeout_ms))
+
+    def requests(
+        self, timeout_ms: int | None = 0
+    ) -> Iterator[tuple[Envelope, PromptRequest | ProtocolError, str | None]]:
+        """:meth:`poll_requests`, one request at a time: reply to each before taking the next, and the
+        answers leave in the order the requests arrived (a pipelining client can match them by order)."""
         for frames in drain(self.socket, timeout_ms):
             envelope, body = _split_envelope([f.bytes for f in frames])
             request_id = protocol.peek_request_id(body) if body else None
@@ -407,11 +413,10 @@ class ControlServer:
                 self._check_room()
             except ProtocolError as exc:
                 self._send(envelope, PromptAnswer(request_id or "", ok=False, error=str(exc)))
-                out.append((envelope, exc, request_id))
+                yield envelope, exc, request_id
                 continue
             self._waiting[req.request_id] = ([envelope], digest)
-            out.append((envelope, req, req.request_id))
-        return out
+            yield envelope, req, req.request_id
 
     def _handled_as_retry(self, envelope: Envelope, request_id: str, digest: bytes) -> bool:
         """True for a retry of a request seen before (now handled); ``ProtocolError`` for a reused id."""

@@ -90,13 +90,13 @@ class Tracker:
         finally:
             sock.close(linger=0)
 
-    def status(self, stream: str, timeout: float = 2.0) -> dict:
-        """The stream's fields of the next heartbeat that lists it."""
+    def status(self, stream: str, timeout: float = 3.0) -> dict:
+        """The stream's fields of the newest heartbeat that lists it (older ones queued meanwhile are skipped)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for status in self.receive(0.6)[1]:
-                if stream in status.streams:
-                    return status.streams[stream]
+            listing = [s for s in self.receive(0.6)[1] if stream in s.streams]
+            if listing:
+                return listing[-1].streams[stream]
         pytest.fail(f"no heartbeat lists {stream}")
 
     def receive(self, timeout: float) -> tuple[list[tuple[ResultMessage, np.ndarray | None]], list[StatusMessage]]:
