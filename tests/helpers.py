@@ -207,6 +207,19 @@ async def gateway(tracker: FakeTracker, port: int = 0, **overrides: Any) -> Asyn
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def live_viewer(tracker: FakeTracker, **overrides: Any) -> AsyncIterator[Viewer]:
+    """A viewer connected to a gateway in front of ``tracker`` (see :func:`gateway`), once the feed is live."""
+    async with gateway(tracker, **overrides) as url:
+        viewer = Viewer()
+        try:
+            await viewer.connect(url)
+            await viewer.wait_status("live")
+            yield viewer
+        finally:
+            await viewer.close()
+
+
 class Viewer:
     """A real aiortc client of the gateway: receives the video and talks on the prompts channel."""
 

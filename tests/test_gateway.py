@@ -19,6 +19,7 @@ from helpers import (
     Viewer,
     gateway,
     is_banner,
+    live_viewer,
     run,
     shows_object,
 )
@@ -196,21 +197,15 @@ def test_data_channel_prompts_reach_the_tracker_in_the_order_sent() -> None:
     """Regression: one REQ socket per request let add-then-reset arrive as reset-then-add."""
 
     async def body() -> None:
-        async with FakeTracker() as tracker, gateway(tracker) as url:
-            viewer = Viewer()
-            try:
-                await viewer.connect(url)
-                await viewer.wait_status("live")
-                click = {"op": "add_prompt", "prompt": {"points": [[250, 60]], "point_labels": [1]}}
-                sent = [click if i % 2 == 0 else {"op": "reset_session"} for i in range(40)]
-                before = len(tracker.requests)
-                answers = await asyncio.gather(  # all sent before the first answer comes back
-                    *(viewer.send_raw(json.dumps({**m, "id": f"o{i}"}), f"o{i}") for i, m in enumerate(sent))
-                )
-                assert all(a["ok"] for a in answers), answers
-                assert [r.op for r in tracker.requests[before:]] == [m["op"] for m in sent]
-            finally:
-                await viewer.close()
+        async with FakeTracker() as tracker, live_viewer(tracker) as viewer:
+            click = {"op": "add_prompt", "prompt": {"points": [[250, 60]], "point_labels": [1]}}
+            sent = [click if i % 2 == 0 else {"op": "reset_session"} for i in range(40)]
+            before = len(tracker.requests)
+            answers = await asyncio.gather(  # all sent before the first answer comes back
+                *(viewer.send_raw(json.dumps({**m, "id": f"o{i}"}), f"o{i}") for i, m in enumerate(sent))
+            )
+            assert all(a["ok"] for a in answers), answers
+            assert [r.op for r in tracker.requests[before:]] == [m["op"] for m in sent]
 
     run(body())
 
@@ -219,52 +214,41 @@ def test_nested_and_oversized_data_channel_messages_are_answered_with_their_id()
     """Regression: nested JSON got no answer at all; a 100 KB message was answered with id null."""
 
     async def body() -> None:
-        async with FakeTracker() as tracker, gateway(tracker) as url:
-            viewer = Viewer()
-            try:
-                await viewer.connect(url)
-                nested = '{"id": "deep", "op": ' + "[" * 5000 + "]" * 5000 + "}"
-                answer = await viewer.send_raw(nested, "deep")
-                assert not answer["ok"] and answer["error"] == "message: nested too deeply", answer
-                big = '{"op": "add_prompt", "prompt": {"text": "' + "x" * 100_000 + '"}, "id": "big"}'
-                answer = await viewer.send_raw(big, "big")
-                assert not answer["ok"] and answer["error"].startswith("message: longer than 65536"), answer
-                answer = await viewer.send_raw(r'{"op": "reset_session", "id": "\ud800"}', None)
-                assert not answer["ok"] and answer["error"].startswith("id:"), answer
-                answer = await viewer.request({"op": "remove_object", "obj_id": 2**63 - 1})
-                assert answer["error"].startswith("obj_id: remove_object needs an integer between 0 and 2147483647")
-                assert (await viewer.request({"op": "reset_session"}))["ok"], "the channel still works"
-            finally:
-                await viewer.close()
+        async with FakeTracker() as tracker, live_viewer(tracker) as viewer:
+            nested = '{"id": "deep", "op": ' + "[" * 5000 + "]" * 5000 + "}"
+            answer = await viewer.send_raw(nested, "deep")
+            assert not answer["ok"] and answer["error"] == "message: nested too deeply", answer
+            big = '{"op": "add_prompt", "prompt": {"text": "' + "x" * 100_000 + '"}, "id": "big"}'
+            answer = await viewer.send_raw(big, "big")
+            assert not answer["ok"] and answer["error"].startswith("message: longer than 65536"), answer
+            answer = await viewer.send_raw(r'{"op": "reset_session", "id": "\ud800"}', None)
+            assert not answer["ok"] and answer["error"].startswith("id:"), answer
+            answer = await viewer.request({"op": "remove_object", "obj_id": 2**63 - 1})
+            assert answer["error"].startswith("obj_id: remove_object needs an integer between 0 and 2147483647")
+            assert (await viewer.request({"op": "reset_session"}))["ok"], "the channel still works"
 
     run(body())
 
 
 def test_tracker_events_reach_viewers_naming_their_prompt() -> None:
     async def body() -> None:
-        async with FakeTracker() as tracker, gateway(tracker) as url:
-            viewer = Viewer()
-            try:
-                await viewer.connect(url)
-                await viewer.wait_status("live")
-                click = {"op": "add_prompt", "prompt": {"points": [[250, 60]], "point_labels": [1]}}
-                answer = await viewer.request(click)
-                request_id = tracker.requests[-1].request_id
-                failed = EventMessage(
-                    "cam0", "prompt_failed", "it failed", time.time(), request_id, "add_prompt", answer["obj_ids"]
-                )
-                await tracker.send_event(failed)
-                event = await viewer.wait_event("prompt_failed")
-                assert event["id"] == answer["id"] and event["message"] == "it failed", event
-                assert event["obj_ids"] == answer["obj_ids"] and event["op"] == "add_prompt"
-                await tracker.send_event(EventMessage("cam9", "prompt_failed", "another stream's", time.time()))
+        async with FakeTracker() as tracker, live_viewer(tracker) as viewer:
+            click = {"op": "add_prompt", "prompt": {"points": [[250, 60]], "point_labels": [1]}}
+            answer = await viewer.request(click)
+            request_id = tracker.requests[-1].request_id
+            failed = EventMessage(
+                "cam0", "prompt_failed", "it failed", time.time(), request_id, "add_prompt", answer["obj_ids"]
+            )
+            await tracker.send_event(failed)
+            event = await viewer.wait_event("prompt_failed")
+            assert event["id"] == answer["id"] and event["message"] == "it failed", event
+            assert event["obj_ids"] == answer["obj_ids"] and event["op"] == "add_prompt"
+            await tracker.send_event(EventMessage("cam9", "prompt_failed", "another stream's", time.time()))
 
-                tracker.instance = "fake-2"  # the tracker restarted
-                event = await viewer.wait_event("tracker_restarted")
-                assert "restarted" in event["message"]
-                assert [e["message"] for e in viewer.events if e["event"] == "prompt_failed"] == ["it failed"]
-            finally:
-                await viewer.close()
+            tracker.instance = "fake-2"  # the tracker restarted
+            event = await viewer.wait_event("tracker_restarted")
+            assert "restarted" in event["message"]
+            assert [e["message"] for e in viewer.events if e["event"] == "prompt_failed"] == ["it failed"]
 
     run(body())
 

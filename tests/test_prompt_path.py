@@ -80,14 +80,21 @@ def fast(tmp_path: Path) -> Iterator[Tracker]:
         yield tracker
 
 
-def test_prompts_are_answered_at_once_while_a_slow_frame_is_tracked(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def slow_tracker_with_camera(log_path: Path, frame_ms: int) -> Iterator[Tracker]:
+    """A pass-through tracker spending ``frame_ms`` per frame, fed by a camera, its first result in."""
     with (
         running_tracker(
-            "--model", "passthrough", "--passthrough-delay-ms", "2000", log_path=tmp_path / "tracker.log"
+            "--model", "passthrough", "--passthrough-delay-ms", str(frame_ms), log_path=log_path
         ) as tracker,
         camera(tracker),
     ):
         tracker.until_result("cam0", 0, timeout=30)
+        yield tracker
+
+
+def test_prompts_are_answered_at_once_while_a_slow_frame_is_tracked(tmp_path: Path) -> None:
+    with slow_tracker_with_camera(tmp_path / "tracker.log", 2000) as tracker:
         latencies, answers = [], []
         for i in range(20):
             start = time.monotonic()
@@ -257,13 +264,7 @@ def test_nested_and_oversized_control_messages_are_answered_with_their_id(fast: 
 
 
 def test_prompts_apply_in_the_order_sent_and_reset_clears_what_came_before(tmp_path: Path) -> None:
-    with (
-        running_tracker(
-            "--model", "passthrough", "--passthrough-delay-ms", "1500", log_path=tmp_path / "tracker.log"
-        ) as tracker,
-        camera(tracker),
-    ):
-        tracker.until_result("cam0", 0, timeout=30)
+    with slow_tracker_with_camera(tmp_path / "tracker.log", 1500) as tracker:
         ops = [
             ("add_prompt", {"prompt": Prompt(text="cup")}),
             ("remove_prompt", {"text": "cup"}),
