@@ -19,7 +19,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -350,6 +350,19 @@ class _Answered:
     t: float  # monotonic, when answered
 
 
+def _encode_bounded(answer: PromptAnswer) -> list[bytes]:
+    """The answer within the wire's bounds (a long error cut short, at most MAX_OBJECTS ids), so that every
+    request gets one whatever went into it."""
+    error = answer.error[: protocol.MAX_ERROR_CHARS] if answer.error else answer.error
+    bounded = replace(answer, error=error, obj_ids=list(answer.obj_ids)[: protocol.MAX_OBJECTS])
+    try:
+        return protocol.encode_answer(bounded)
+    except ProtocolError as exc:
+        return protocol.encode_answer(
+            PromptAnswer(answer.request_id, False, f"tracker: cannot encode the answer ({exc})"[:1000])
+        )
+
+
 def _digest(body: list[bytes]) -> bytes:
     return hashlib.blake2b(b"\0".join(body), digest_size=16).digest()
 
@@ -449,7 +462,7 @@ class ControlServer:
     def reply(self, identity: Envelope, answer: PromptAnswer) -> None:
         """Send ``answer`` to the request it answers (``identity``) and to every retry of it meanwhile."""
         waiting = self._waiting.pop(answer.request_id, None)
-        encoded = protocol.encode_answer(answer)
+        encoded = _encode_bounded(answer)
         envelopes = [identity]
         if waiting is not None:
             envelopes = waiting[0]
@@ -459,7 +472,7 @@ class ControlServer:
 
     def _send(self, envelope: Envelope, answer: PromptAnswer) -> None:
         # A peer gone since is silently dropped by the ROUTER: its client has given up on this answer.
-        self.socket.send_multipart([*envelope, *protocol.encode_answer(answer)])
+        self.socket.send_multipart([*envelope, *_encode_bounded(answer)])
 
     def close(self) -> None:
         """Close the socket (and the context, when this server made it)."""

@@ -400,6 +400,14 @@ def test_server_remembers_answers_for_a_time_window_within_a_memory_bound(contex
         server.close()
 
 
+def test_an_answer_too_large_for_the_wire_is_cut_to_fit_not_lost(context: zmq.Context) -> None:
+    huge = PromptAnswer("r1", False, "stream: unknown stream; known: " + "x" * 10_000, obj_ids=list(range(300)))
+    with serving(context, answer=lambda req: huge) as server, PromptClient(server.endpoint, context=context) as client:
+        answer = client.request(add_prompt("r1"))
+    assert not answer.ok and answer.error.startswith("stream: unknown stream") and len(answer.error) <= 4096
+    assert answer.obj_ids == list(range(protocol.MAX_OBJECTS))
+
+
 def test_async_prompt_client(context: zmq.Context) -> None:
     async def main(endpoint: str) -> list[PromptAnswer]:
         async with AsyncPromptClient(endpoint, timeout_s=2) as client:
