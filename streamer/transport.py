@@ -295,7 +295,9 @@ class PromptClient:
 class AsyncPromptClient:
     """Lazy pirate client for asyncio (the gateway); same semantics as :class:`PromptClient`.
 
-    Each try uses its own REQ socket, so concurrent requests (several viewers) never wait on each other.
+    Each try uses its own REQ socket, so concurrent requests never wait on each other, and may reach the
+    tracker in any order: when order matters, await each answer before sending the next request (the
+    gateway's ``PromptForwarder`` does; the tracker answers within milliseconds).
     """
 
     def __init__(
