@@ -23,11 +23,16 @@ _LAZY = {
     "TorchImageEncoder": "models.encoder",
     "StreamingTracker": "models.streaming_tracker",
     "TrackerConfig": "models.streaming_tracker",
+    "FrameOutputs": "models.predictor",
+    "PredictorError": "models.predictor",
+    "Sam3VideoPredictor": "models.predictor",
+    "UnknownSessionError": "models.predictor",
 }
 
 if TYPE_CHECKING:
     from models.encoder import ImageEncoder, TorchImageEncoder
     from models.loading import DEFAULT_MODEL, ModelLoadError, Sam3Models, load_models
+    from models.predictor import FrameOutputs, PredictorError, Sam3VideoPredictor, UnknownSessionError
     from models.streaming_tracker import StreamingTracker, TrackerConfig
 
 
@@ -42,17 +47,21 @@ __all__ = [
     "MAX_OBJ_ID",
     "MAX_POINTS",
     "MAX_TEXT_CHARS",
+    "FrameOutputs",
     "FrameResult",
     "ImageEncoder",
     "ModelLoadError",
     "ObjectIds",
     "ObjectResult",
+    "PredictorError",
     "Prompt",
     "PromptFailure",
     "Sam3Models",
+    "Sam3VideoPredictor",
     "StreamingTracker",
     "TorchImageEncoder",
     "TrackerConfig",
+    "UnknownSessionError",
     "check_frame",
     "load_models",
 ]

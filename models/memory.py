@@ -103,13 +103,16 @@ def prune_session(session: Any, frame_idx: int, window: MemoryWindow) -> None:
             for t in [t for t in per_frame if t < frame_idx]:
                 del per_frame[t]
     if hasattr(session, "obj_id_to_tracker_score_frame_wise"):
-        _trim_video_bookkeeping(session, frame_idx, set(session.obj_ids))
+        trim_video_bookkeeping(session, frame_idx, set(session.obj_ids))
 
 
-def _trim_video_bookkeeping(session: Any, frame_idx: int, live_ids: set[int]) -> None:
-    """The text model's per-frame and per-object metadata, which it deep-copies every frame."""
+def trim_video_bookkeeping(session: Any, frame_idx: int, live_ids: set[int]) -> None:
+    """The text model's per-frame and per-object metadata, which it deep-copies every frame.
+
+    Only ``frame_idx``'s entries of the per-frame tables are read again, whichever way frames are walked.
+    """
     for per_frame in (session.obj_id_to_tracker_score_frame_wise, session.suppressed_obj_ids):
-        for t in [t for t in per_frame if t < frame_idx]:
+        for t in [t for t in per_frame if t != frame_idx]:
             del per_frame[t]
     # In streaming mode only the length of these lists matters (hotstart removal is off), and only up
     # to the hotstart thresholds; keep that many of the most recent entries.

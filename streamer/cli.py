@@ -1,8 +1,9 @@
 """``sam3-stream``: run the whole pipeline on one machine, or each part on its own.
 
     sam3-stream run --model facebook/sam3 --source 0 --prompt person      # all three, ipc://, one machine
-    sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555
-    sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555
+    sam3-stream keys ~/keys                  # CURVE keys: every part across hosts takes --keys (a copy of) it
+    sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555 --keys ~/keys
+    sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555 --keys ~/keys
     sam3-stream serve --http-port 8080
 
 ``run`` starts ``capture``, ``track`` and ``serve`` as child processes over ipc:// sockets in a private
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from streamer import capture, tracker_service
+from streamer import capture, keys, tracker_service
 from streamer.capture import Backoff
 from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
 from streamer.signals import StopSignals
@@ -235,6 +236,10 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints, folder: Pa
     ]
     for host in args.ice_hosts or []:
         serve_args += ["--ice-host", host]
+    for name in args.allowed_hosts:
+        serve_args += ["--allowed-host", name]
+    if args.insecure:
+        serve_args.append("--insecure")
     return [
         Child(name, _child_argv(command, args.log_level, *argv), refusal_file=folder / f"refused-{name}")
         for name, command, argv in (
@@ -247,6 +252,16 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints, folder: Pa
 
 def run_pipeline(args: argparse.Namespace) -> int:
     """``sam3-stream run``: start the three parts, print the URL, supervise until a signal; exit status."""
+    from streamer.gateway import TOKEN_ENV, check_exposure, token_from_args
+
+    try:
+        token = token_from_args(args)
+        check_exposure(args.http_host, token, args.insecure)
+    except ValueError as exc:  # the gateway would refuse the same, after the tracker had loaded
+        log.error("%s", exc)
+        return USAGE_ERROR
+    if token:
+        os.environ[TOKEN_ENV] = token  # inherited by the gateway; an argument would show in every process list
     browse_host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::", "") else args.http_host
     if _listening(browse_host, args.http_port):  # else the gateway would fail and be restarted forever
         log.error("port %d is already in use on %s; pass another --http-port", args.http_port, browse_host)
@@ -326,7 +341,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sam3-stream`` parser with its four commands."""
+    """The ``sam3-stream`` parser with its five commands."""
     from streamer import gateway  # aiohttp and aiortc: loaded only to build the parser
 
     common = argparse.ArgumentParser(add_help=False)
@@ -346,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         "temporary folder, print the page's URL, restart a part that dies, stop all on Ctrl-C.",
     )
     _add_run_arguments(run)
+    gateway.add_access_arguments(run)
     capture.add_arguments(
         commands.add_parser(
             "capture",
@@ -372,6 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
             "forwards prompts from the page's data channel, serves /health and /metrics.",
         )
     )
+    keys.add_arguments(
+        commands.add_parser(
+            "keys",
+            parents=[common],
+            help="make CURVE key pairs that secure tcp:// sockets",
+            description="Make (or add to) a key folder: the servers' key pair, this host's client pair, and an "
+            "allow-list of client public keys. Pass the folder as --keys to capture, track and serve.",
+        )
+    )
     return parser
 
 
@@ -387,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = capture.run_from_args(args)
     elif args.command == "track":
         status = tracker_service.run_from_args(args)
+    elif args.command == "keys":
+        status = keys.run_from_args(args)
     else:
         from streamer import gateway
 

@@ -44,7 +44,10 @@ import numpy as np
 import zmq
 
 from models import Prompt
+from streamer import security
 from streamer.config import Endpoints
+from streamer.healing import CauseLog, HealingSocket, SocketWatch
+from streamer.keys import KeyFolder
 from streamer.prompt_queue import FailedOp, PromptLimits, QueuedOp, StreamPrompts, apply_op, match_failures
 from streamer.prompt_store import PromptStore, open_prompt_store
 from streamer.protocol import (
@@ -75,7 +78,6 @@ STREAM_IDLE_S = 300.0  # a stream without frames this long expires, freeing its 
 _POLL_SLICE_MS = 100  # longest poll, so a stop request is noticed within this
 _FPS_WINDOW_S = 2.0
 _EXPIRY_CHECK_S = 1.0
-_LOGGED_PER_WINDOW = 10  # failed prompts and malformed requests logged per stats window, then only counted
 _DEFAULTS = Endpoints.tcp_defaults()
 _REACQUIRED_NOTE = (
     "clicks and boxes were made on an earlier frame and are re-applied on the current one, so those objects "
@@ -138,24 +140,6 @@ class _Stream:
         }
 
 
-class _Throttle:
-    """Counts a kind of trouble and says whether to log this one (the first few per stats window)."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.window = 0
-
-    def log_this(self) -> bool:
-        self.total += 1
-        self.window += 1
-        return self.window <= _LOGGED_PER_WINDOW
-
-    def new_window(self) -> int:
-        """Start a new window; returns how many went unlogged in the last one."""
-        unlogged, self.window = max(0, self.window - _LOGGED_PER_WINDOW), 0
-        return unlogged
-
-
 class TrackerService:
     """The tracker loop over its three sockets.
 
@@ -178,6 +162,7 @@ class TrackerService:
         max_streams: int = MAX_STREAMS,
         stream_idle_s: float = STREAM_IDLE_S,
         store: PromptStore | None = None,
+        keys: KeyFolder | None = None,
     ) -> None:
         self._prompts = [Prompt(text=text) for text in prompts]  # ValueError now, not on the first frame
         if max_streams < 1 or not stream_idle_s > 0:
@@ -195,18 +180,28 @@ class TrackerService:
         self._stored_deadline: dict[str, float] = {}  # stored streams not seen since start: expire by then
         self._drain_stats = DrainStats()
         self._ignored_streams = 0
-        self._malformed = _Throttle()
-        self._failed = _Throttle()
+        self._failures = CauseLog("prompts")  # failed prompts: the first of each kind logged, then counts
         self._lock = threading.Lock()  # the PUB socket and self._streams, shared with the other threads
         self._stopping = threading.Event()
         self._context = zmq.Context()  # our own, so that term() cannot wait on anyone else's sockets
-        self._frames: zmq.Socket | None = None
+        self._frames: HealingSocket | None = None
+        self._control_errors = CauseLog("control")  # the control thread's alone
+        self._curve_server: security.CurveServer | None = None
         try:
-            self._results = results_publisher(results_endpoint, context=self._context)
-            self._control = ControlServer(control_endpoint, context=self._context)
+            # With keys, tcp:// sockets use CURVE: clients on the allow-list only; frames from keyed captures.
+            self._curve_client = security.CurveClient(keys) if keys else None
+            self._curve_server = security.CurveServer(keys, self._context) if keys else None
+            self._results = results_publisher(results_endpoint, context=self._context, security=self._curve_server)
+            self._control = ControlServer(control_endpoint, context=self._context, security=self._curve_server)
         except BaseException:
+            if self._curve_server is not None:
+                self._curve_server.close()
             self._context.destroy(linger=0)
             raise
+        self._watches = [  # bound sockets keep listening whatever a peer does: these only count and log
+            SocketWatch(self._results, f"results {results_endpoint}", connecting=False),
+            SocketWatch(self._control.socket, f"control {control_endpoint}", connecting=False),
+        ]
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         self._control_thread = threading.Thread(target=self._serve_control, name="control", daemon=True)
 
@@ -222,9 +217,12 @@ class TrackerService:
         between frames). ``make_tracker`` makes one tracker per stream."""
         self._make_tracker = make_tracker
         # Connected only now: frames sent during a model load would only pile up to the high-water mark.
-        self._frames = frames_subscriber(frames_endpoints, context=self._context)
+        self._frames = HealingSocket(
+            lambda: frames_subscriber(frames_endpoints, context=self._context, security=self._curve_client),
+            f"frames {frames_endpoints if isinstance(frames_endpoints, str) else ', '.join(frames_endpoints)}",
+        )
         poller = zmq.Poller()
-        poller.register(self._frames, zmq.POLLIN)
+        poller.register(self._frames.socket, zmq.POLLIN)  # the control socket is the control thread's
         deadline = time.monotonic() + self._stream_idle_s
         self._stored_deadline = dict.fromkeys(self._store.streams(), deadline)
         if not self._heartbeat.is_alive():
@@ -236,6 +234,7 @@ class TrackerService:
         while not should_stop():
             busy = any(s.pending is not None for s in self._streams.values())
             poller.poll(0 if busy else _POLL_SLICE_MS)
+            self._check_sockets(poller)
             self._receive_frames()
             stream = self._next_stream()
             if stream is not None:
@@ -254,10 +253,14 @@ class TrackerService:
         for thread in (self._heartbeat, self._control_thread):
             if thread.is_alive():
                 thread.join(2 * self._heartbeat_s + 1.0)
+        for watch in self._watches:
+            watch.close()
         self._control.close()  # not its context (ours): closes the socket only
         if self._frames is not None:
-            self._frames.close(linger=0)
+            self._frames.close()
         self._results.close(linger=0)
+        if self._curve_server is not None:
+            self._curve_server.close()
         self._context.term()
         self._store.close()
 
@@ -271,10 +274,21 @@ class TrackerService:
 
     # ------------------------------------------------------------------------------------- frames
 
+    def _check_sockets(self, poller: zmq.Poller) -> None:
+        """Log what went wrong on the sockets; re-create the frames socket if libzmq gave up on a capture."""
+        for watch in self._watches:
+            watch.check()
+        self._failures.flush()  # the control thread flushes its own control_errors
+        assert self._frames is not None
+        old = self._frames.socket
+        if self._frames.check():
+            poller.unregister(old)
+            poller.register(self._frames.socket, zmq.POLLIN)
+
     def _receive_frames(self) -> None:
         received, now = time.time(), time.monotonic()
         assert self._frames is not None
-        for name, (header, pixels) in latest_per_stream(drain(self._frames, 0), self._drain_stats).items():
+        for name, (header, pixels) in latest_per_stream(drain(self._frames.socket, 0), self._drain_stats).items():
             stream = self._streams.get(name) or self._new_stream(name, (header.width, header.height))
             if stream is None:
                 continue
@@ -414,8 +428,7 @@ class TrackerService:
         request_id, op_name = (op.request.request_id, op.request.op) if op is not None else (None, None)
         what = f"{'re-applying ' if op is not None and op.restored else ''}prompt {request_id or '?'} ({op_name})"
         message = f"{what} failed when applied and was dropped: {failure.error}"
-        if self._failed.log_this():
-            log.warning("stream %s: %s", name, message)
+        self._failures.count(f"stream {name}: prompts failed when applied ({_field_of(failure.error)})", detail=message)
         self._publish_event(
             EventMessage(
                 name,
@@ -483,11 +496,12 @@ class TrackerService:
         while not self._stopping.is_set():
             try:
                 for envelope, request, _request_id in self._control.requests(_POLL_SLICE_MS):
-                    if isinstance(request, ProtocolError):  # already answered by the ControlServer
-                        if self._malformed.log_this():
-                            log.info("control: rejected a malformed request: %s", str(request)[:300])
+                    if isinstance(request, ProtocolError):  # already answered; one log line per field, with counts
+                        cause = f"rejected malformed requests ({_field_of(request)})"
+                        self._control_errors.count(cause, logging.INFO, detail=str(request))
                         continue
                     self._control.reply(envelope, self._answer(request))
+                self._control_errors.flush()
             except Exception:  # never lose the control thread: every later prompt would go unanswered
                 log.exception("control: failed serving requests")
                 self._stopping.wait(0.1)
@@ -550,10 +564,12 @@ class TrackerService:
             s.latencies.clear()
         if self._drain_stats.superseded:
             log.info("frames skipped for a newer one: %d in all", self._drain_stats.superseded)
-        for what, throttle in (("malformed control requests", self._malformed), ("failed prompts", self._failed)):
-            unlogged = throttle.new_window()
-            if unlogged:
-                log.info("%s: %d more not logged (%d in all)", what, unlogged, throttle.total)
+        self._failures.flush()
+
+
+def _field_of(error: ProtocolError | str) -> str:
+    """The field a protocol error names (its messages start with ``field: problem``)."""
+    return str(error).split(":", 1)[0][:80]
 
 
 def run_tracker_service(
@@ -571,16 +587,22 @@ def run_tracker_service(
     max_streams: int = MAX_STREAMS,
     stream_idle_s: float = STREAM_IDLE_S,
     state_dir: str | None = None,
+    keys: KeyFolder | None = None,
+    insecure: bool = False,
 ) -> None:
     """Bind, load the model, and serve until SIGINT/SIGTERM (from the main thread).
 
     Raises :class:`CannotStart` for what restarting cannot fix (an endpoint or option that is wrong, a
-    model that cannot be loaded); anything raised while serving is a crash.
+    non-loopback endpoint exposed without ``keys`` unless ``insecure``, a model that cannot be loaded),
+    before anything is bound where it can; anything raised while serving is a crash.
     """
     try:
+        security.check_exposure(
+            [results_endpoint, control_endpoint], keys, insecure, "read the results and drive the tracker"
+        )
         store = open_prompt_store(state_dir)
-    except OSError as exc:
-        raise CannotStart(f"--state-dir {state_dir}: {exc}") from exc
+    except (ValueError, OSError) as exc:
+        raise CannotStart(str(exc) if isinstance(exc, ValueError) else f"--state-dir {state_dir}: {exc}") from exc
     with StopSignals() as stop:
         try:
             service = TrackerService(
@@ -592,6 +614,7 @@ def run_tracker_service(
                 max_streams=max_streams,
                 stream_idle_s=stream_idle_s,
                 store=store,
+                keys=keys,
             )
         except ValueError as exc:  # an endpoint or a --prompt; the message names it
             store.close()
@@ -699,6 +722,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=STREAM_IDLE_S,
         help="a stream without frames this long expires, freeing its slot and prompts (default %(default)s)",
     )
+    security.add_arguments(parser, binds=True)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -716,10 +740,16 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     # Frames arrive as read-only views of the socket's buffers; the model only reads them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    frames_endpoints = args.frames_endpoints or [_DEFAULTS.frames]
+    try:
+        keys = security.key_folder_from_args(args, [*frames_endpoints, args.results_endpoint, args.control_endpoint])
+    except ValueError as exc:  # --keys: the message names the problem
+        log.error("cannot start the tracker: %s", exc)
+        return 2
     try:
         run_tracker_service(
             args.model,
-            args.frames_endpoints or [_DEFAULTS.frames],
+            frames_endpoints,
             args.results_endpoint,
             args.control_endpoint,
             device=args.device,
@@ -731,6 +761,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             max_streams=args.max_streams,
             stream_idle_s=args.stream_idle_s,
             state_dir=args.state_dir,
+            keys=keys,
+            insecure=args.insecure,
         )
     except CannotStart as exc:
         log.error("cannot start the tracker: %s", exc)

@@ -130,7 +130,7 @@ def run_help(*args: str) -> str:
 
 def test_top_level_help_lists_every_command() -> None:
     text = run_help()
-    for command in ("run", "capture", "track", "serve"):
+    for command in ("run", "capture", "track", "serve", "keys"):
         assert re.search(rf"^\s+{command}\s+\S", text, re.MULTILINE), f"{command} missing from:\n{text}"
 
 
@@ -138,7 +138,7 @@ def test_top_level_help_lists_every_command() -> None:
     "command, options",
     [
         ("run", ["--model", "--source", "--prompt", "--http-port", "--loop", "--log-level"]),
-        ("capture", ["--source", "--frames-endpoint", "--stream-id", "--loop", "--log-level"]),
+        ("capture", ["--source", "--frames-endpoint", "--stream-id", "--loop", "--log-level", "--keys", "--insecure"]),
         (
             "track",
             [
@@ -149,9 +149,12 @@ def test_top_level_help_lists_every_command() -> None:
                 "--control-endpoint",
                 "--prompt",
                 "--passthrough-delay-ms",
+                "--keys",
+                "--insecure",
             ],
         ),
-        ("serve", ["--results-endpoint", "--control-endpoint", "--http-port"]),
+        ("serve", ["--results-endpoint", "--control-endpoint", "--http-port", "--keys"]),
+        ("keys", ["DIR", "--client"]),
     ],
 )
 def test_each_command_has_help(command: str, options: list[str]) -> None:
