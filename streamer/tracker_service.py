@@ -51,6 +51,8 @@ from streamer.keys import KeyFolder
 from streamer.prompt_queue import FailedOp, PromptLimits, QueuedOp, StreamPrompts, apply_op, match_failures
 from streamer.prompt_store import PromptStore, open_prompt_store
 from streamer.protocol import (
+    MAX_ERROR_CHARS,
+    MAX_OBJECTS,
     EventMessage,
     FrameHeader,
     PromptAnswer,
@@ -433,7 +435,7 @@ class TrackerService:
             EventMessage(
                 name,
                 "prompt_failed",
-                message[:4000],
+                message,
                 time.time(),
                 request_id=request_id,
                 op=op_name,
@@ -460,7 +462,14 @@ class TrackerService:
         )
 
     def _publish_event(self, event: EventMessage) -> None:
-        parts = encode_event(event)
+        """Publish ``event`` cut to the wire's bounds (an event is news, never a reason to stop tracking)."""
+        event.message = event.message[:MAX_ERROR_CHARS]
+        event.obj_ids, event.texts = event.obj_ids[:MAX_OBJECTS], event.texts[:MAX_OBJECTS]
+        try:
+            parts = encode_event(event)
+        except ProtocolError as exc:
+            self._failures.count("events not published", detail=str(exc))
+            return
         with self._lock:
             self._results.send_multipart(parts)
 

@@ -244,6 +244,7 @@ def test_tracker_events_reach_viewers_naming_their_prompt() -> None:
             assert event["obj_ids"] == answer["obj_ids"] and event["op"] == "add_prompt"
             await tracker.send_event(EventMessage("cam9", "prompt_failed", "another stream's", time.time()))
 
+            await asyncio.sleep(4 * tracker.heartbeat_s)  # the gateway has heard the first instance's heartbeats
             tracker.instance = "fake-2"  # the tracker restarted
             event = await viewer.wait_event("tracker_restarted")
             assert "restarted" in event["message"]
