@@ -30,6 +30,7 @@ _LAZY = {
     "TrackerConfig": "models.streaming_tracker",
     "FrameOutputs": "models.predictor",
     "PredictorError": "models.predictor",
+    "PromptCoordinatesWarning": "models.predictor",
     "Sam3VideoPredictor": "models.predictor",
     "UnknownSessionError": "models.predictor",
 }
@@ -45,7 +46,13 @@ if TYPE_CHECKING:
         tensorrt_problem,
     )
     from models.loading import DEFAULT_MODEL, ModelLoadError, Sam3Models, load_models
-    from models.predictor import FrameOutputs, PredictorError, Sam3VideoPredictor, UnknownSessionError
+    from models.predictor import (
+        FrameOutputs,
+        PredictorError,
+        PromptCoordinatesWarning,
+        Sam3VideoPredictor,
+        UnknownSessionError,
+    )
     from models.streaming_tracker import StreamingTracker, TrackerConfig
 
 
@@ -65,6 +72,7 @@ __all__ = [
     "ObjectResult",
     "PredictorError",
     "Prompt",
+    "PromptCoordinatesWarning",
     "Sam3Models",
     "Sam3VideoPredictor",
     "StreamingTracker",
