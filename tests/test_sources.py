@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import serve_folder, write_mp4
+from helpers import serve_folder, write_video
 
 from streamer.sources import (
     ImageFolderSource,
@@ -18,9 +18,9 @@ from streamer.sources import (
 )
 
 
-def write_video(path: Path, n: int, width: int = 64, height: int = 48, fps: int = 10) -> None:
+def write_greys(path: Path, n: int, width: int = 64, height: int = 48, fps: int = 10) -> None:
     """An mp4 whose frame k is a flat grey of level 20 * k (well apart after H.264 rounding)."""
-    write_mp4(path, (np.full((height, width, 3), 20 * k, np.uint8) for k in range(n)), fps)
+    write_video(path, (np.full((height, width, 3), 20 * k, np.uint8) for k in range(n)), fps)
 
 
 def grey_level(frame: np.ndarray) -> int:
@@ -91,7 +91,7 @@ def test_explicit_size_and_fps_override_the_synthetic_spec():
 
 def test_video_file_is_read_with_its_count_size_and_rate(tmp_path):
     path = tmp_path / "clip.mp4"
-    write_video(path, 7)
+    write_greys(path, 7)
     with open_source(str(path)) as src:
         assert isinstance(src, VideoSource) and not src.live
         frames = list(src)
@@ -102,7 +102,7 @@ def test_video_file_is_read_with_its_count_size_and_rate(tmp_path):
 
 def test_video_file_loops(tmp_path):
     path = tmp_path / "clip.mp4"
-    write_video(path, 4)
+    write_greys(path, 4)
     with open_source(str(path), loop=True) as src:
         levels = [grey_level(src.read()) for _ in range(10)]
     assert levels == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
@@ -110,7 +110,7 @@ def test_video_file_loops(tmp_path):
 
 def test_video_file_resized_on_request(tmp_path):
     path = tmp_path / "clip.mp4"
-    write_video(path, 2)
+    write_greys(path, 2)
     with open_source(str(path), width=32) as src:
         assert src.read().shape == (24, 32, 3)
 
@@ -124,7 +124,7 @@ def test_garbage_video_raises_source_error(tmp_path):
 
 def test_looping_video_deleted_on_disk_raises_source_error_at_restart(tmp_path):
     path = tmp_path / "clip.mp4"
-    write_video(path, 2)
+    write_greys(path, 2)
     src = open_source(str(path), loop=True)
     src.read(), src.read()
     path.unlink()
@@ -141,7 +141,7 @@ def http_folder(tmp_path):
 
 def test_video_file_over_http_is_paced_and_looped_like_a_local_file(http_folder):
     folder, url = http_folder
-    write_video(folder / "clip.mp4", 3)
+    write_greys(folder / "clip.mp4", 3)
     with open_source(f"{url}/clip.mp4", loop=True) as src:
         assert isinstance(src, VideoSource) and not src.live and src.fps == pytest.approx(10)
         assert [grey_level(src.read()) for _ in range(5)] == [0, 1, 2, 0, 1]
