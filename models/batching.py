@@ -21,12 +21,18 @@ outputs and session updates, that runs the per-object work as batches:
 - Objects prompted with a mask (the text model's new detections) take transformers' own
   one-object step: the mask path is rare and its shape differs.
 
-On CPU in float32 the batched step's outputs equal the per-object loop's bit for bit (tested over
-a 300-frame stream); on GPU, batched kernels may round differently in the last bits.
+Bit for bit. A matrix product with one row (one object) can round differently from the same rows
+inside a larger product, so on CPU the few places where a per-object computation is a single row
+(the embedding of clicks, the mask decoder's small heads, the object-pointer head) still run one
+object at a time; everything large is batched. In float32 on CPU the batched step's outputs then
+equal the per-object loop's bit for bit (tested over a 300-frame stream). On a GPU the heads run
+batched too (a launch per object would cost more than it saves) and results may differ from the
+loop in the last bits, as they may in bfloat16.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -262,7 +268,11 @@ def decode_batch(
         ]
         sparse = torch.cat([p[0] for p in per_object], dim=0)
         dense = per_object[0][1].expand(size, -1, -1, -1)  # no mask prompt: the same for every object
-    with hf.heads_one_row_at_a_time(tracker):
+    # On CPU the small per-object heads run one object at a time, so every object gets exactly the
+    # numbers of its own one-object step. On a GPU that would be a kernel launch per object and layer,
+    # and batched GPU kernels do not promise the same rounding anyway: there they run as one batch.
+    one_by_one = device.type == "cpu"
+    with hf.heads_one_row_at_a_time(tracker) if one_by_one else contextlib.nullcontext():
         low_res, iou_scores, tokens, score_logits = tracker.mask_decoder(
             image_embeddings=image_embeddings[-1],
             image_positional_embeddings=tracker.get_image_wide_positional_embeddings().repeat(size, 1, 1, 1),
@@ -293,7 +303,10 @@ def decode_batch(
             token = tokens[rows, 0, best].unsqueeze(1)
     else:
         low_res, high_res = low_res[:, :, 0], high_res[:, :, 0]
-    pointer = torch.cat([tracker.object_pointer_proj(token[i : i + 1]) for i in range(size)], dim=0)
+    if one_by_one:
+        pointer = hf.feed_forward_one_row_at_a_time(tracker.object_pointer_proj, token)
+    else:
+        pointer = tracker.object_pointer_proj(token)
     weight = appearing.to(pointer.dtype)
     pointer = weight * pointer + (1 - weight) * tracker.no_object_pointer
     return {

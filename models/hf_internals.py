@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import Sam3TrackerVideoModel, Sam3VideoModel
 from transformers.models.sam3_tracker_video import modeling_sam3_tracker_video
@@ -45,6 +47,7 @@ _VIDEO_SESSION = "Sam3VideoInferenceSession"
 _PROCESSOR = "Sam3TrackerVideoProcessor"
 _TRACKER_MODULE = "modeling_sam3_tracker_video"
 _MASK_DECODER = "Sam3TrackerVideoMaskDecoder"
+_FEED_FORWARD = "Sam3TrackerVideoFeedForward"
 # Attributes of both session types.
 _SESSION_STATE = {
     "_obj_id_to_idx": "object id -> positional index; renumbered when an object is removed",
@@ -102,6 +105,11 @@ MODEL_RELIED_ON: tuple[Reliance, ...] = (
     Reliance(_TRACKER, "no_object_pointer", "the pointer of an object judged absent"),
     Reliance(_TRACKER, "image_size", "side of the high-resolution masks the memory encoder takes"),
     Reliance(_MASK_DECODER, "output_hypernetworks_mlps", "per-object heads, run one object at a time"),
+    Reliance(_FEED_FORWARD, "proj_in", "first layer of a per-object head"),
+    Reliance(_FEED_FORWARD, "layers", "hidden layers of a per-object head"),
+    Reliance(_FEED_FORWARD, "proj_out", "last layer of a per-object head"),
+    Reliance(_FEED_FORWARD, "activation", "activation between a head's layers"),
+    Reliance(_FEED_FORWARD, "sigmoid_output", "whether a head ends with a sigmoid"),
     Reliance(_MASK_DECODER, "iou_prediction_head", "per-object head, run one object at a time"),
     Reliance(_MASK_DECODER, "pred_obj_score_head", "per-object head, run one object at a time"),
     Reliance(_VIDEO, "tracker_model", "the tracker the text model calls as tracker_model(...)"),
@@ -171,7 +179,12 @@ def check_installed(reliances: tuple[Reliance, ...] = RELIED_ON) -> None:
 def check_model(video_model: Sam3VideoModel) -> None:
     """The same check for attributes that only a built model has (called once per loaded model)."""
     tracker = video_model.tracker_model
-    instances = {_TRACKER: tracker, _VIDEO: video_model, _MASK_DECODER: getattr(tracker, "mask_decoder", None)}
+    instances = {
+        _TRACKER: tracker,
+        _VIDEO: video_model,
+        _MASK_DECODER: getattr(tracker, "mask_decoder", None),
+        _FEED_FORWARD: getattr(tracker, "object_pointer_proj", None),
+    }
     gone = missing(MODEL_RELIED_ON, instances)
     if gone:
         raise TransformersInternalsError(_explain(gone))
@@ -517,7 +530,7 @@ def heads_one_row_at_a_time(tracker: Sam3TrackerVideoModel) -> Iterator[None]:
     decoder = tracker.mask_decoder
     heads = [*decoder.output_hypernetworks_mlps, decoder.iou_prediction_head, decoder.pred_obj_score_head]
     for head in heads:
-        head.forward = _rowwise(head.forward)
+        head.forward = partial(feed_forward_one_row_at_a_time, head)
     try:
         yield
     finally:
@@ -525,13 +538,19 @@ def heads_one_row_at_a_time(tracker: Sam3TrackerVideoModel) -> Iterator[None]:
             del head.forward
 
 
-def _rowwise(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def run(rows: torch.Tensor) -> torch.Tensor:
-        if rows.shape[0] == 1:
-            return forward(rows)
-        return torch.cat([forward(rows[i : i + 1]) for i in range(rows.shape[0])], dim=0)
-
-    return run
+def feed_forward_one_row_at_a_time(head: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """A ``Sam3TrackerVideoFeedForward`` (input, hidden and output layers, activation between, optional
+    sigmoid) applied to each row of ``rows`` (dimension 0) alone, with the same operations as its forward."""
+    linears = [head.proj_in, *head.layers, head.proj_out]
+    outputs = []
+    for i in range(rows.shape[0]):
+        x = rows[i : i + 1]
+        for k, linear in enumerate(linears):
+            x = F.linear(x, linear.weight, linear.bias)
+            if k < len(linears) - 1:
+                x = head.activation(x)
+        outputs.append(torch.sigmoid(x) if head.sigmoid_output else x)
+    return torch.cat(outputs, dim=0)
 
 
 def cache_constant_embeddings(video_model: Sam3VideoModel) -> None:

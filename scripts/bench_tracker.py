@@ -10,7 +10,7 @@ Streams N synthetic frames with moving objects, prompted the same way on frame 0
   processor code; for text, ``Sam3VideoModel``.
 Every frame goes to each contender in turn, order rotating, so machine noise hits all alike.
 
-``--objects`` takes one or more counts of clicked objects; each count is a separate run, and the
+``--objects`` takes one or more counts of clicked objects; all counts race in the same run, and the
 JSON's ``curve`` gives median frame time and fps per count for each contender, plus the
 8-to-1-object ratio of median frame time when both counts ran. Prints progress to stderr and one
 JSON object as the last line of stdout.
@@ -226,16 +226,25 @@ def ratios(ours: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def run_once(models: Sam3Models, args: argparse.Namespace, objects: int, sync: Callable[[], None]) -> dict[str, Any]:
-    """One race at one object count: batched, unbatched and baseline as asked."""
+def contenders_for(models: Sam3Models, args: argparse.Namespace, objects: int) -> list[Contender]:
+    """Batched, unbatched and baseline (as asked) at one object count, named ``<kind>@<objects>``."""
     prompts = prompts_for(args, objects)
     contenders = [streaming_contender("batched", models, TrackerConfig(), prompts)]
     if not args.skip_unbatched:
         contenders.append(streaming_contender("unbatched", models, TrackerConfig(batch_objects=False), prompts))
     if not args.skip_baseline:
         contenders.append(baseline_contender(models, args.model, args, prompts))
+    for contender in contenders:
+        contender.name = f"{contender.name}@{objects}"
+    return contenders
+
+
+def report_run(results: dict[str, Any], objects: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One object count's results, with ours-to-others ratios."""
     run: dict[str, Any] = {"objects": objects if args.workload == "points" else "text: person"}
-    run.update(race(contenders, args, sync))
+    for kind in ("batched", "unbatched", "baseline"):
+        if f"{kind}@{objects}" in results:
+            run[kind] = results[f"{kind}@{objects}"]
     for other in ("unbatched", "baseline"):
         if other in run:
             run[f"batched_vs_{other}"] = ratios(run["batched"], run[other])
@@ -275,10 +284,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "frames": args.frames,
         "frame_size": [args.width, args.height],
     }
-    runs = []
-    for objects in counts:
-        print(f"run: {objects} object(s)", file=sys.stderr, flush=True)
-        runs.append(run_once(models, args, objects, sync))
+    # Every object count races in the same run, frame by frame, so the curve compares like with like.
+    contenders = [c for objects in counts for c in contenders_for(models, args, objects)]
+    results = race(contenders, args, sync)
+    runs = [report_run(results, objects, args) for objects in counts]
     report["runs"] = runs
     report["curve"] = curve(runs)
     print(json.dumps(report))
