@@ -209,6 +209,7 @@ def objects_with_new_inputs(session: Any) -> list[int]:
 
 
 def set_objects_with_new_inputs(session: Any, obj_ids: list[int]) -> None:
+    """Name the objects whose inputs the next step consumes (transformers replaces the whole set)."""
     session.obj_with_new_inputs = list(obj_ids)
 
 
@@ -218,6 +219,7 @@ def object_outputs(session: Any, obj_idx: int) -> dict[str, dict[int, dict[str, 
 
 
 def all_object_outputs(session: Any) -> list[dict[str, dict[int, dict[str, Any]]]]:
+    """Every object's stored outputs (the live dicts the memory window prunes)."""
     return list(session.output_dict_per_obj.values())
 
 
@@ -231,6 +233,7 @@ def per_frame_object_records(session: Any) -> list[dict[int, Any]]:
 
 
 def point_inputs_at(session: Any, obj_idx: int, frame_idx: int) -> dict[str, torch.Tensor] | None:
+    """An object's clicks on a frame, if any."""
     return session.point_inputs_per_obj[obj_idx].get(frame_idx)
 
 
@@ -240,27 +243,27 @@ def set_point_inputs(session: Any, obj_idx: int, frame_idx: int, inputs: dict[st
 
 
 def mask_inputs_at(session: Any, obj_idx: int, frame_idx: int) -> torch.Tensor | None:
+    """An object's mask prompt on a frame, if any (the text model starts new detections from masks)."""
     return session.mask_inputs_per_obj[obj_idx].get(frame_idx)
 
 
 def was_tracked(session: Any, obj_idx: int, frame_idx: int) -> bool:
+    """Whether the object was already tracked on this frame (new inputs then correct, not start, it)."""
     return frame_idx in session.frames_tracked_per_obj[obj_idx]
 
 
 def mark_tracked(session: Any, obj_idx: int, frame_idx: int, reverse: bool) -> None:
+    """Record that the object was tracked on this frame, as transformers' step does."""
     session.frames_tracked_per_obj[obj_idx][frame_idx] = {"reverse": reverse}
 
 
-def frames_seen(session: Any) -> int | None:
-    """What the model reads as the number of frames (``num_frames``; our ``FrameWindow`` keeps counting)."""
-    return session.num_frames
-
-
 def cache_tracker_features(session: Any, frame_idx: int, features: dict[str, Any]) -> None:
+    """Hand the session a frame's tracker features so it does not compute them itself."""
     session.cache.cache_vision_features(frame_idx, features)
 
 
 def cached_tracker_features(session: Any, frame_idx: int) -> dict[str, Any] | None:
+    """The tracker features the session holds for a frame (the text model computes them per frame)."""
     return session.cache.get_vision_features(frame_idx)
 
 
@@ -319,6 +322,7 @@ def install_frame_window(session: Any) -> FrameWindow:
 
 
 def frame_window(session: Any) -> FrameWindow:
+    """The session's frame store, once ``install_frame_window`` replaced it."""
     return session.processed_frames
 
 
@@ -328,6 +332,7 @@ _PROMPT_TABLES = ("prompts", "prompt_input_ids", "prompt_embeddings", "prompt_at
 
 
 def is_text_session(session: Any) -> bool:
+    """Whether this is the text model's session (with its detection bookkeeping)."""
     return isinstance(session, Sam3VideoInferenceSession)
 
 
@@ -344,10 +349,12 @@ def set_prompt_tokens(session: Any, prompt_id: int, input_ids: torch.Tensor, att
 
 
 def prompt_of_object(session: Any, obj_id: int) -> int | None:
+    """The prompt id of the concept that found the object."""
     return session.obj_id_to_prompt_id.get(obj_id)
 
 
 def objects_of_prompt(session: Any, prompt_id: int) -> list[int]:
+    """The objects a concept found."""
     return [obj_id for obj_id, pid in session.obj_id_to_prompt_id.items() if pid == prompt_id]
 
 
@@ -367,6 +374,7 @@ def reserve_object_ids(session: Any, next_obj_id: int) -> None:
 
 
 def next_object_id(session: Any) -> int:
+    """The id the text model would give its next new detection."""
     return session.max_obj_id + 1
 
 
@@ -381,6 +389,7 @@ class TextBookkeeping:
 
 
 def text_bookkeeping(session: Any) -> TextBookkeeping:
+    """The text model's metadata containers, grouped by how they are keyed."""
     return TextBookkeeping(
         per_frame=[session.obj_id_to_tracker_score_frame_wise, session.suppressed_obj_ids],
         per_object=[
@@ -487,6 +496,7 @@ def object_memory(
 
 
 def uses_multimask(tracker: Sam3TrackerVideoModel, is_init_cond_frame: bool, point_inputs: dict | None) -> bool:
+    """Whether the mask decoder returns three masks (and keeps the best) for these inputs."""
     return tracker._use_multimask(is_init_cond_frame, point_inputs)
 
 

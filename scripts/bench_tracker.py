@@ -9,6 +9,8 @@ Streams N synthetic frames with moving objects, prompted the same way on frame 0
   clicks, ``Sam3TrackerVideoModel`` with its own image encoder, prompted through transformers'
   processor code; for text, ``Sam3VideoModel``.
 Every frame goes to each contender in turn, order rotating, so machine noise hits all alike.
+``StreamingTracker``'s runs also report the median of its stage timings (preprocess, encode, track,
+postprocess).
 
 ``--objects`` takes one or more counts of clicked objects; all counts race in the same run, and the
 JSON's ``curve`` gives median frame time and fps per count for each contender, plus the
@@ -84,21 +86,27 @@ def click_prompts(count: int, width: int, height: int) -> list[Prompt]:
 class Contender:
     """One side of the comparison: a per-frame step, a state probe, and what was measured."""
 
-    def __init__(self, name: str, step: Callable[[int, np.ndarray], Any], measure_state: Callable[[], int]) -> None:
+    def __init__(
+        self, name: str, step: Callable[[int, np.ndarray], dict[str, float] | None], measure_state: Callable[[], int]
+    ) -> None:
         self.name, self.step, self.measure_state = name, step, measure_state
         self.latencies: list[float] = []
+        self.stages: dict[str, list[float]] = {}  # the tracker's own stage timings, where it reports them
         self.states: dict[str, int] = {}
 
     def summary(self, frames: int) -> dict[str, Any]:
         ms = np.array(self.latencies) * 1e3
         tenth = max(len(ms) // 10, 1)
-        return {
+        out = {
             "fps": frames / (ms.sum() / 1e3),
             "latency_ms": {f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)},
             "latency_ms_first_10pct_p50": float(np.median(ms[:tenth])),
             "latency_ms_last_10pct_p50": float(np.median(ms[-tenth:])),
             "state_bytes": self.states,
         }
+        if self.stages:
+            out["stage_ms_p50"] = {k: round(float(np.median(v)) * 1e3, 3) for k, v in self.stages.items()}
+        return out
 
 
 def race(contenders: list[Contender], args: argparse.Namespace, sync: Callable[[], None]) -> dict[str, Any]:
@@ -112,9 +120,11 @@ def race(contenders: list[Contender], args: argparse.Namespace, sync: Callable[[
         shift = index % len(contenders)
         for contender in contenders[shift:] + contenders[:shift]:
             start = time.perf_counter()
-            contender.step(index, frame)
+            stages = contender.step(index, frame)
             sync()
             contender.latencies.append(time.perf_counter() - start)
+            for stage, seconds in (stages or {}).items():
+                contender.stages.setdefault(stage, []).append(seconds)
             if index + 1 in marks:
                 contender.states[str(index + 1)] = contender.measure_state()
         if (index + 1) % 500 == 0:
@@ -130,12 +140,12 @@ def prompts_for(args: argparse.Namespace, objects: int) -> list[Prompt]:
 def streaming_contender(name: str, models: Sam3Models, config: TrackerConfig, prompts: list[Prompt]) -> Contender:
     tracker = StreamingTracker(models, config)
 
-    def step(index: int, frame: np.ndarray) -> None:
+    def step(index: int, frame: np.ndarray) -> dict[str, float]:
         if index == 0:
             height, width = frame.shape[:2]
             for prompt in prompts:
                 tracker.add_prompt(prompt, frame_size=(width, height))
-        tracker.track(frame, timestamp=float(index))
+        return tracker.track(frame, timestamp=float(index)).timings
 
     return Contender(name, step, tracker.state_bytes)
 
