@@ -10,13 +10,21 @@ the newest result (the ZeroMQ guide's latest-value pattern), so it never acts on
     python examples/robot_consumer.py --results-endpoint tcp://gpu-server:5556 --stream cam0
 
 Prompts go the other way, to the tracker's control endpoint, with ``streamer.transport.PromptClient``.
+
+A tracker on another host runs with CURVE keys: give this robot a key folder made by
+``sam3-stream keys DIR --client robot1`` (copy ``DIR/exported/robot1`` here) and pass ``--keys`` (or set
+``SAM3_STREAM_KEYS``). The socket heals: a peer that breaks the connection (garbage, an oversized message)
+gets a fresh socket, so a tracker restarted later is heard again.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 
+from streamer import security
+from streamer.healing import CHECK_INTERVAL_S, HealingSocket
 from streamer.protocol import ProtocolError, decode_result, peek_kind
 from streamer.transport import drain, results_subscriber
 
@@ -28,14 +36,24 @@ def main() -> None:
     parser.add_argument("--results-endpoint", default="tcp://127.0.0.1:5556", help="the tracker's results PUB")
     parser.add_argument("--stream", default=None, help="only this camera's results (default: all)")
     parser.add_argument("--count", type=int, default=0, help="stop after this many results (default: run forever)")
+    security.add_arguments(parser, binds=False)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        keys = security.key_folder_from_args(args, [args.results_endpoint])
+        curve = security.CurveClient(keys) if keys else None
+    except ValueError as exc:  # names the missing or unsafe key file
+        parser.error(str(exc))
 
-    sock = results_subscriber(args.results_endpoint)
+    sock = HealingSocket(
+        lambda: results_subscriber(args.results_endpoint, security=curve), f"results {args.results_endpoint}"
+    )
     printed, last_heard = 0, time.monotonic()
     try:
         while not args.count or printed < args.count:
             newest = None
-            for parts in drain(sock, timeout_ms=500):  # everything queued; keep the newest result
+            sock.check()
+            for parts in drain(sock.socket, timeout_ms=int(CHECK_INTERVAL_S * 1000)):  # keep the newest result
                 try:
                     kind = peek_kind(parts)
                 except ProtocolError:
@@ -65,7 +83,7 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        sock.close(linger=0)
+        sock.close()
 
 
 if __name__ == "__main__":

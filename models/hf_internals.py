@@ -89,6 +89,7 @@ RELIED_ON: tuple[Reliance, ...] = (
     Reliance(_VIDEO_SESSION, "obj_first_frame_idx", "per-object first frame (trimmed)"),
     Reliance(_VIDEO_SESSION, "obj_id_to_score", "per-object detection score (trimmed)"),
     Reliance(_VIDEO_SESSION, "obj_id_to_last_occluded", "per-object last occlusion (trimmed)"),
+    Reliance(_VIDEO_SESSION, "hotstart_removed_obj_ids", "objects hot-start removed as spurious (files)"),
     Reliance(_PROCESSOR, "target_size", "the only state the point/box path reads besides point_pad_value"),
     Reliance(_PROCESSOR, "point_pad_value", "padding value the point path leaves unscaled"),
 )
@@ -315,10 +316,17 @@ class FrameWindow(dict):
         return dict.__len__(self)
 
 
+def use_frames(session: Any, frames: Any) -> None:
+    """Give ``session`` a frame store of our own in place of its ``processed_frames`` dict (any mapping
+    from frame index to pixels whose ``len`` is the frame count the model should see)."""
+    session.processed_frames = frames
+
+
 def install_frame_window(session: Any) -> FrameWindow:
     """Make ``session`` keep only its newest frame's pixels (it otherwise keeps every frame)."""
-    session.processed_frames = FrameWindow()
-    return session.processed_frames
+    window = FrameWindow()
+    use_frames(session, window)
+    return window
 
 
 def frame_window(session: Any) -> FrameWindow:
@@ -366,6 +374,11 @@ def drop_prompt_tables(session: Any, prompt_id: int) -> None:
         table = getattr(session, attr)
         setattr(session, attr, type(table)((renumber[pid], v) for pid, v in table.items() if pid in renumber))
     session.obj_id_to_prompt_id = {o: renumber[p] for o, p in session.obj_id_to_prompt_id.items() if p in renumber}
+
+
+def hotstart_removed(session: Any) -> set[int]:
+    """The live set of objects the text model's hot-start removed as spurious (hidden from outputs)."""
+    return session.hotstart_removed_obj_ids
 
 
 def reserve_object_ids(session: Any, next_obj_id: int) -> None:

@@ -73,13 +73,17 @@ def prune_session(session: Any, frame_idx: int, window: MemoryWindow) -> None:
         for t in [t for t in per_frame if t < frame_idx]:
             del per_frame[t]
     if hf.is_text_session(session):
-        _trim_text_bookkeeping(hf.text_bookkeeping(session), frame_idx, set(hf.object_ids(session)))
+        trim_video_bookkeeping(session, frame_idx, set(hf.object_ids(session)))
 
 
-def _trim_text_bookkeeping(books: hf.TextBookkeeping, frame_idx: int, live_ids: set[int]) -> None:
-    """The text model's per-frame and per-object metadata, which it deep-copies every frame."""
+def trim_video_bookkeeping(session: Any, frame_idx: int, live_ids: set[int]) -> None:
+    """The text model's per-frame and per-object metadata, which it deep-copies every frame.
+
+    Only ``frame_idx``'s entries of the per-frame tables are read again, whichever way frames are walked.
+    """
+    books = hf.text_bookkeeping(session)
     for per_frame in books.per_frame:
-        for t in [t for t in per_frame if t < frame_idx]:
+        for t in [t for t in per_frame if t != frame_idx]:
             del per_frame[t]
     # In streaming mode only the length of these lists matters (hotstart removal is off), and only up
     # to the hotstart thresholds; keep that many of the most recent entries.

@@ -84,6 +84,15 @@ def resolve_overlaps(masks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def resolve_overlaps_per_label(masks: torch.Tensor, scores: torch.Tensor, labels: list[str | None]) -> torch.Tensor:
+    """Settle overlapping pixels among the objects of the same concept (SAM 3 does so per prompt)."""
+    out = masks.clone()
+    for label in set(labels):
+        idx = torch.tensor([i for i, lab in enumerate(labels) if lab == label], device=masks.device)
+        out[idx] = resolve_overlaps(masks[idx], scores[idx])
+    return out
+
+
 def prompt_to_model_points(
     prompt: Prompt, width: int, height: int, image_size: int
 ) -> list[tuple[torch.Tensor, list[int]]]:

@@ -26,7 +26,7 @@ from models.preprocess import (
     frame_to_pixels,
     masks_to_frame,
     prompt_to_model_points,
-    resolve_overlaps,
+    resolve_overlaps_per_label,
 )
 from models.prompts import Prompt
 from models.results import FrameResult, ObjectResult
@@ -282,7 +282,7 @@ class StreamingTracker:
                 continue
             masks = masks_to_frame(out.mask_logits, height, width)
             if out.overlap_scores is not None:
-                masks = _resolve_per_label(masks, out.overlap_scores, out.labels)
+                masks = resolve_overlaps_per_label(masks, out.overlap_scores, out.labels)
             boxes, visible = boxes_from_masks(masks)
             masks_np, boxes_np, scores_np, visible_np = (
                 t.cpu().numpy() for t in (masks, boxes, out.scores.float(), visible)
@@ -303,15 +303,6 @@ class StreamingTracker:
             if limit is not None and self._unseen[obj_id] > limit:
                 self._forget(obj_id)
                 self._remove_now(obj_id)
-
-
-def _resolve_per_label(masks: torch.Tensor, scores: torch.Tensor, labels: list[str | None]) -> torch.Tensor:
-    """Settle overlapping pixels among the objects of the same concept (SAM 3 does so per prompt)."""
-    out = masks.clone()
-    for label in set(labels):
-        idx = torch.tensor([i for i, lab in enumerate(labels) if lab == label], device=masks.device)
-        out[idx] = resolve_overlaps(masks[idx], scores[idx])
-    return out
 
 
 class _StageClock:

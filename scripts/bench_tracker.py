@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from models.loading import Sam3Models
 from models.memory import state_bytes
 from models.preprocess import boxes_from_masks, frame_to_pixels, masks_to_frame
 from models.sessions import add_text_prompt
-from models.tiny import moving_shapes
+from models.tiny import click_prompts, moving_shapes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,18 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def checkpoints(frames: int) -> list[int]:
     return sorted({c for c in (100, 1000, frames) if c <= frames})
-
-
-def click_prompts(count: int, width: int, height: int) -> list[Prompt]:
-    """One click per object, spread on a grid over the synthetic pattern (moving shapes and background)."""
-    columns = math.ceil(math.sqrt(count))
-    rows = math.ceil(count / columns)
-    return [
-        Prompt(
-            points=(((i % columns + 0.5) / columns * width, (i // columns + 0.5) / rows * height),), point_labels=(1,)
-        )
-        for i in range(count)
-    ]
 
 
 class Contender:

@@ -19,7 +19,10 @@ from typing import Protocol
 import numpy as np
 import zmq
 
+from streamer import security
 from streamer.config import Endpoints
+from streamer.healing import SocketWatch
+from streamer.keys import KeyFolder
 from streamer.protocol import FrameHeader, encode_frame
 from streamer.signals import StopSignals
 from streamer.sources import FrameSource, SourceError, open_source
@@ -143,8 +146,9 @@ class _Stopper:
 class _Publisher:
     """Stamps frames (stream id, sequence number, capture time) and sends them; keeps rate statistics."""
 
-    def __init__(self, sock: zmq.Socket, stream_id: str) -> None:
+    def __init__(self, sock: zmq.Socket, stream_id: str, watch: SocketWatch) -> None:
         self.sock = sock
+        self.watch = watch  # logs peers that fail the handshake (garbage, or keys not on the allow-list)
         self.stream_id = stream_id
         self.seq = 0  # counts across reopens, so subscribers see one stream
         self.dropped = 0
@@ -155,6 +159,7 @@ class _Publisher:
         header = FrameHeader(stream=self.stream_id, seq=self.seq, t_capture=t_capture, width=width, height=height)
         self.sock.send_multipart(encode_frame(header, pixels), copy=False)
         self.seq += 1
+        self.watch.check()
         self._maybe_log_stats()
 
     def _maybe_log_stats(self) -> None:
@@ -207,6 +212,8 @@ def run_capture(
     stop_event: StopEventLike | None = None,
     duration: float | None = None,
     backoff: Backoff | None = None,
+    keys: KeyFolder | None = None,
+    insecure: bool = False,
 ) -> int:
     """Capture ``spec`` and publish its frames on a PUB socket bound to ``endpoint``; return the frame count.
 
@@ -216,20 +223,28 @@ def run_capture(
     A spec that names nothing usable (``ValueError`` from :func:`open_source`) fails at once; every later
     failure, and the end of a source, leads to a reopen after a back-off delay. An endpoint that is
     not tcp:// or ipc:// is a ``ValueError`` too; one that cannot be bound raises ``zmq.ZMQError``.
+
+    With ``keys`` a tcp:// endpoint uses CURVE (only allow-listed trackers may subscribe); without them a
+    non-loopback endpoint is refused (``ValueError``) unless ``insecure``.
     """
     if fps is not None and fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     # Let the protocol judge the stream id now (empty, too long): later, every frame would fail.
     encode_frame(FrameHeader(stream_id, 0, 0.0, 1, 1), np.zeros((1, 1, 3), np.uint8))
+    security.check_exposure([endpoint], keys, insecure, "watch this camera")
     stopper = _Stopper(stop_event, duration)
     backoff = backoff or Backoff()
     ctx = zmq.Context()  # our own, so that term() at the end cannot wait on anyone else's sockets
+    curve = None
     try:
-        sock = frames_publisher(endpoint, context=ctx)
+        curve = security.CurveServer(keys, ctx) if keys else None
+        sock = frames_publisher(endpoint, context=ctx, security=curve)
     except BaseException:
+        if curve is not None:
+            curve.close()
         ctx.term()
         raise
-    publisher = _Publisher(sock, stream_id)
+    publisher = _Publisher(sock, stream_id, SocketWatch(sock, f"frames {endpoint}", connecting=False))
     ever_opened = False
     try:
         with StopSignals(log) as stopper.signals:
@@ -256,7 +271,10 @@ def run_capture(
                 if not stopper.stopped:
                     _retry_later(reason, backoff, stopper)
     finally:
+        publisher.watch.close()
         sock.close()
+        if curve is not None:
+            curve.close()
         ctx.term()
     log.info("stream %s: stopped after %d frames", stream_id, publisher.seq)
     return publisher.seq
@@ -307,6 +325,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="stop after this many seconds (default: run until stopped)",
     )
+    security.add_arguments(parser, binds=True)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -331,8 +350,10 @@ def run_from_args(args: argparse.Namespace) -> int:
             width=args.width,
             height=args.height,
             duration=args.duration,
+            keys=security.key_folder_from_args(args, [args.frames_endpoint]),
+            insecure=args.insecure,
         )
-    except ValueError as exc:  # the source spec or the endpoint: the message names which
+    except ValueError as exc:  # the source spec, the endpoint, --keys, an exposed address: the message names which
         log.error("cannot start capture: %s", exc)
         return 2
     except zmq.ZMQError as exc:

@@ -1,9 +1,12 @@
 """``sam3-stream``: run the whole pipeline on one machine, or each part on its own.
 
     sam3-stream run --model facebook/sam3 --source 0 --prompt person      # all three, ipc://, one machine
-    sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555
-    sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555
+    sam3-stream keys ~/keys                  # CURVE keys: every part across hosts takes --keys (a copy of) it
+    sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555 --keys ~/keys
+    sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555 --keys ~/keys
     sam3-stream serve --http-port 8080
+    sam3-stream export-encoder --model facebook/sam3 --out exported/     # the image encoder as ONNX
+    sam3-stream build-engine --model facebook/sam3 --precision fp16     # its TensorRT engine, cached
 
 ``run`` starts ``capture``, ``track`` and ``serve`` as child processes over ipc:// sockets in a private
 temporary folder, prints the page's URL, restarts a child that dies (with back-off) while the others
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -25,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from streamer import capture, tracker_service
+from streamer import capture, encoder_commands, keys, tracker_service
 from streamer.capture import Backoff
 from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
 from streamer.signals import StopSignals
@@ -161,7 +165,11 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Ch
         endpoints.results,
         "--control-endpoint",
         endpoints.control,
+        "--encoder",
+        args.encoder,
     ]
+    if args.encoder_precision is not None:
+        track_args += ["--encoder-precision", args.encoder_precision]
     for text in args.prompts:
         track_args += ["--prompt", text]
     serve_args = [
@@ -178,6 +186,10 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Ch
     ]
     for host in args.ice_hosts or []:
         serve_args += ["--ice-host", host]
+    for name in args.allowed_hosts:
+        serve_args += ["--allowed-host", name]
+    if args.insecure:
+        serve_args.append("--insecure")
     return [
         Child("capture", _child_argv("capture", args.log_level, *capture_args)),
         Child("tracker", _child_argv("track", args.log_level, *track_args)),
@@ -187,6 +199,16 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Ch
 
 def run_pipeline(args: argparse.Namespace) -> int:
     """``sam3-stream run``: start the three parts, print the URL, supervise until a signal; exit status."""
+    from streamer.gateway import TOKEN_ENV, check_exposure, token_from_args
+
+    try:
+        token = token_from_args(args)
+        check_exposure(args.http_host, token, args.insecure)
+    except ValueError as exc:  # the gateway would refuse the same, after the tracker had loaded
+        log.error("%s", exc)
+        return USAGE_ERROR
+    if token:
+        os.environ[TOKEN_ENV] = token  # inherited by the gateway; an argument would show in every process list
     browse_host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::", "") else args.http_host
     if _listening(browse_host, args.http_port):  # else the gateway would fail and be restarted forever
         log.error("port %d is already in use on %s; pass another --http-port", args.http_port, browse_host)
@@ -233,6 +255,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="hub id, local folder, 'tiny-random' (tests) or 'passthrough' (no model) (default %(default)s)",
     )
     parser.add_argument("--device", default="auto", help="torch device for the tracker (default: cuda if any)")
+    tracker_service.add_encoder_arguments(parser)
     parser.add_argument(
         "--source",
         required=True,
@@ -266,7 +289,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sam3-stream`` parser with its four commands."""
+    """The ``sam3-stream`` parser with its commands."""
     from streamer import gateway  # aiohttp and aiortc: loaded only to build the parser
 
     common = argparse.ArgumentParser(add_help=False)
@@ -286,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         "temporary folder, print the page's URL, restart a part that dies, stop all on Ctrl-C.",
     )
     _add_run_arguments(run)
+    gateway.add_access_arguments(run)
     capture.add_arguments(
         commands.add_parser(
             "capture",
@@ -312,6 +336,33 @@ def build_parser() -> argparse.ArgumentParser:
             "forwards prompts from the page's data channel, serves /health and /metrics.",
         )
     )
+    keys.add_arguments(
+        commands.add_parser(
+            "keys",
+            parents=[common],
+            help="make CURVE key pairs that secure tcp:// sockets",
+            description="Make (or add to) a key folder: the servers' key pair, this host's client pair, and an "
+            "allow-list of client public keys. Pass the folder as --keys to capture, track and serve.",
+        )
+    )
+    encoder_commands.add_export_arguments(
+        commands.add_parser(
+            "export-encoder",
+            parents=[common],
+            help="write the image encoder as ONNX",
+            description="Export the model's ViT image encoder to DIR/encoder.onnx (fixed input size; external "
+            "data for large models) and print its path.",
+        )
+    )
+    encoder_commands.add_build_arguments(
+        commands.add_parser(
+            "build-engine",
+            parents=[common],
+            help="build the image encoder's TensorRT engine",
+            description="Build the TensorRT engine of the image encoder from its ONNX export (needs TensorRT and "
+            "an NVIDIA GPU), cache it on disk and print its path; 'track --encoder tensorrt' then uses it.",
+        )
+    )
     return parser
 
 
@@ -325,6 +376,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return capture.run_from_args(args)
     if args.command == "track":
         return tracker_service.run_from_args(args)
+    if args.command == "keys":
+        return keys.run_from_args(args)
+    if args.command == "export-encoder":
+        return encoder_commands.run_export(args)
+    if args.command == "build-engine":
+        return encoder_commands.run_build(args)
     from streamer import gateway
 
     return gateway.run_from_args(args)

@@ -31,8 +31,11 @@ from types import TracebackType
 import numpy as np
 import zmq
 
-from models import Prompt
+from models import ENCODER_NAMES, ENCODER_PRECISIONS, Prompt, check_encoder_choice
+from streamer import security
 from streamer.config import Endpoints
+from streamer.healing import CauseLog, HealingSocket, SocketWatch
+from streamer.keys import KeyFolder
 from streamer.protocol import (
     FrameHeader,
     PromptAnswer,
@@ -106,6 +109,7 @@ class TrackerService:
         name: str | None = None,
         heartbeat_s: float = HEARTBEAT_S,
         stats_interval_s: float = STATS_INTERVAL_S,
+        keys: KeyFolder | None = None,
     ) -> None:
         self._prompts = [Prompt(text=text) for text in prompts]  # ValueError now, not on the first frame
         self.name = name or f"tracker@{socket.gethostname()}"
@@ -118,13 +122,24 @@ class TrackerService:
         self._lock = threading.Lock()  # the PUB socket and self._streams, shared with the heartbeat thread
         self._stopping = threading.Event()
         self._context = zmq.Context()  # our own, so that term() cannot wait on anyone else's sockets
-        self._frames: zmq.Socket | None = None
+        self._frames: HealingSocket | None = None
+        self._control_errors = CauseLog("control")
+        self._curve_server: security.CurveServer | None = None
         try:
-            self._results = results_publisher(results_endpoint, context=self._context)
-            self._control = ControlServer(control_endpoint, context=self._context)
+            # With keys, tcp:// sockets use CURVE: clients on the allow-list only; frames from keyed captures.
+            self._curve_client = security.CurveClient(keys) if keys else None
+            self._curve_server = security.CurveServer(keys, self._context) if keys else None
+            self._results = results_publisher(results_endpoint, context=self._context, security=self._curve_server)
+            self._control = ControlServer(control_endpoint, context=self._context, security=self._curve_server)
         except BaseException:
+            if self._curve_server is not None:
+                self._curve_server.close()
             self._context.destroy(linger=0)
             raise
+        self._watches = [  # bound sockets keep listening whatever a peer does: these only count and log
+            SocketWatch(self._results, f"results {results_endpoint}", connecting=False),
+            SocketWatch(self._control.socket, f"control {control_endpoint}", connecting=False),
+        ]
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
     # ---------------------------------------------------------------------------------- lifecycle
@@ -139,9 +154,12 @@ class TrackerService:
         between frames). ``make_tracker`` makes one tracker per stream."""
         self._make_tracker = make_tracker
         # Connected only now: frames sent during a model load would only pile up to the high-water mark.
-        self._frames = frames_subscriber(frames_endpoints, context=self._context)
+        self._frames = HealingSocket(
+            lambda: frames_subscriber(frames_endpoints, context=self._context, security=self._curve_client),
+            f"frames {frames_endpoints if isinstance(frames_endpoints, str) else ', '.join(frames_endpoints)}",
+        )
         poller = zmq.Poller()
-        poller.register(self._frames, zmq.POLLIN)
+        poller.register(self._frames.socket, zmq.POLLIN)
         poller.register(self._control.socket, zmq.POLLIN)
         if not self._heartbeat.is_alive():
             self._heartbeat.start()
@@ -149,6 +167,7 @@ class TrackerService:
         while not should_stop():
             busy = any(s.pending is not None for s in self._streams.values())
             poller.poll(0 if busy else _POLL_SLICE_MS)
+            self._check_sockets(poller)
             self._receive_frames()
             self._serve_control()  # prompts waiting are applied before the next frame
             stream = self._next_stream()
@@ -163,10 +182,14 @@ class TrackerService:
         self._stopping.set()
         if self._heartbeat.is_alive():
             self._heartbeat.join(2 * self._heartbeat_s + 1.0)
+        for watch in self._watches:
+            watch.close()
         self._control.close()  # not its context (ours): closes the socket only
         if self._frames is not None:
-            self._frames.close(linger=0)
+            self._frames.close()
         self._results.close(linger=0)
+        if self._curve_server is not None:
+            self._curve_server.close()
         self._context.term()
 
     def __enter__(self) -> TrackerService:
@@ -179,10 +202,21 @@ class TrackerService:
 
     # ------------------------------------------------------------------------------------- frames
 
+    def _check_sockets(self, poller: zmq.Poller) -> None:
+        """Log what went wrong on the sockets; re-create the frames socket if libzmq gave up on a capture."""
+        for watch in self._watches:
+            watch.check()
+        self._control_errors.flush()
+        assert self._frames is not None
+        old = self._frames.socket
+        if self._frames.check():
+            poller.unregister(old)
+            poller.register(self._frames.socket, zmq.POLLIN)
+
     def _receive_frames(self) -> None:
         received = time.time()
         assert self._frames is not None
-        for name, (header, pixels) in latest_per_stream(drain(self._frames, 0), self._drain_stats).items():
+        for name, (header, pixels) in latest_per_stream(drain(self._frames.socket, 0), self._drain_stats).items():
             stream = self._streams.get(name) or self._new_stream(name)
             if stream is None:
                 continue
@@ -246,8 +280,8 @@ class TrackerService:
 
     def _serve_control(self) -> None:
         for envelope, request, _request_id in self._control.poll_requests(0):
-            if isinstance(request, ProtocolError):
-                log.info("control: rejected a malformed request: %s", request)  # already answered
+            if isinstance(request, ProtocolError):  # already answered; one log line per field, with counts
+                self._control_errors.count(f"rejected malformed requests ({_field_of(request)})", detail=str(request))
                 continue
             self._control.reply(envelope, self._apply(request))
 
@@ -328,6 +362,11 @@ class TrackerService:
             log.info("frames skipped for a newer one: %d in all", self._drain_stats.superseded)
 
 
+def _field_of(error: ProtocolError) -> str:
+    """The field a protocol error names (its messages start with ``field: problem``)."""
+    return str(error).split(":", 1)[0][:80]
+
+
 def run_tracker_service(
     model: str,
     frames_endpoints: str | Sequence[str],
@@ -339,18 +378,38 @@ def run_tracker_service(
     name: str | None = None,
     passthrough_delay_s: float = 0.0,
     passthrough_object: bool = False,
+    keys: KeyFolder | None = None,
+    insecure: bool = False,
+    encoder: str = "torch",
+    encoder_precision: str | None = None,
 ) -> None:
-    """Bind, load the model, and serve until SIGINT/SIGTERM (from the main thread)."""
+    """Bind, load the model, and serve until SIGINT/SIGTERM (from the main thread).
+
+    ``ValueError`` before anything is bound when a non-loopback endpoint would be exposed without ``keys``
+    (unless ``insecure``).
+    """
+    security.check_exposure(
+        [results_endpoint, control_endpoint], keys, insecure, "read the results and drive the tracker"
+    )
     with (
         StopSignals() as stop,
         TrackerService(
-            results_endpoint, control_endpoint, prompts=prompts, name=name or f"{model}@{socket.gethostname()}"
+            results_endpoint,
+            control_endpoint,
+            prompts=prompts,
+            name=name or f"{model}@{socket.gethostname()}",
+            keys=keys,
         ) as service,
     ):
         log.info("loading %s ...", model)
         start = time.monotonic()
         make_tracker = tracker_factory(
-            model, device, passthrough_delay_s=passthrough_delay_s, passthrough_object=passthrough_object
+            model,
+            device,
+            encoder=encoder,
+            encoder_precision=encoder_precision,
+            passthrough_delay_s=passthrough_delay_s,
+            passthrough_object=passthrough_object,
         )
         log.info(
             "tracker %s ready in %.1f s: frames %s, results %s, control %s",
@@ -398,6 +457,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="text prompt given to every new stream; repeatable",
     )
+    add_encoder_arguments(parser)
     parser.add_argument("--name", default=None, help="tracker name in heartbeats (default MODEL@HOST)")
     parser.add_argument(
         "--passthrough-delay-ms",
@@ -411,6 +471,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --model passthrough: report one fixed object per frame (masks on the wire)",
     )
+    security.add_arguments(parser, binds=True)
+
+
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--encoder`` and ``--encoder-precision`` (``track`` and ``run``)."""
+    parser.add_argument(
+        "--encoder",
+        default="torch",
+        choices=ENCODER_NAMES,
+        help="image-encoder backend; one that cannot run here falls back to torch with a warning (default %(default)s)",
+    )
+    parser.add_argument(
+        "--encoder-precision",
+        default=None,
+        choices=sorted({p for precisions in ENCODER_PRECISIONS.values() for p in precisions}),
+        help="fp16 (default) or bf16 for tensorrt; fp8 for compiled (FP8 matmuls on Ada/Hopper)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -420,12 +497,21 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     if args.model != PASSTHROUGH and (args.passthrough_delay_ms or args.passthrough_object):
         log.warning("--passthrough-* options apply to --model passthrough only; ignored")
+    if args.model == PASSTHROUGH and (args.encoder != "torch" or args.encoder_precision):
+        log.warning("--encoder options apply to real models only; ignored with --model passthrough")
+    try:
+        check_encoder_choice(args.encoder, args.encoder_precision)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     # Frames arrive as read-only views of the socket's buffers; the model only reads them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    frames_endpoints = args.frames_endpoints or [_DEFAULTS.frames]
     try:
+        keys = security.key_folder_from_args(args, [*frames_endpoints, args.results_endpoint, args.control_endpoint])
         run_tracker_service(
             args.model,
-            args.frames_endpoints or [_DEFAULTS.frames],
+            frames_endpoints,
             args.results_endpoint,
             args.control_endpoint,
             device=args.device,
@@ -433,8 +519,12 @@ def run_from_args(args: argparse.Namespace) -> int:
             name=args.name,
             passthrough_delay_s=args.passthrough_delay_ms / 1000.0,
             passthrough_object=args.passthrough_object,
+            keys=keys,
+            insecure=args.insecure,
+            encoder=args.encoder,
+            encoder_precision=args.encoder_precision,
         )
-    except ValueError as exc:  # an endpoint or a --prompt; the message names it
+    except ValueError as exc:  # an endpoint, a --prompt, --keys or an exposed address; the message names it
         log.error("cannot start the tracker: %s", exc)
         return 2
     except zmq.ZMQError as exc:

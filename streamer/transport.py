@@ -7,9 +7,13 @@
   (:class:`PromptClient`, :class:`AsyncPromptClient`): wait for an answer with a timeout, else close
   the socket, open a new one and retry, and give up after a few tries.
 
-Every socket has linger 0 (unsent frames and answers are stale once their socket closes). Endpoints are
-``tcp://host:port`` (port ``*`` binds a free one; read it back with :func:`bound_endpoint`) or
-``ipc:///path`` (the folder is created).
+Every socket has linger 0 (unsent frames and answers are stale once their socket closes) and a
+``MAXMSGSIZE`` fitted to its role, so a peer sending a larger part is disconnected before anything is
+allocated for it. Endpoints are ``tcp://host:port`` (port ``*`` binds a free one; read it back with
+:func:`bound_endpoint`) or ``ipc:///path`` (a missing folder is created private, 0700).
+
+Every factory takes ``security`` (:mod:`streamer.security`): CURVE for sockets on tcp://, ignored on ipc://.
+Connecting sockets that must outlive hostile peers are wrapped in :class:`streamer.healing.HealingSocket`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import zmq.asyncio
 
 from streamer import protocol
 from streamer.protocol import FrameHeader, PromptAnswer, PromptRequest, ProtocolError
+from streamer.security import SocketSecurity
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +42,17 @@ FRAMES_HWM = 128
 RESULTS_HWM = 128
 # A drain takes at most this many messages per call, so a flood cannot pin the caller in a loop.
 DRAIN_MAX_MESSAGES = 1024
-# Receiving sockets disconnect a peer whose single message part is larger than this (libzmq's
-# MAXMSGSIZE), before the decoder would refuse it anyway.
-MAX_PART_BYTES = max(protocol.MAX_PIXELS * 3, protocol.MAX_HEADER_BYTES)
+# Each socket disconnects a peer whose single message part is larger than the largest its role allows
+# (libzmq's MAXMSGSIZE), before the decoder would refuse it anyway.
+MAX_FRAME_PART_BYTES = max(protocol.MAX_PIXELS * 3, protocol.MAX_HEADER_BYTES)  # pixels, or a frame header
+MAX_RESULT_PART_BYTES = max(protocol.MAX_PIXELS * 3, protocol.MAX_HEADER_BYTES)  # the frame, or a result header
+MAX_PART_BYTES = max(MAX_FRAME_PART_BYTES, MAX_RESULT_PART_BYTES)
 # Control requests a bit over the header limit still get an error answer; far larger ones are cut off.
 MAX_CONTROL_PART_BYTES = 16 * protocol.MAX_CONTROL_HEADER_BYTES
+# A PUB only ever receives its subscribers' subscriptions (ours: the empty prefix, one byte on the wire)
+# and, with CURVE, handshake commands: those count against MAXMSGSIZE too, and 256 bytes broke CURVE's
+# INITIATE (measured); 8 KiB leaves room for its metadata.
+MAX_SUBSCRIPTION_PART_BYTES = 8 * 1024
 IPC_PATH_MAX = 107  # sun_path on Linux, less its terminating NUL
 ANSWER_CACHE = 256  # answered requests remembered to answer a lazy-pirate retry again
 
@@ -60,7 +71,9 @@ def prepare_endpoint(endpoint: str) -> str:
         if len(path.encode()) > IPC_PATH_MAX:
             raise ValueError(f"{endpoint}: ipc path longer than {IPC_PATH_MAX} bytes (use a shorter folder)")
         if path and not path.startswith("@"):  # "@name" is Linux's abstract namespace: no file
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(path).parent
+            for missing in reversed([f for f in (folder, *folder.parents) if not f.exists()]):
+                missing.mkdir(mode=0o700, exist_ok=True)  # private: no one else can reach the sockets in it
     elif not endpoint.startswith(("tcp://", "inproc://")):
         raise ValueError(f"{endpoint}: expected a tcp:// or ipc:// endpoint")
     return endpoint
@@ -71,16 +84,28 @@ def bound_endpoint(socket: zmq.Socket) -> str:
     return socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def _wants_security(endpoints: Sequence[str]) -> bool:
+    """True when every endpoint is tcp:// (CURVE applies), false when none is; mixing both is refused."""
+    tcp = [endpoint.startswith("tcp://") for endpoint in endpoints]
+    if any(tcp) and not all(tcp):
+        raise ValueError(
+            f"{', '.join(endpoints)}: with --keys, one socket's endpoints must all be tcp:// or all ipc://"
+        )
+    return all(tcp)
+
+
 def _socket(
     context: zmq.Context | None,
     kind: int,
     endpoints: str | Sequence[str],
     *,
     bind: bool,
+    max_part_bytes: int,
     hwm: int = 1000,
-    max_part_bytes: int = -1,
+    security: SocketSecurity | None = None,
 ) -> zmq.Socket:
     context = context if context is not None else zmq.Context.instance()
+    endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
     sock = context.socket(kind)
     try:
         sock.setsockopt(zmq.LINGER, 0)
@@ -89,7 +114,9 @@ def _socket(
         sock.setsockopt(zmq.MAXMSGSIZE, max_part_bytes)
         if kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")  # part 0 is JSON: no prefix to filter on
-        for endpoint in [endpoints] if isinstance(endpoints, str) else endpoints:
+        if security is not None and _wants_security(endpoints):
+            security.apply(sock)
+        for endpoint in endpoints:
             if bind:
                 sock.bind(prepare_endpoint(endpoint))
             else:
@@ -100,45 +127,77 @@ def _socket(
     return sock
 
 
-def frames_publisher(endpoint: str, *, context: zmq.Context | None = None, hwm: int = FRAMES_HWM) -> zmq.Socket:
+def frames_publisher(
+    endpoint: str,
+    *,
+    context: zmq.Context | None = None,
+    hwm: int = FRAMES_HWM,
+    security: SocketSecurity | None = None,
+) -> zmq.Socket:
     """Capture side of the frames socket: PUB, bound."""
-    return _socket(context, zmq.PUB, endpoint, bind=True, hwm=hwm)
+    return _socket(
+        context, zmq.PUB, endpoint, bind=True, hwm=hwm, max_part_bytes=MAX_SUBSCRIPTION_PART_BYTES, security=security
+    )
 
 
 def frames_subscriber(
-    endpoints: str | Sequence[str], *, context: zmq.Context | None = None, hwm: int = FRAMES_HWM
+    endpoints: str | Sequence[str],
+    *,
+    context: zmq.Context | None = None,
+    hwm: int = FRAMES_HWM,
+    security: SocketSecurity | None = None,
 ) -> zmq.Socket:
     """Tracker side of the frames socket: SUB to everything, connected to one capture or several."""
-    return _socket(context, zmq.SUB, endpoints, bind=False, hwm=hwm, max_part_bytes=MAX_PART_BYTES)
+    return _socket(
+        context, zmq.SUB, endpoints, bind=False, hwm=hwm, max_part_bytes=MAX_FRAME_PART_BYTES, security=security
+    )
 
 
-def results_publisher(endpoint: str, *, context: zmq.Context | None = None, hwm: int = RESULTS_HWM) -> zmq.Socket:
+def results_publisher(
+    endpoint: str,
+    *,
+    context: zmq.Context | None = None,
+    hwm: int = RESULTS_HWM,
+    security: SocketSecurity | None = None,
+) -> zmq.Socket:
     """Tracker side of the results socket (results and status heartbeats): PUB, bound."""
-    return _socket(context, zmq.PUB, endpoint, bind=True, hwm=hwm)
+    return _socket(
+        context, zmq.PUB, endpoint, bind=True, hwm=hwm, max_part_bytes=MAX_SUBSCRIPTION_PART_BYTES, security=security
+    )
 
 
 def results_subscriber(
-    endpoints: str | Sequence[str], *, context: zmq.Context | None = None, hwm: int = RESULTS_HWM
+    endpoints: str | Sequence[str],
+    *,
+    context: zmq.Context | None = None,
+    hwm: int = RESULTS_HWM,
+    security: SocketSecurity | None = None,
 ) -> zmq.Socket:
     """Gateway or robot side of the results socket: SUB to everything, connected.
 
     Pass a ``zmq.asyncio.Context`` for an asyncio socket (then read it with :func:`drain_async`).
     """
-    return _socket(context, zmq.SUB, endpoints, bind=False, hwm=hwm, max_part_bytes=MAX_PART_BYTES)
+    return _socket(
+        context, zmq.SUB, endpoints, bind=False, hwm=hwm, max_part_bytes=MAX_RESULT_PART_BYTES, security=security
+    )
 
 
-def control_router(endpoint: str, *, context: zmq.Context | None = None) -> zmq.Socket:
+def control_router(
+    endpoint: str, *, context: zmq.Context | None = None, security: SocketSecurity | None = None
+) -> zmq.Socket:
     """Tracker side of the control socket: ROUTER, bound (see :class:`ControlServer`)."""
-    return _socket(context, zmq.ROUTER, endpoint, bind=True, max_part_bytes=MAX_CONTROL_PART_BYTES)
+    return _socket(context, zmq.ROUTER, endpoint, bind=True, max_part_bytes=MAX_CONTROL_PART_BYTES, security=security)
 
 
-def control_requester(endpoint: str, *, context: zmq.Context | None = None) -> zmq.Socket:
+def control_requester(
+    endpoint: str, *, context: zmq.Context | None = None, security: SocketSecurity | None = None
+) -> zmq.Socket:
     """Client side of the control socket: REQ, connected.
 
     ``REQ_CORRELATE`` makes libzmq drop any reply that is not to this socket's latest request, so a
     late or duplicate answer can never be taken for the next one.
     """
-    sock = _socket(context, zmq.REQ, endpoint, bind=False, max_part_bytes=MAX_CONTROL_PART_BYTES)
+    sock = _socket(context, zmq.REQ, endpoint, bind=False, max_part_bytes=MAX_CONTROL_PART_BYTES, security=security)
     sock.setsockopt(zmq.REQ_CORRELATE, 1)
     sock.setsockopt(zmq.REQ_RELAXED, 1)
     return sock
@@ -250,10 +309,17 @@ class PromptClient:
     """
 
     def __init__(
-        self, endpoint: str, timeout_s: float = 2.0, retries: int = 3, *, context: zmq.Context | None = None
+        self,
+        endpoint: str,
+        timeout_s: float = 2.0,
+        retries: int = 3,
+        *,
+        context: zmq.Context | None = None,
+        security: SocketSecurity | None = None,
     ) -> None:
         _check_retry_settings(timeout_s, retries)
         self.endpoint, self.timeout_s, self.retries = endpoint, timeout_s, retries
+        self._security = security
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
         self._socket: zmq.Socket | None = None
@@ -263,7 +329,7 @@ class PromptClient:
         payload = protocol.encode_prompt_request(req)
         for _ in range(self.retries):
             if self._socket is None:
-                self._socket = control_requester(self.endpoint, context=self._context)
+                self._socket = control_requester(self.endpoint, context=self._context, security=self._security)
             self._socket.send_multipart(payload)
             if self._socket.poll(int(self.timeout_s * 1000), zmq.POLLIN):
                 return _answer_for(req, self._socket.recv_multipart(), self.endpoint)
@@ -293,10 +359,17 @@ class AsyncPromptClient:
     """
 
     def __init__(
-        self, endpoint: str, timeout_s: float = 2.0, retries: int = 3, *, context: zmq.asyncio.Context | None = None
+        self,
+        endpoint: str,
+        timeout_s: float = 2.0,
+        retries: int = 3,
+        *,
+        context: zmq.asyncio.Context | None = None,
+        security: SocketSecurity | None = None,
     ) -> None:
         _check_retry_settings(timeout_s, retries)
         self.endpoint, self.timeout_s, self.retries = endpoint, timeout_s, retries
+        self._security = security
         self._own_context = context is None
         self._context = zmq.asyncio.Context() if context is None else context
 
@@ -304,7 +377,7 @@ class AsyncPromptClient:
         """Send ``req`` and return the tracker's answer (``ProtocolError`` if ``req`` is malformed)."""
         payload = protocol.encode_prompt_request(req)
         for _ in range(self.retries):
-            sock = control_requester(self.endpoint, context=self._context)
+            sock = control_requester(self.endpoint, context=self._context, security=self._security)
             try:
                 await sock.send_multipart(payload)
                 if await sock.poll(int(self.timeout_s * 1000), zmq.POLLIN):
@@ -348,10 +421,12 @@ class ControlServer:
       never applies a prompt twice. A request id reused for a different request is refused.
     """
 
-    def __init__(self, endpoint: str, *, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self, endpoint: str, *, context: zmq.Context | None = None, security: SocketSecurity | None = None
+    ) -> None:
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
-        self.socket = control_router(endpoint, context=self._context)
+        self.socket = control_router(endpoint, context=self._context, security=security)
         self.endpoint = bound_endpoint(self.socket)
         self._waiting: dict[str, tuple[Envelope, PromptRequest]] = {}
         self._answered: OrderedDict[str, tuple[PromptRequest, PromptAnswer]] = OrderedDict()

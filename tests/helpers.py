@@ -1,13 +1,19 @@
-"""Shared test helpers: a fake tracker on real ZeroMQ sockets, a real aiortc viewer, gateway fixtures.
+"""Shared test helpers: a fake tracker on real ZeroMQ sockets, a real aiortc viewer, gateway fixtures,
+and hostile peers speaking raw bytes on a ZeroMQ endpoint.
 
-Used by the gateway, browser and pipeline tests.
+Used by the gateway, browser, pipeline and socket-healing tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
+import os
+import socket
+import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
@@ -201,18 +207,22 @@ class Viewer:
         self.pc.on("track", lambda track: self._track.done() or self._track.set_result(track))
         self.channel.on("message", self._on_message)
 
-    async def connect(self, base_url: str) -> None:
+    async def connect(self, base_url: str, headers: dict[str, str] | None = None) -> None:
+        """Offer, apply the answer and wait until the data channel is open."""
         opened = asyncio.get_running_loop().create_future()
         self.channel.on("open", lambda: opened.done() or opened.set_result(None))
-        with gather_on(["127.0.0.1"]):
-            await self.pc.setLocalDescription(await self.pc.createOffer())
-        async with aiohttp.ClientSession() as http:
-            offer = {"sdp": self.pc.localDescription.sdp, "type": self.pc.localDescription.type}
-            async with http.post(f"{base_url}/offer", json=offer) as response:
-                assert response.status == 200, await response.text()
-                answer = await response.json()
+        status, answer = await self.offer(base_url, headers)
+        assert status == 200, answer
         await self.pc.setRemoteDescription(RTCSessionDescription(**answer))
         await asyncio.wait_for(opened, 10)
+
+    async def offer(self, base_url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        """POST this viewer's offer (candidates gathered); the HTTP status and JSON body. Applying the
+        answer is left to the caller: a viewer that never does holds a slot without ever connecting."""
+        with gather_on(["127.0.0.1"]):
+            await self.pc.setLocalDescription(await self.pc.createOffer())
+        offer = {"sdp": self.pc.localDescription.sdp, "type": self.pc.localDescription.type}
+        return await post_json(f"{base_url}/offer", offer, headers)
 
     async def frame(self) -> np.ndarray:
         track = await asyncio.wait_for(self._track, 10)
@@ -258,6 +268,32 @@ class Viewer:
             self.objects = message
 
 
+async def post_json(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` as JSON; the HTTP status and the JSON answer."""
+    async with aiohttp.ClientSession() as http, http.post(url, json=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def fetch_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """GET ``url``; the HTTP status and the JSON answer."""
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def wait_json(url: str, predicate: Any, timeout: float, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """GET ``url`` until its JSON satisfies ``predicate`` (waiting for the server to come up too); fails with
+    the last answer after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    answer: dict[str, Any] | None = None
+    while True:
+        with contextlib.suppress(aiohttp.ClientConnectionError):
+            _, answer = await fetch_json(url, headers)
+            if predicate(answer):
+                return answer
+        assert time.monotonic() < deadline, f"{url}: condition not met in {timeout} s; last answer {answer}"
+        await asyncio.sleep(0.1)
+
+
 def expected_tint(obj_id: int, alpha: float = 0.45) -> np.ndarray:
     return (1 - alpha) * BACKGROUND + alpha * np.array(color_for(obj_id))
 
@@ -269,3 +305,125 @@ def shows_object(image: np.ndarray, obj_id: int, x: int, y: int, tolerance: floa
 
 def is_banner(image: np.ndarray) -> bool:
     return bool(np.median(np.abs(image.astype(float) - BANNER_BACKGROUND)) < 12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile peers: raw bytes on a ZeroMQ endpoint
+
+# A ZMTP 3.0 greeting (signature, version 3.0, mechanism NULL, as-server 0, filler): libzmq takes the peer
+# for a ZeroMQ one and goes on to the handshake.
+ZMTP_GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
+
+
+def zmtp_ready(socket_type: bytes) -> bytes:
+    """The NULL mechanism's READY command announcing ``socket_type`` (b"PUB", b"SUB", b"REQ"...)."""
+    body = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", len(socket_type)) + socket_type
+    return bytes([0x04, len(body)]) + body
+
+
+def hostile_payload(kind: str, socket_type: bytes = b"PUB") -> bytes:
+    """What a hostile peer sends: ``http`` (not ZeroMQ at all), ``broken-handshake`` (a ZMTP greeting, then
+    a malformed command), or ``oversized-part`` (a clean handshake as ``socket_type``, then a message part
+    declared 2^63-1 bytes long, far over any MAXMSGSIZE)."""
+    if kind == "http":
+        return b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 4
+    if kind == "broken-handshake":
+        return ZMTP_GREETING + b"\x04\xff" + b"junk" * 100
+    if kind == "oversized-part":
+        return ZMTP_GREETING + zmtp_ready(socket_type) + b"\x02" + struct.pack(">Q", 2**63 - 1)
+    raise ValueError(f"kind: unknown hostile payload {kind!r}")
+
+
+HOSTILE_KINDS = ("http", "broken-handshake", "oversized-part")
+
+
+def _raw_socket(endpoint: str) -> tuple[socket.socket, object]:
+    if endpoint.startswith("tcp://"):
+        host, port = endpoint[len("tcp://") :].rsplit(":", 1)
+        return socket.socket(socket.AF_INET), (host, int(port))
+    assert endpoint.startswith("ipc://"), endpoint
+    return socket.socket(socket.AF_UNIX), endpoint[len("ipc://") :]
+
+
+class HostileServer:
+    """Binds a ZeroMQ endpoint with a plain socket (where a capture or tracker should be) and answers every
+    connection with ``payload``; :attr:`served` counts them. Use as a context manager."""
+
+    def __init__(self, endpoint: str, payload: bytes) -> None:
+        self.endpoint, self.payload, self.served = endpoint, payload, 0
+        self._stop = threading.Event()
+        self._listener, address = _raw_socket(endpoint)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        deadline = time.monotonic() + 5
+        while True:  # a ZeroMQ listener closed just before lets go of its address asynchronously
+            try:
+                if isinstance(address, str) and os.path.exists(address):
+                    os.unlink(address)
+                self._listener.bind(address)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    self._listener.close()
+                    raise
+                time.sleep(0.05)
+        self._address = address
+        self._listener.listen(8)
+        self._listener.settimeout(0.05)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> HostileServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+        if isinstance(self._address, str) and os.path.exists(self._address):
+            os.unlink(self._address)
+
+    def wait_served(self, count: int, timeout: float = 5.0, while_waiting: Any = None) -> None:
+        """Wait until ``count`` connections were served, calling ``while_waiting()`` meanwhile."""
+        deadline = time.monotonic() + timeout
+        while self.served < count:
+            assert time.monotonic() < deadline, f"only {self.served} of {count} connections reached {self.endpoint}"
+            if while_waiting is not None:
+                while_waiting()
+            time.sleep(0.02)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                send_and_linger(conn, self.payload)
+            self.served += 1
+
+
+def send_and_linger(conn: socket.socket, payload: bytes, linger_s: float = 0.2) -> None:
+    """Send ``payload`` (the peer may hang up midway), then read until it closes or ``linger_s`` passes."""
+    with contextlib.suppress(OSError):
+        conn.sendall(payload)
+        conn.settimeout(linger_s)
+        while conn.recv(65536):
+            pass
+
+
+def hostile_client(endpoint: str, payload: bytes) -> None:
+    """Connect to a bound ZeroMQ endpoint with a plain socket, send ``payload`` and hang up."""
+    conn, address = _raw_socket(endpoint)
+    with conn:
+        conn.settimeout(5)
+        conn.connect(address)
+        send_and_linger(conn, payload)
+
+
+def free_endpoint(kind: str, folder: str) -> str:
+    """An endpoint nothing is bound to: a free loopback port (``tcp``), or a socket path in ``folder`` (``ipc``)."""
+    if kind == "ipc":
+        return f"ipc://{folder}/endpoint"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"

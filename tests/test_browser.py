@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from helpers import FIRST_OBJECT, HEIGHT, WIDTH, FakeTracker, expected_tint, gateway, run
 
+from streamer.gateway.access import SESSION_COOKIE
+
 CHROMIUM = Path("/usr/bin/chromium")
 # FACTS.md: what headless Chromium needs for WebRTC on a loopback-only box (Playwright adds --headless).
 CHROMIUM_ARGS = [
@@ -68,8 +70,8 @@ async def wait_until(predicate: Any, timeout: float, what: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def operator_page(pw: Any, url: str, profile: Path) -> AsyncIterator[Any]:
-    """The operator page in a fresh headless Chromium, once its video plays; page errors fail the test."""
+async def chromium_page(pw: Any, profile: Path) -> AsyncIterator[Any]:
+    """A page in a fresh headless Chromium; page errors fail the test."""
     # A wide viewport: the 4:3 video is letterboxed left and right, so the click mapping matters.
     browser = await pw.chromium.launch_persistent_context(
         str(profile),
@@ -82,13 +84,24 @@ async def operator_page(pw: Any, url: str, profile: Path) -> AsyncIterator[Any]:
         page = browser.pages[0] if browser.pages else await browser.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
-        await page.goto(url)
-        await page.wait_for_function(PLAYING, timeout=15000)
-        await page.wait_for_selector("#state.live", timeout=5000)
         yield page
         assert not errors, errors
     finally:
         await browser.close()
+
+
+async def wait_playing(page: Any) -> None:
+    await page.wait_for_function(PLAYING, timeout=15000)
+    await page.wait_for_selector("#state.live", timeout=5000)
+
+
+@contextlib.asynccontextmanager
+async def operator_page(pw: Any, url: str, profile: Path) -> AsyncIterator[Any]:
+    """The operator page in a fresh headless Chromium, once its video plays."""
+    async with chromium_page(pw, profile) as page:
+        await page.goto(url)
+        await wait_playing(page)
+        yield page
 
 
 async def geometry_of(page: Any) -> dict[str, Any]:
@@ -191,5 +204,46 @@ def test_selection_box_concepts_and_reconnect(tmp_path: Path) -> None:
                     await page.wait_for_selector("#connection.connected", timeout=10000)
                     await page.wait_for_selector("#state.live", timeout=5000)
                     await page.wait_for_function(PLAYING, timeout=5000)
+
+    run(body(), timeout=60)
+
+
+def test_login_form_token_link_and_a_clear_message_when_refused(tmp_path: Path) -> None:
+    token = "correct-horse-battery-staple-42"
+
+    async def body() -> None:
+        async with (
+            FakeTracker() as tracker,
+            gateway(tracker, token=token) as url,
+            playwright_api.async_playwright() as pw,
+            chromium_page(pw, tmp_path / "profile") as page,
+        ):
+            # The page asks for the token; a wrong one is told so.
+            response = await page.goto(url)
+            assert response.status == 401
+            await page.fill("#token", "not-the-token")
+            await page.click("#login button")
+            await page.wait_for_selector("#error:has-text('wrong token')", timeout=5000)
+            # The right one: the operator page plays, and prompts reach the tracker.
+            await page.fill("#token", token)
+            await page.click("#login button")
+            await wait_playing(page)
+            cookies = await page.context.cookies()
+            assert [(c["name"], c["httpOnly"], c["sameSite"]) for c in cookies] == [(SESSION_COOKIE, True, "Strict")]
+            assert token not in cookies[0]["value"]
+
+            # The session ends (cookie gone, say the gateway's token changed): a clear message, no retry loop.
+            await page.context.clear_cookies()
+            await page.evaluate("connect()")
+            await page.wait_for_selector("#connection.refused", timeout=5000)
+            banner = await page.text_content("#auth")
+            assert banner is not None and banner.startswith("Not authorised") and await page.is_visible("#auth a")
+            await asyncio.sleep(2.5)  # past the first reconnect delays: still refused, not retrying
+            assert "refused" in (await page.get_attribute("#connection", "class") or "")
+
+            # A link carrying ?token= logs in too, and the token leaves the address bar.
+            await page.goto(f"{url}/?token={token}")
+            await wait_playing(page)
+            assert page.url == f"{url}/" and await page.is_hidden("#auth")
 
     run(body(), timeout=60)

@@ -8,7 +8,6 @@ import time
 import aiohttp
 import numpy as np
 import zmq
-from aiortc import RTCConfiguration, RTCPeerConnection
 from helpers import (
     BACKGROUND,
     FIRST_OBJECT,
@@ -16,6 +15,7 @@ from helpers import (
     WIDTH,
     FakeTracker,
     Viewer,
+    fetch_json,
     gateway,
     is_banner,
     run,
@@ -23,7 +23,6 @@ from helpers import (
 )
 
 from streamer.gateway.feed import FeedState, ResultFeed
-from streamer.gateway.ice import gather_on
 
 
 def test_viewer_receives_composited_frames_and_metadata() -> None:
@@ -189,17 +188,12 @@ def test_a_viewer_that_does_not_read_does_not_slow_another() -> None:
                 fps = frames / (time.monotonic() - start)
                 print(f"\nreading viewer: {fps:.1f} fps while the other reads nothing (tracker at 30 fps)")
                 assert fps > 20
-                async with aiohttp.ClientSession() as http:
-                    async with http.get(f"{url}/health") as response:
-                        assert (await response.json())["viewers"] == 2
-                    third = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-                    third.addTransceiver("video", direction="recvonly")
-                    with gather_on(["127.0.0.1"]):
-                        await third.setLocalDescription(await third.createOffer())
-                    offer = {"sdp": third.localDescription.sdp, "type": "offer"}
-                    async with http.post(f"{url}/offer", json=offer) as response:
-                        assert response.status == 503 and "viewers" in (await response.json())["error"]
-                    await third.close()
+                _, health = await fetch_json(f"{url}/health")
+                assert health["viewers"] == 2
+                third = Viewer()
+                status, answer = await third.offer(url)
+                await third.close()
+                assert status == 503 and answer["error"].startswith("viewers:"), answer
             finally:
                 await idle.close()
                 await busy.close()
@@ -214,7 +208,7 @@ def test_http_page_health_metrics_and_bad_offer() -> None:
                 assert response.status == 200 and "<video" in await response.text()
             async with http.get(f"{url}/static/app.js") as response:
                 assert response.status == 200 and "gatheringComplete" in await response.text()
-            async with http.post(f"{url}/offer", data="nope") as response:
+            async with http.post(f"{url}/offer", data="nope", headers={"Content-Type": "application/json"}) as response:
                 assert response.status == 400 and (await response.json())["error"].startswith("offer:")
             async with http.post(f"{url}/offer", json={"sdp": "v=0 garbage", "type": "offer"}) as response:
                 assert response.status == 400

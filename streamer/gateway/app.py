@@ -3,13 +3,17 @@
     sam3-stream serve --results-endpoint tcp://127.0.0.1:5556 --control-endpoint tcp://127.0.0.1:5557
 
 Routes: ``GET /`` (operator page), ``/static/*``, ``POST /offer`` (WebRTC offer JSON ``{sdp, type}``
--> answer), ``GET /health`` (JSON), ``GET /metrics`` (Prometheus text format).
+-> answer), ``GET /health`` (JSON), ``GET /metrics`` (Prometheus text format), ``GET``/``POST /login``
+(the token form). Who may call them: ``streamer.gateway.access``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,47 +21,76 @@ from typing import Any
 from aiohttp import web
 from aiortc import RTCSessionDescription
 
+from streamer import security
 from streamer.compositor import CompositeStyle
+from streamer.gateway.access import (
+    AUTHORIZED,
+    TOKEN_ENV,
+    AccessLogger,
+    AccessPolicy,
+    access_middleware,
+    add_security_headers,
+    check_exposure,
+    check_token,
+    is_loopback,
+    login_routes,
+)
 from streamer.gateway.config import DEFAULT_CONTROL_ENDPOINT, DEFAULT_RESULTS_ENDPOINT, GatewayConfig
 from streamer.gateway.feed import FeedState, ResultFeed
 from streamer.gateway.ice import AUTO, check_hosts
+from streamer.gateway.memory import resident_bytes
 from streamer.gateway.prompts import PromptForwarder
 from streamer.gateway.webrtc import Broadcaster, TooManyViewers
+from streamer.keys import KeyFolder
 from streamer.transport import AsyncPromptClient
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 CONFIG = web.AppKey("config", GatewayConfig)
+ACCESS = web.AppKey("access", AccessPolicy)
 FEED = web.AppKey("feed", ResultFeed)
 PROMPTS = web.AppKey("prompts", PromptForwarder)
 BROADCASTER = web.AppKey("broadcaster", Broadcaster)
 
 
 def create_app(config: GatewayConfig = GatewayConfig()) -> web.Application:
-    """The gateway as an aiohttp application; sockets open on startup and close on cleanup."""
+    """The gateway as an aiohttp application; sockets open on startup and close on cleanup.
+
+    ``ValueError`` naming the problem for a bad config (an exposed address without a token among them).
+    """
     check_hosts(config.ice_hosts)
-    app = web.Application()
+    check_token(config.token)
+    check_exposure(config.http_host, config.token, config.insecure)
+    policy = AccessPolicy(config.http_host, config.allowed_hosts, config.token)
+    app = web.Application(middlewares=[access_middleware(policy)], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
+    app[ACCESS] = policy
     app.router.add_get("/", _index)
     app.router.add_post("/offer", _offer)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_routes(login_routes(policy))
     app.router.add_static("/static/", STATIC_DIR)
+    app.on_response_prepare.append(add_security_headers)
     app.cleanup_ctx.append(_lifecycle)
     return app
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    curve = security.CurveClient(config.keys) if config.keys else None
     feed = ResultFeed(
         config.results_endpoint,
         config.stream_id,
         no_signal_after_s=config.no_signal_after_s,
         offline_after_s=config.offline_after_s,
+        security=curve,
     )
     await feed.start()
-    client = AsyncPromptClient(config.control_endpoint, timeout_s=config.prompt_timeout_s, retries=config.prompt_tries)
+    client = AsyncPromptClient(
+        config.control_endpoint, timeout_s=config.prompt_timeout_s, retries=config.prompt_tries, security=curve
+    )
 
     def frame_size() -> tuple[int, int] | None:
         return (feed.latest.message.width, feed.latest.message.height) if feed.latest else None
@@ -72,6 +105,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ice_hosts=config.ice_hosts,
         ice_servers=config.ice_servers,
         max_viewers=config.max_viewers,
+        connect_timeout_s=config.connect_timeout_s,
     )
     log.info(
         "gateway: results %s, control %s, stream %s",
@@ -91,20 +125,38 @@ async def _index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html")
 
 
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
 async def _offer(request: web.Request) -> web.Response:
+    # application/json only: a cross-site page cannot send it without a CORS preflight, which fails here.
+    if request.content_type != "application/json":
+        return _error(415, f"content-type: /offer takes application/json, got {request.content_type!r}")
+    limit = request.app[CONFIG].max_body_bytes
+    too_large = f"offer: the body is larger than {limit} bytes"
+    if request.content_length is not None and request.content_length > limit:
+        return _error(413, too_large)
     try:
-        params = await request.json()
+        body = await request.read()  # aiohttp stops reading past client_max_size (the same limit)
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, too_large)
+    try:
+        params = json.loads(body)
         if not isinstance(params, dict) or not isinstance(params.get("sdp"), str) or params.get("type") != "offer":
             raise ValueError('expected JSON {"sdp": "...", "type": "offer"}')
         offer = RTCSessionDescription(sdp=params["sdp"], type="offer")
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        return web.json_response({"error": f"offer: {exc}"}, status=400)
+    except RecursionError:
+        return _error(400, "offer: JSON nested too deeply")
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return _error(400, f"offer: {str(exc)[:200]}")
     try:
         answer = await request.app[BROADCASTER].answer(offer)
-    except ValueError as exc:  # aiortc rejects SDP it cannot parse or negotiate with ValueError
-        return web.json_response({"error": f"sdp: {exc}"}, status=400)
+    except ValueError as exc:  # the offer's own checks, or aiortc's: SDP it cannot parse or negotiate
+        message = str(exc)
+        return _error(400, message if message.startswith("sdp:") else f"sdp: {message[:200]}")
     except TooManyViewers as exc:
-        return web.json_response({"error": f"viewers: {exc}"}, status=503)
+        return _error(503, f"viewers: {exc}")
     return web.json_response({"sdp": answer.sdp, "type": answer.type})
 
 
@@ -121,10 +173,17 @@ def _snapshot(app: web.Application) -> dict[str, Any]:
         "frames_composited": broadcaster.track.frames_composited,
         "frames_sent": broadcaster.frames_sent,
         "prompts": dict(app[PROMPTS].outcomes),
+        "viewers_expired": broadcaster.expired,
+        "peer_connections": len(broadcaster.peer_connections),
+        "tasks": len(asyncio.all_tasks()),
+        "resident_bytes": resident_bytes(),
+        "refused": dict(app[ACCESS].refused),
     }
 
 
 async def _health(request: web.Request) -> web.Response:
+    if not request[AUTHORIZED]:  # open without the token, so it tells only whether the feed is up
+        return web.json_response({"state": request.app[FEED].state.value})
     return web.json_response(_snapshot(request.app))
 
 
@@ -139,7 +198,28 @@ async def _metrics(request: web.Request) -> web.Response:
     metric("frames_sent_total", "counter", "Video frames handed to viewers' encoders.", [("", snap["frames_sent"])])
     metric("frames_composited_total", "counter", "Results drawn onto their frames.", [("", snap["frames_composited"])])
     metric("results_received_total", "counter", "Results received from the tracker.", [("", snap["results_received"])])
-    metric("viewers", "gauge", "Connected viewers.", [("", snap["viewers"])])
+    metric("viewers", "gauge", "Viewers holding a slot (connected or connecting).", [("", snap["viewers"])])
+    metric(
+        "viewers_expired_total",
+        "counter",
+        "Viewers closed for not connecting in time.",
+        [("", snap["viewers_expired"])],
+    )
+    metric(
+        "peer_connections",
+        "gauge",
+        "Peer connections in memory (open, or closed and not yet freed).",
+        [("", snap["peer_connections"])],
+    )
+    metric("asyncio_tasks", "gauge", "Tasks on the gateway's event loop.", [("", snap["tasks"])])
+    if snap["resident_bytes"] is not None:
+        metric("resident_memory_bytes", "gauge", "Resident memory of the gateway.", [("", snap["resident_bytes"])])
+    metric(
+        "requests_refused_total",
+        "counter",
+        "HTTP requests refused, by the field at fault.",
+        [(f'{{field="{k}"}}', float(snap["refused"].get(k, 0))) for k in ("host", "origin", "token")],
+    )
     metric("results_fps", "gauge", "Results received per second.", [("", snap["fps"])])
     if snap["latency_ms"] is not None:
         metric(
@@ -186,6 +266,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--http-host", default=defaults.http_host, help="HTTP listen address (default %(default)s)")
     parser.add_argument("--http-port", type=int, default=defaults.http_port, help="HTTP port (default %(default)s)")
+    add_access_arguments(parser)
     parser.add_argument(
         "--ice-host",
         action="append",
@@ -209,6 +290,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="viewers served at once, each costing one encode per frame (default %(default)s)",
     )
     parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=defaults.connect_timeout_s,
+        help="seconds a viewer may take to connect before its slot is freed (default %(default)s)",
+    )
+    parser.add_argument(
         "--prompt-timeout",
         type=float,
         default=defaults.prompt_timeout_s,
@@ -216,10 +303,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--alpha", type=float, default=defaults.style.alpha, help="mask opacity (default %(default)s)")
     parser.add_argument("--show-boxes", action="store_true", help="draw bounding boxes too")
+    security.add_arguments(parser, binds=False)
+
+
+def add_access_arguments(parser: argparse.ArgumentParser) -> None:
+    """Who may use the page: ``--token``, ``--allowed-host``, ``--insecure`` (``serve`` and ``run``)."""
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"token the page, /offer and /metrics require (login form, ?token=, or 'Authorization: Bearer'); "
+        f"prefer the {TOKEN_ENV} environment variable, which other users cannot read in the process list",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        dest="allowed_hosts",
+        default=[],
+        metavar="NAME",
+        help="a host name the page is reached by (besides --http-host, localhost and loopback addresses); "
+        "requests naming any other host are refused; repeatable",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve an address other machines can reach without a token (anyone there can watch and prompt)",
+    )
+
+
+def token_from_args(args: argparse.Namespace) -> str | None:
+    """The token of ``--token``, else of the environment; ``ValueError`` if it is too weak."""
+    return check_token(args.token or os.environ.get(TOKEN_ENV))
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    """A ``GatewayConfig`` from ``add_arguments``' options."""
+    """A ``GatewayConfig`` from ``add_arguments``' options (``ValueError`` naming a bad one)."""
+    token = token_from_args(args)
+    check_exposure(args.http_host, token, args.insecure)  # before the sockets: one clear line and exit
+    if args.connect_timeout <= 0:
+        raise ValueError(f"connect_timeout: must be positive, got {args.connect_timeout}")
     return GatewayConfig(
         results_endpoint=args.results_endpoint,
         control_endpoint=args.control_endpoint,
@@ -229,17 +350,33 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         ice_hosts=check_hosts(args.ice_hosts or ["127.0.0.1"]),
         ice_servers=tuple(args.ice_servers),
         max_viewers=args.max_viewers,
+        connect_timeout_s=args.connect_timeout,
+        token=token,
+        insecure=args.insecure,
+        allowed_hosts=tuple(args.allowed_hosts),
         prompt_timeout_s=args.prompt_timeout,
         style=CompositeStyle(alpha=args.alpha, show_boxes=args.show_boxes),
+        keys=_checked_keys(args),
     )
+
+
+def _checked_keys(args: argparse.Namespace) -> KeyFolder | None:
+    """``--keys``, with its client files read once now so that a missing one stops ``serve`` at start."""
+    keys = security.key_folder_from_args(args, [args.results_endpoint, args.control_endpoint])
+    if keys is not None:
+        security.CurveClient(keys)
+    return keys
 
 
 def run_gateway(config: GatewayConfig) -> None:
     """Serve until interrupted (SIGINT/SIGTERM close every peer connection)."""
+    if config.token is None and not is_loopback(config.http_host):
+        log.warning("gateway: serving %s without a token (--insecure): anyone there may prompt", config.http_host)
     web.run_app(
         create_app(config),
         host=config.http_host,
         port=config.http_port,
+        access_log_class=AccessLogger,
         print=lambda _: log.info("gateway: http://%s:%d/", config.http_host, config.http_port),
     )
 

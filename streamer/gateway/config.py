@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from streamer.compositor import CompositeStyle
 from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
+from streamer.keys import KeyFolder
 
 DEFAULT_RESULTS_ENDPOINT = Endpoints.tcp_defaults().results
 DEFAULT_CONTROL_ENDPOINT = Endpoints.tcp_defaults().control
@@ -21,10 +22,18 @@ class GatewayConfig:
       ``"auto"`` adds aioice's own interface addresses (for viewers on other machines).
     - ``ice_servers``: STUN/TURN URLs; none by default, since a STUN look-up only delays
       gathering on a box without internet.
-    - ``max_viewers``: each viewer costs one video encode per frame; more are refused (HTTP 503).
+    - ``max_viewers``: each viewer costs one video encode per frame; more are refused (HTTP 503). A viewer
+      holds its slot from its offer on, so one whose peer connection has not connected within
+      ``connect_timeout_s`` (or fails, or closes) is closed and its slot freed.
+    - ``max_body_bytes``: the largest HTTP request body taken (an offer is a few kB).
+    - ``token``: when set, the page, ``/offer`` and ``/metrics`` need it (see ``streamer.gateway.access``).
+    - ``insecure``: serve an address other machines can reach without a token (refused otherwise).
+    - ``allowed_hosts``: host names the page may be reached by, besides ``http_host``, localhost and
+      loopback addresses; any other ``Host`` header is refused (DNS rebinding).
     - ``prompt_timeout_s`` / ``prompt_tries``: the lazy pirate client's wait per try and tries.
     - ``no_signal_after_s`` / ``offline_after_s``: silence that turns the feed state from live to
       no_signal (heartbeats but no results) and to tracker_offline (no heartbeats either).
+    - ``keys``: CURVE keys for tcp:// results and control endpoints (``streamer.security``); ``None``: plain.
     """
 
     results_endpoint: str = DEFAULT_RESULTS_ENDPOINT
@@ -35,9 +44,15 @@ class GatewayConfig:
     ice_hosts: tuple[str, ...] = ("127.0.0.1",)
     ice_servers: tuple[str, ...] = ()
     max_viewers: int = 8
+    connect_timeout_s: float = 5.0
+    max_body_bytes: int = 64 * 1024
+    token: str | None = field(default=None, repr=False)  # never in logs
+    insecure: bool = False
+    allowed_hosts: tuple[str, ...] = ()
     prompt_timeout_s: float = 1.5
     prompt_tries: int = 2
     no_signal_after_s: float = 1.0
     offline_after_s: float = 1.5
     banner_fps: float = 10.0
     style: CompositeStyle = field(default_factory=CompositeStyle)
+    keys: KeyFolder | None = None

@@ -23,7 +23,9 @@ from enum import Enum
 import numpy as np
 import zmq.asyncio
 
+from streamer.healing import CHECK_INTERVAL_S, HealingSocket
 from streamer.protocol import ProtocolError, ResultMessage, decode_result, peek_kind
+from streamer.security import SocketSecurity
 from streamer.transport import drain_async, results_subscriber
 
 log = logging.getLogger(__name__)
@@ -74,13 +76,15 @@ class ResultFeed:
         no_signal_after_s: float = 1.0,
         offline_after_s: float = 1.5,
         context: zmq.asyncio.Context | None = None,
+        security: SocketSecurity | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._security = security
         self._no_signal_after = no_signal_after_s
         self._offline_after = offline_after_s
         self._own_context = context is None
         self._context = zmq.asyncio.Context() if context is None else context
-        self._socket: zmq.asyncio.Socket | None = None
+        self._socket: HealingSocket[zmq.asyncio.Socket] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._listeners: list[StateListener] = []
         self._new_item = asyncio.Condition()
@@ -96,7 +100,10 @@ class ResultFeed:
 
     async def start(self) -> None:
         """Connect and start receiving; returns at once (the tracker may come up later)."""
-        self._socket = results_subscriber(self.endpoint, context=self._context)
+        self._socket = HealingSocket(
+            lambda: results_subscriber(self.endpoint, context=self._context, security=self._security),
+            f"results {self.endpoint}",
+        )
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch_state())]
 
     async def close(self) -> None:
@@ -106,7 +113,7 @@ class ResultFeed:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self._socket is not None:
-            self._socket.close(linger=0)
+            self._socket.close()
             self._socket = None
         if self._own_context:
             self._context.term()
@@ -147,7 +154,8 @@ class ResultFeed:
         loop = asyncio.get_running_loop()
         while True:
             results = []
-            for parts in await drain_async(self._socket, timeout_ms=None):
+            self._socket.check()  # a tracker that sent garbage or an oversized part: a fresh socket
+            for parts in await drain_async(self._socket.socket, timeout_ms=int(CHECK_INTERVAL_S * 1000)):
                 try:
                     kind = peek_kind(parts)
                 except ProtocolError as exc:

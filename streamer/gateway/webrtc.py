@@ -4,29 +4,37 @@ One ``CompositedTrack`` draws each result onto the frame it was computed for; ai
 ``MediaRelay`` (``buffered=False``) fans it out so each viewer's encoder takes the newest frame
 when it is ready for one: a slow viewer skips frames for itself and slows no one else. Per frame
 a viewer actually gets, its data channel carries the objects' metadata (ids, boxes, scores).
+
+Offers are hostile input: one must ask for video (``check_offer``), and a viewer holds its slot
+only while its peer connection is on its way to connect (``connect_timeout_s``) or connected.
+When viewers leave, the memory their connections held is given back (``streamer.gateway.memory``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fractions
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import sdp as aiortc_sdp
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from streamer.compositor import CompositeStyle, banner_frame, color_hex, composite
 from streamer.gateway.feed import FeedItem, FeedState, ResultFeed
 from streamer.gateway.ice import gather_on
+from streamer.gateway.memory import release_memory
 from streamer.gateway.prompts import PromptForwarder
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,12 @@ VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
 DEFAULT_SIZE = (640, 360)
 # Metadata is dropped, not queued, for a viewer whose data channel is this far behind.
 MAX_CHANNEL_BACKLOG = 256 * 1024
+# An offer from a browser has one video and one data section and a few candidates per network
+# interface; far more is an attack on the ICE agent (every candidate pair gets checked).
+MAX_MEDIA_SECTIONS = 8
+MAX_CANDIDATES = 64
+# Viewers leaving close together are given back their memory in one go, once their teardown is over.
+RELEASE_MEMORY_AFTER_S = 1.0
 BANNERS = {
     FeedState.NO_SIGNAL: ("No signal", "the tracker is running but gets no frames"),
     FeedState.TRACKER_OFFLINE: ("Tracker offline", "no heartbeat from the tracker"),
@@ -71,6 +85,9 @@ class CompositedTrack(MediaStreamTrack):
         self._last_pts = -1
         self._next_banner = 0.0
         self.frames_composited = 0
+        # One thread draws every frame: OpenCV 5 keeps a copy of its text font (about 5.7 MB) in each
+        # thread that ever draws text, so drawing in the shared pool would leave one per pool thread.
+        self._drawing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compositor")
 
     def set_demand(self, wanted: bool) -> None:
         """Produce frames only while someone watches (the relay would otherwise pull forever)."""
@@ -88,8 +105,8 @@ class CompositedTrack(MediaStreamTrack):
                 if item is None:
                     continue
                 self._seen = item.number
-                if item.frame is not None:
-                    return await loop.run_in_executor(None, self._render, item)
+                if item.frame is not None and self.readyState == "live":  # stop() shuts the drawing thread
+                    return await loop.run_in_executor(self._drawing, self._render, item)
             elif time.monotonic() < self._next_banner:
                 await asyncio.sleep(self._next_banner - time.monotonic())
             else:
@@ -101,6 +118,7 @@ class CompositedTrack(MediaStreamTrack):
     def stop(self) -> None:
         super().stop()
         self._demand.set()  # wake a pending recv so it sees the stop
+        self._drawing.shutdown(wait=False)
 
     def _render(self, item: FeedItem) -> av.VideoFrame:
         assert item.frame is not None
@@ -175,8 +193,34 @@ def objects_message(item: FeedItem, fps: float) -> dict[str, Any]:
     }
 
 
+def check_offer(sdp: str) -> None:
+    """Refuse (``ValueError`` naming the problem) an offer that cannot make a viewer.
+
+    It must parse, stay within ``MAX_MEDIA_SECTIONS`` and ``MAX_CANDIDATES``, and ask to receive video:
+    an offer without video would hold a viewer's slot while never showing anything.
+    """
+    try:
+        description = aiortc_sdp.SessionDescription.parse(sdp)
+    except Exception as exc:  # aiortc's parser fails with ValueError, AssertionError, IndexError...
+        raise ValueError(f"sdp: cannot parse the offer ({type(exc).__name__}: {str(exc)[:100]})") from None
+    if len(description.media) > MAX_MEDIA_SECTIONS:
+        raise ValueError(f"sdp: {len(description.media)} media sections, at most {MAX_MEDIA_SECTIONS}")
+    candidates = sum(len(m.ice_candidates) for m in description.media)
+    if candidates > MAX_CANDIDATES:
+        raise ValueError(f"sdp: {candidates} ICE candidates, at most {MAX_CANDIDATES}")
+    receives = (None, "recvonly", "sendrecv")  # the offerer's direction; none given means sendrecv
+    if not any(m.kind == "video" and m.port != 0 and m.direction in receives for m in description.media):
+        raise ValueError(
+            "sdp: the offer receives no video; add a video transceiver "
+            "(addTransceiver('video', {direction: 'recvonly'}))"
+        )
+
+
 class ViewerSession:
-    """One operator: a peer connection, its video track and its ``prompts`` data channel."""
+    """One operator: a peer connection, its video track and its ``prompts`` data channel.
+
+    ``connected`` is set once the peer connection has connected.
+    """
 
     def __init__(self, pc: RTCPeerConnection, feed: ResultFeed, prompts: PromptForwarder) -> None:
         self.id = uuid.uuid4().hex[:8]
@@ -187,6 +231,7 @@ class ViewerSession:
         self._channel: RTCDataChannel | None = None
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self.connected = asyncio.Event()
         self._unsubscribe = feed.add_listener(self._on_state)
         pc.on("datachannel", self._on_datachannel)
 
@@ -202,8 +247,9 @@ class ViewerSession:
             return
         self._closed = True
         self._unsubscribe()
-        for task in self._tasks:
-            task.cancel()
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():  # the watchdog closes its own session
+                task.cancel()
         await self.pc.close()
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
@@ -213,10 +259,14 @@ class ViewerSession:
         channel.on("message", self._on_message)
         self._on_state(self._feed.state)  # the current state, so the page can show it at once
 
-    def _on_message(self, message: str | bytes) -> None:
-        task = asyncio.ensure_future(self._answer(message))
+    def run_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` for this session; cancelled when the session closes."""
+        task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _on_message(self, message: str | bytes) -> None:
+        self.run_task(self._answer(message))
 
     async def _answer(self, message: str | bytes) -> None:
         self._send(await self._prompts.handle(message), always=True)
@@ -238,7 +288,11 @@ class TooManyViewers(Exception):
 
 
 class Broadcaster:
-    """Answers viewers' offers and keeps their sessions; all share one ``CompositedTrack``."""
+    """Answers viewers' offers and keeps their sessions; all share one ``CompositedTrack``.
+
+    A session holds one of ``max_viewers`` slots from its offer until its peer connection fails or
+    closes, or has not connected within ``connect_timeout_s``.
+    """
 
     def __init__(
         self,
@@ -250,10 +304,17 @@ class Broadcaster:
         ice_hosts: Sequence[str] = ("127.0.0.1",),
         ice_servers: Sequence[str] = (),
         max_viewers: int = 8,
+        connect_timeout_s: float = 5.0,
     ) -> None:
         self.track = CompositedTrack(feed, style, banner_fps)
         self.sessions: set[ViewerSession] = set()
         self.max_viewers = max_viewers
+        self.connect_timeout_s = connect_timeout_s
+        self.expired = 0  # sessions closed for not connecting in time
+        # Every peer connection made, until garbage collected: open ones and closed ones not yet freed.
+        self.peer_connections: weakref.WeakSet[RTCPeerConnection] = weakref.WeakSet()
+        self._release: asyncio.Task[None] | None = None
+        self._closed = False
         self._frames_sent_closed = 0  # by sessions gone, so the total only grows
         self._feed = feed
         self._prompts = prompts
@@ -267,35 +328,57 @@ class Broadcaster:
         return self._frames_sent_closed + sum(s.frames_sent for s in self.sessions)
 
     async def answer(self, offer: RTCSessionDescription) -> RTCSessionDescription:
-        """Create a session for ``offer`` (with its candidates gathered) and return the answer."""
+        """Create a session for ``offer`` (with its candidates gathered) and return the answer.
+
+        Raises ``ValueError`` naming the problem for an offer that cannot make a viewer, and
+        ``TooManyViewers`` when every slot is taken.
+        """
+        check_offer(offer.sdp)
         if len(self.sessions) >= self.max_viewers:
             raise TooManyViewers(f"{len(self.sessions)} viewers connected, the limit is {self.max_viewers}")
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
+        self.peer_connections.add(pc)
         session = ViewerSession(pc, self._feed, self._prompts)
         self.sessions.add(session)
         self.track.set_demand(True)
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
+            if pc.connectionState == "connected":
+                session.connected.set()
+            elif pc.connectionState in ("failed", "closed"):
                 await self._drop(session)
 
         try:
             await pc.setRemoteDescription(offer)
-            if any(t.kind == "video" for t in pc.getTransceivers()):
-                pc.addTrack(ViewerTrack(self._relay.subscribe(self.track, buffered=False), session.on_frame))
+            pc.addTrack(ViewerTrack(self._relay.subscribe(self.track, buffered=False), session.on_frame))
             with gather_on(self._ice_hosts):
                 await pc.setLocalDescription(await pc.createAnswer())
-        except Exception:
+        except Exception as exc:
             await self._drop(session)
-            raise
+            if isinstance(exc, ValueError):
+                raise
+            # Anything else aiortc trips over in a hostile offer is still the offer's fault.
+            raise ValueError(f"{type(exc).__name__}: {str(exc)[:100]}") from exc
+        session.run_task(self._close_unless_connected(session))
         log.info("viewer %s: answered (%d viewers)", session.id, len(self.sessions))
         return pc.localDescription
 
     async def close(self) -> None:
         """Close every peer connection and stop the shared track."""
+        self._closed = True
         await asyncio.gather(*(self._drop(s) for s in list(self.sessions)), return_exceptions=True)
+        if self._release is not None:
+            self._release.cancel()
         self.track.stop()
+
+    async def _close_unless_connected(self, session: ViewerSession) -> None:
+        try:
+            await asyncio.wait_for(session.connected.wait(), self.connect_timeout_s)
+        except asyncio.TimeoutError:
+            self.expired += 1
+            log.info("viewer %s: not connected within %.1f s; closing it", session.id, self.connect_timeout_s)
+            await self._drop(session)
 
     async def _drop(self, session: ViewerSession) -> None:
         if session in self.sessions:
@@ -304,3 +387,9 @@ class Broadcaster:
             log.info("viewer %s: closed (%d viewers)", session.id, len(self.sessions))
         self.track.set_demand(bool(self.sessions))
         await session.close()
+        if not self._closed and (self._release is None or self._release.done()):
+            self._release = asyncio.ensure_future(self._release_memory())
+
+    async def _release_memory(self) -> None:
+        await asyncio.sleep(RELEASE_MEMORY_AFTER_S)
+        release_memory()

@@ -17,6 +17,9 @@ let requestCount = 0;
 let retryDelay = 1000;
 let reconnectTimer = null;
 
+// Logged in by /?token=: the session cookie is set, so the token leaves the address bar (and history).
+if (new URLSearchParams(location.search).has("token")) history.replaceState(null, "", location.pathname);
+
 // ---- connection -------------------------------------------------------------------------------
 
 async function connect() {
@@ -40,6 +43,7 @@ async function connect() {
     if (["failed", "closed"].includes(pc.connectionState)) scheduleReconnect();
     if (pc.connectionState === "disconnected") scheduleReconnect(3000);  // give it a chance to recover
   };
+  $("auth").hidden = true;
   try {
     await pc.setLocalDescription(await pc.createOffer());
     await gatheringComplete(pc);  // the gateway takes no trickled candidates: send them all at once
@@ -48,6 +52,10 @@ async function connect() {
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
     });
+    if (response.status === 401 || response.status === 403) {
+      refused(response.status, await response.json().catch(() => ({})));
+      return;  // retrying cannot help: a person must log in (or open the page by its own address)
+    }
     if (!response.ok) throw new Error(`offer: HTTP ${response.status} ${await response.text()}`);
     await pc.setRemoteDescription(await response.json());
   } catch (error) {
@@ -56,6 +64,28 @@ async function connect() {
     setBadge("connection", "failed");
     scheduleReconnect();
   }
+}
+
+// The gateway refused this page: say why and how to get in, and stop reconnecting.
+function refused(status, answer) {
+  clearTimeout(reconnectTimer);
+  pc.close();
+  setBadge("connection", "refused");
+  // Nothing shown any more is known: no feed state, objects or rates from a connection that is gone.
+  $("state").textContent = $("fps").textContent = $("latency").textContent = "–";
+  $("state").className = "badge";
+  frame = null;
+  renderObjects([]);
+  renderConcepts();
+  const banner = $("auth");
+  if (status === 401) {
+    banner.replaceChildren("Not authorised: this gateway needs its token (the session may have ended or the " +
+      "token changed). ", Object.assign(document.createElement("a"), { href: "/login", textContent: "Log in" }));
+  } else {
+    banner.textContent = `Refused by the gateway: ${answer.error || `HTTP ${status}`}`;
+  }
+  banner.hidden = false;
+  note(`connect: ${answer.error || `HTTP ${status}`}`, true);
 }
 
 function gatheringComplete(peer) {
