@@ -7,6 +7,8 @@
     sam3-stream serve --http-port 8080
     sam3-stream export-encoder --model facebook/sam3 --out exported/     # the image encoder as ONNX
     sam3-stream build-engine --model facebook/sam3 --precision fp16     # its TensorRT engine, cached
+    sam3-stream segment-video clip.mp4 --prompt person -o out.mp4 --masks masks.json   # one-off files
+    sam3-stream segment-image photo.jpg --prompt dog -o dog.png
 
 ``run`` starts ``capture``, ``track`` and ``serve`` as child processes over ipc:// sockets in a private
 temporary folder, prints the page's URL, restarts a child that dies (with back-off) while the others
@@ -29,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from streamer import capture, encoder_commands, keys, tracker_service
+from streamer import capture, encoder_commands, keys, segment_cli, tracker_service
 from streamer.capture import Backoff
 from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
 from streamer.signals import StopSignals
@@ -336,6 +338,25 @@ def build_parser() -> argparse.ArgumentParser:
             "forwards prompts from the page's data channel, serves /health and /metrics.",
         )
     )
+    segment_cli.add_video_arguments(
+        commands.add_parser(
+            "segment-video",
+            parents=[common],
+            help="segment a video file: write it with the masks drawn, and the masks as JSON",
+            description="Track text prompts, clicks or boxes through a video file with SAM 3's video predictor "
+            "and write an H.264 mp4 with the objects drawn (or the masks alone), optionally every frame's masks "
+            "as COCO RLE JSON. The video is decoded, tracked and encoded frame by frame.",
+        )
+    )
+    segment_cli.add_image_arguments(
+        commands.add_parser(
+            "segment-image",
+            parents=[common],
+            help="segment an image: write it with the masks drawn",
+            description="Segment text prompts, clicks or boxes in one image and write it with the objects drawn "
+            "(or the mask alone), optionally the masks as COCO RLE JSON.",
+        )
+    )
     keys.add_arguments(
         commands.add_parser(
             "keys",
@@ -376,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return capture.run_from_args(args)
     if args.command == "track":
         return tracker_service.run_from_args(args)
+    if args.command in ("segment-video", "segment-image"):
+        return segment_cli.run_from_args(args)
     if args.command == "keys":
         return keys.run_from_args(args)
     if args.command == "export-encoder":

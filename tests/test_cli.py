@@ -131,7 +131,17 @@ def run_help(*args: str) -> str:
 
 def test_top_level_help_lists_every_command() -> None:
     text = run_help()
-    for command in ("run", "capture", "track", "serve", "keys", "export-encoder", "build-engine"):
+    for command in (
+        "run",
+        "capture",
+        "track",
+        "serve",
+        "keys",
+        "export-encoder",
+        "build-engine",
+        "segment-video",
+        "segment-image",
+    ):
         assert re.search(rf"^\s+{command}\s+\S", text, re.MULTILINE), f"{command} missing from:\n{text}"
 
 
@@ -160,6 +170,8 @@ def test_top_level_help_lists_every_command() -> None:
         ("keys", ["DIR", "--client"]),
         ("export-encoder", ["--model", "--out", "--precision", "--external-data"]),
         ("build-engine", ["--model", "--precision", "--cache-dir"]),
+        ("segment-video", ["IN", "--prompt", "--points", "--negative-points", "--box", "--frame", "-o", "--masks"]),
+        ("segment-image", ["IN", "--prompt", "--points", "--box", "-o", "--masks", "--no-overlay", "--model"]),
     ],
 )
 def test_each_command_has_help(command: str, options: list[str]) -> None:
