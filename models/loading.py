@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Sam3TrackerVideoModel, Sam3VideoModel
 
+from models import hf_internals
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "facebook/sam3"
@@ -98,7 +100,7 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, sour
     except Exception as error:  # the hub client raises many types; all become one actionable message
         raise ModelLoadError(_explain_load_failure(source, error)) from error
     video_model.to(device).eval()
-    cache_constant_embeddings(video_model)
+    _prepare(video_model)
     log.info("loaded SAM 3 from %s on %s (%s)", source_name, device, dtype)
     return Sam3Models(video_model=video_model, tokenizer=tokenizer, device=device, dtype=dtype, source=source_name)
 
@@ -111,24 +113,17 @@ def _full_random(device: torch.device, dtype: torch.dtype) -> Sam3Models:
     with torch.device(device):
         video_model = Sam3VideoModel(Sam3VideoConfig())
     video_model.to(dtype).eval()
-    cache_constant_embeddings(video_model)
+    _prepare(video_model)
     # The tiny tokenizer's ids fit the full text encoder's vocabulary; the weights are random anyway.
     return Sam3Models(
         video_model=video_model, tokenizer=tiny_tokenizer(), device=device, dtype=dtype, source=FULL_RANDOM
     )
 
 
-def cache_constant_embeddings(video_model: Sam3VideoModel) -> None:
-    """Compute the tracker's image-wide positional embedding once.
-
-    transformers recomputes this constant (it depends only on the weights) for every object on every
-    frame. Call again after moving the model to another device or dtype.
-    """
-    tracker = video_model.tracker_model
-    tracker.__dict__.pop("get_image_wide_positional_embeddings", None)
-    with torch.no_grad():  # a plain tensor, usable inside and outside inference mode
-        constant = tracker.get_image_wide_positional_embeddings()
-    tracker.get_image_wide_positional_embeddings = lambda: constant
+def _prepare(video_model: Sam3VideoModel) -> None:
+    """Check the internals the tracker relies on and cache the tracker's constant positional embedding."""
+    hf_internals.check_model(video_model)
+    hf_internals.cache_constant_embeddings(video_model)
 
 
 def _explain_load_failure(source: str, error: Exception) -> str:

@@ -168,9 +168,12 @@ def moving_shapes(index: int, width: int = 160, height: int = 120) -> np.ndarray
 
 
 def click_prompts(count: int, width: int, height: int) -> list[Prompt]:
-    """Clicks on :func:`moving_shapes`' shapes (and spread points for more objects), one object each."""
+    """Clicks on :func:`moving_shapes`' shapes and spots around them, one object each; beyond those six
+    spots, the rest spread on a grid so that no two objects share a click."""
     spots = [(0.3, 0.5), (0.8, 0.17), (0.5, 0.8), (0.15, 0.15), (0.85, 0.85), (0.5, 0.3)]
-    return [
-        Prompt(points=((spots[i % len(spots)][0] * width, spots[i % len(spots)][1] * height),), point_labels=(1,))
-        for i in range(count)
-    ]
+    extra = count - len(spots)
+    if extra > 0:
+        columns = math.ceil(math.sqrt(extra))
+        rows = math.ceil(extra / columns)
+        spots += [((i % columns + 0.25) / columns, (i // columns + 0.4) / rows) for i in range(extra)]
+    return [Prompt(points=((x * width, y * height),), point_labels=(1,)) for x, y in spots[:count]]
