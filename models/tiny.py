@@ -209,8 +209,9 @@ def small_tokenizer(words: tuple[str, ...]) -> CLIPTokenizer:
         vocab.setdefault(symbol, len(vocab))
     merges: list[tuple[str, str]] = []
     for word in words:
-        # merge the word left to right ("p e", "pe r", ...), its last symbol carrying "</w>"
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        # What the merges so far make of the word (earlier merges win: BPE applies them by rank), then
+        # new merges joining those pieces left to right, its last symbol carrying "</w>".
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], merges)
         while len(pieces) > 1:
             pair = (pieces[0], pieces[1])
             if pair not in merges:
@@ -220,6 +221,18 @@ def small_tokenizer(words: tuple[str, ...]) -> CLIPTokenizer:
     for special in TINY_SPECIAL_TOKENS:
         vocab.setdefault(special, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TINY_TEXT_POSITIONS)
+
+
+def _apply_merges(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly join the adjacent pair whose merge ranks first."""
+    rank = {pair: i for i, pair in enumerate(merges)}
+    while len(pieces) > 1:
+        pairs = [(rank[p], i) for i, p in enumerate(zip(pieces, pieces[1:], strict=False)) if p in rank]
+        if not pairs:
+            break
+        _, i = min(pairs)
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
 
 
 def save_tiny_random(directory: str | Path, seed: int = TINY_SEED) -> Path:
