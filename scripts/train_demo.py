@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--val-frames", type=int, default=32)
     parser.add_argument("--clip-frames", type=int, default=6, help="frames per clip (clip stage)")
+    parser.add_argument("--point-every", type=int, default=0, help="clip stage: every k-th step is a point step")
+    parser.add_argument("--freeze-vit", action="store_true", help="clip stage: keep the shared ViT as it is")
     parser.add_argument("--val-sequences", type=int, default=3, help="held-out sequences tracked (clip stage)")
     parser.add_argument("--val-length", type=int, default=60, help="frames per held-out sequence (clip stage)")
     parser.add_argument(
@@ -86,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="copy these weights (a best/ folder) into the package as the demo model, trained up to --stage, and exit",
     )
+    parser.add_argument("--detector", type=Path, default=None, help="with --ship: the text detector from these weights")
     args = parser.parse_args(argv)
     if args.run_dir is None:
         args.run_dir = Path("runs/demo") / args.stage
@@ -465,16 +468,27 @@ class ClipStage(PointStage):
 
     def trainable(self) -> list[torch.nn.Parameter]:
         m = self.model
-        modules = [m.detector_model.vision_encoder.backbone, m.tracker_neck, m.tracker_model]
+        modules = [m.tracker_neck, m.tracker_model]
+        if self.args.freeze_vit:
+            # The detector (text stage) trains on this same frozen ViT, in parallel: their weights merge.
+            m.detector_model.vision_encoder.backbone.requires_grad_(False)
+        else:
+            modules.append(m.detector_model.vision_encoder.backbone)
         return [p for mod in modules for p in mod.parameters()]
 
     def step(self, step: int) -> dict[str, float]:
         args, size = self.args, LOSS_SIZE
+        if args.point_every and step % args.point_every == 0:
+            return super().step(step)  # keep the single-frame task sharp while the memory learns
         rng = np.random.default_rng([args.seed, step, 2])
         scene = self.pool.scene(int(rng.integers(self.pool.slots)), step)
-        stride = int(rng.integers(1, 4))
         start = int(rng.integers(0, 3000))
-        shots = [scene.frame(start + k * stride) for k in range(args.clip_frames)]
+        if rng.random() < 0.5:  # consecutive-ish frames
+            offsets = np.arange(args.clip_frames) * int(rng.integers(1, 4))
+        else:  # spread over up to 2.5 s, so clips hold occlusions, exits and returns
+            span = int(rng.integers(args.clip_frames, 76))
+            offsets = np.concatenate([[0], np.sort(rng.choice(np.arange(1, span), args.clip_frames - 1, False))])
+        shots = [scene.frame(start + int(k)) for k in offsets]
         objects = [inst.obj_id for inst in shots[0].instances if inst.area >= 300]
         rng.shuffle(objects)
         objects = objects[: args.objects]
@@ -742,10 +756,20 @@ def export(model: Sam3VideoModel, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def ship(source: Path, stages: list[str], folder: Path = DEMO_FOLDER) -> None:
+def ship(source: Path, stages: list[str], detector: Path | None = None, folder: Path = DEMO_FOLDER) -> None:
     """Copy trained weights into the package as the ``demo`` model: fp16 safetensors (half the bytes; loaded
-    back as fp32 on CPU), config, tokenizer and a card naming the stages trained."""
+    back as fp32 on CPU), config, tokenizer and a card naming the stages trained.
+
+    ``detector``: take the text detector from these weights instead (a text stage trained in parallel on
+    the same frozen ViT; refused when their ViTs differ)."""
     model = Sam3VideoModel.from_pretrained(str(source)).eval()
+    if detector is not None:
+        theirs = Sam3VideoModel.from_pretrained(str(detector)).detector_model.state_dict()
+        mine = model.detector_model.state_dict()
+        differ = [k for k in mine if k.startswith("vision_encoder.backbone.") and not torch.equal(mine[k], theirs[k])]
+        if differ:
+            raise SystemExit(f"--detector {detector}: its ViT differs from {source}'s ({differ[0]}, ...)")
+        model.detector_model.load_state_dict(theirs)
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.iterdir():
         old.unlink()
@@ -767,7 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.ship is not None:
-        ship(args.ship, list(STAGES[: STAGES.index(args.stage) + 1]))
+        stages = ["point", "clip", "text"] if args.detector else list(STAGES[: STAGES.index(args.stage) + 1])
+        ship(args.ship, stages, args.detector)
         return 0
     run_dir: Path = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
