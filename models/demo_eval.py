@@ -1,5 +1,6 @@
 """Measure a model on generated scenes through the streaming tracker, as a live user would run it.
 
+- :func:`evaluate_single_frames`: one click or box per object on single frames: mask IoU.
 - :func:`evaluate_clicks`: one click per object on the first frame it is clearly visible, then
   DAVIS-style J&F over the rest of the sequence, and whether each object keeps its id (frames it is
   found under its own id, swaps onto another object, returns after short and long absences).
@@ -38,6 +39,50 @@ def object_at(shot: SceneFrame, x: float, y: float) -> Instance | None:
         if inst.mask[int(y), int(x)]:
             return inst
     return None
+
+
+def evaluate_single_frames(
+    models: Sam3Models, scene: DemoScene, indices: list[int], prompt: str = "click"
+) -> dict[str, Any]:
+    """One click (``prompt="click"``, at the object's interior point) or one box (``"box"``, its true
+    box) per object on single frames, each frame a fresh tracker: IoU of every object whose visible
+    area is at least :data:`~models.demo_metrics.MIN_INSTANCE_AREA` (scaled), overall and by size."""
+    width, height = scene.width, scene.height
+    ious, sizes = [], []
+    for index in indices:
+        shot = scene.frame(index)
+        tracker = StreamingTracker(models)
+        targets = [inst for inst in shot.instances if inst.area >= min_area(width, height)]
+        for inst in targets:
+            if prompt == "click":
+                tracker.add_prompt(
+                    Prompt(points=(inst.interior_point(),), point_labels=(1,), obj_id=inst.obj_id),
+                    frame_size=(width, height),
+                )
+            else:
+                x0, y0, x1, y1 = inst.bbox()
+                box = ((x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height)
+                tracker.add_prompt(
+                    Prompt(bounding_boxes=(box,), bounding_box_labels=(1,), obj_id=inst.obj_id),
+                    frame_size=(width, height),
+                )
+        if not targets:
+            continue
+        predicted = {o.obj_id: o.mask for o in tracker.track(shot.image).objects}
+        for inst in targets:
+            ious.append(mask_iou(predicted.get(inst.obj_id, np.zeros_like(inst.mask)), inst.mask))
+            sizes.append(scene.object_spec(inst.obj_id).size * 640 / width)
+    by_size = {
+        name: [iou for iou, size in zip(ious, sizes, strict=True) if lo <= size < hi]
+        for name, (lo, hi) in {"under_45px": (0, 45), "45_to_75px": (45, 75), "over_75px": (75, 1e9)}.items()
+    }
+    return {
+        "objects": len(ious),
+        "iou": float(np.mean(ious)) if ious else float("nan"),
+        "iou_median": float(np.median(ious)) if ious else float("nan"),
+        "iou_by_size": {k: (float(np.mean(v)) if v else None) for k, v in by_size.items()},
+        "ious": ious,
+    }
 
 
 @dataclass

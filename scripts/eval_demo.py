@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Measure a model on held-out generated sequences with the streaming tracker at default settings.
 
-For each seed: a generated scene (``--frames`` frames at ``--width`` x ``--height``); one click per
-object on the first frame it clearly shows, tracked to the end (J&F, identity); then, unless
+For each seed: a generated scene (``--frames`` frames at ``--width`` x ``--height``); one click and
+one box per object on five still frames (single-frame IoU); one click per object on the first frame
+it clearly shows, tracked to the end (J&F, identity); then, unless
 ``--no-text``, each shape word as a text prompt from the first frame (per-frame instance recall and
 precision at mask IoU 0.5, mean IoU of the matched instances). Prints one JSON line per sequence to
 stderr and one JSON object as the last line of stdout: per-sequence figures, their means, and the
@@ -26,11 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.demo_eval import evaluate_clicks, evaluate_text
+from models.demo_eval import evaluate_clicks, evaluate_single_frames, evaluate_text
 from models.demo_scenes import SHAPES, DemoScene
 from models.loading import load_models
 
-BARS = {"clicks_jf": 0.85, "text_recall": 0.9, "text_precision": 0.9, "text_matched_iou": 0.8}
+BARS = {
+    "single_frame_click_iou": 0.8,
+    "clicks_jf": 0.85,
+    "text_recall": 0.9,
+    "text_precision": 0.9,
+    "text_matched_iou": 0.8,
+}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -81,9 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     models = load_models(args.model, device="cpu")
     words = [w.strip() for w in args.words.split(",") if w.strip()]
     sequences: list[dict[str, Any]] = []
+    still_ious: dict[str, list[float]] = {"click": [], "box": []}  # every object of every still frame
     for seed in args.seeds:
         scene = DemoScene.random(seed, args.width, args.height, args.fps)
         entry: dict[str, Any] = {"seed": seed, "frames": args.frames}
+        stills = list(range(0, args.frames, max(1, args.frames // 5)))[:5]
+        for prompt in ("click", "box"):
+            single = evaluate_single_frames(models, scene, stills, prompt)
+            still_ious[prompt] += single.pop("ious")
+            entry[f"single_frame_{prompt}"] = single
         clicks = evaluate_clicks(models, scene, args.frames)
         entry["clicks"] = {k: v for k, v in clicks.items() if k != "per_object"}
         if not args.no_text:
@@ -91,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(entry), file=sys.stderr, flush=True)
         sequences.append(entry)
     summary: dict[str, Any] = {
+        # Pooled over every object of every still frame.
+        "single_frame_click_iou": _mean(still_ious["click"]),
+        "single_frame_box_iou": _mean(still_ious["box"]),
         "clicks_jf": _mean([s["clicks"]["jf"] for s in sequences]),
         "clicks_j": _mean([s["clicks"]["j"] for s in sequences]),
         "clicks_f": _mean([s["clicks"]["f"] for s in sequences]),

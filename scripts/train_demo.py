@@ -639,7 +639,8 @@ class TextStage(PointStage):
                 else (absent[int(rng.integers(len(absent)))])
             )
             words.append(word)
-            targets.append([mask_at(inst.mask, size) for inst in shot.of_kind(word) if inst.area >= 30])
+            small = [mask_at(inst.mask, size) for inst in shot.of_kind(word) if inst.area >= 30]
+            targets.append([m for m in small if m.any()])  # slivers vanish at the loss grid's size
         pixels = to_pixels([shot.image for _, shot in shots], self.size)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else nullcontext()
         with autocast:
