@@ -80,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clip-frames", type=int, default=6, help="frames per clip (clip stage)")
     parser.add_argument("--point-every", type=int, default=0, help="clip stage: every k-th step is a point step")
     parser.add_argument("--freeze-vit", action="store_true", help="clip stage: keep the shared ViT as it is")
+    parser.add_argument("--reinit-memory", action="store_true", help="clip stage from --init: fresh memory path")
+    parser.add_argument(
+        "--trained-lr-scale", type=float, default=1.0, help="clip stage: lr factor of modules the point stage trained"
+    )
     parser.add_argument("--val-sequences", type=int, default=3, help="held-out sequences tracked (clip stage)")
     parser.add_argument("--val-length", type=int, default=60, help="frames per held-out sequence (clip stage)")
     parser.add_argument(
@@ -462,19 +466,47 @@ def first_prompt(mask: np.ndarray, rng: np.random.Generator) -> list[tuple[float
     return prompt
 
 
+# The tracker's memory path, untrained after the point stage.
+MEMORY_MODULES = (
+    "memory_attention",
+    "memory_encoder",
+    "object_pointer_proj",
+    "temporal_positional_encoding_projection_layer",
+)
+
+
+def reinit_memory(model: Sam3VideoModel) -> None:
+    """PyTorch's default (fan-in scaled) init for the memory path, as SAM 2 starts from.
+
+    transformers' init (normal, std 0.02) shrinks the mask branch of the memory encoder so much that
+    every object's memory is nearly the same (3 % apart, measured), and tracking cannot tell them apart.
+    """
+    for name in MEMORY_MODULES:
+        for module in getattr(model.tracker_model, name).modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+
 class ClipStage(PointStage):
     """Short clips: prompts on the first frame, then tracking with the memory, every frame supervised
     (masks and IoU where the object shows, the object score everywhere: SAM's occlusion head)."""
 
     def trainable(self) -> list[torch.nn.Parameter]:
         m = self.model
-        modules = [m.tracker_neck, m.tracker_model]
         if self.args.freeze_vit:
             # The detector (text stage) trains on this same frozen ViT, in parallel: their weights merge.
             m.detector_model.vision_encoder.backbone.requires_grad_(False)
-        else:
+        memory = {id(p) for name in MEMORY_MODULES for p in getattr(m.tracker_model, name).parameters()}
+        modules = [m.tracker_neck, m.tracker_model]
+        if not self.args.freeze_vit:
             modules.append(m.detector_model.vision_encoder.backbone)
-        return [p for mod in modules for p in mod.parameters()]
+        params = [p for mod in modules for p in mod.parameters()]
+        self.groups = [
+            {"params": [p for p in params if id(p) in memory], "scale": 1.0},
+            # What the point stage trained learns slower, so single frames stay sharp.
+            {"params": [p for p in params if id(p) not in memory], "scale": self.args.trained_lr_scale},
+        ]
+        return params
 
     def step(self, step: int) -> dict[str, float]:
         args, size = self.args, LOSS_SIZE
@@ -801,9 +833,12 @@ def main(argv: list[str] | None = None) -> int:
     model = new_model(args.seed)
     if args.init is not None and not args.resume:
         model = Sam3VideoModel.from_pretrained(str(args.init)).eval()
+        if args.reinit_memory:
+            reinit_memory(model)
     stage = {"point": PointStage, "clip": ClipStage, "text": TextStage}[args.stage](model, args)
     params = stage.trainable()
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    groups = getattr(stage, "groups", [{"params": params, "scale": 1.0}])
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     start, best = 0, -1.0
     if args.resume:
         state = torch.load(checkpoint_path, weights_only=False)
@@ -839,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
     step = start
     for step in range(start, args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(args, step)
+            group["lr"] = learning_rate(args, step) * group.get("scale", 1.0)
         optimizer.zero_grad(set_to_none=True)
         parts = stage.step(step)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
