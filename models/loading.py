@@ -8,6 +8,7 @@ encoder pass however many objects and prompt kinds there are.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "facebook/sam3"
 TINY_RANDOM = "tiny-random"
 FULL_RANDOM = "full-random"
+DEMO = "demo"
+# The small trained demo model ships inside the package (scripts/train_demo.py makes it).
+DEMO_FOLDER = Path(__file__).parent / "weights" / "demo"
+# Which training stages the shipped demo weights went through ({"stages": ["point", "clip", "text"]}).
+DEMO_CARD = "demo_card.json"
 
 
 class ModelLoadError(RuntimeError):
@@ -39,6 +45,8 @@ class Sam3Models:
     device: torch.device
     dtype: torch.dtype
     source: str
+    # False for weights whose text detector was never trained (an early demo model): text prompts are refused.
+    text_detector: bool = True
 
     @property
     def tracker_model(self) -> Sam3TrackerVideoModel:
@@ -64,7 +72,11 @@ def load_models(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> Sam3Models:
-    """Load SAM 3 from a hub id (default ``facebook/sam3``), a local folder, ``tiny-random`` or ``full-random``.
+    """Load SAM 3 from a hub id (default ``facebook/sam3``), a local folder, ``demo``, ``tiny-random`` or
+    ``full-random``.
+
+    ``demo`` is the small model trained on generated shape scenes that ships with the package (no
+    download; a demonstration of the pipeline, not SAM 3).
 
     ``tiny-random`` builds the seeded tiny test model in code, saves it to a temporary folder and
     loads it back through the same path as real weights. ``full-random`` is the full-size default
@@ -80,6 +92,17 @@ def load_models(
             return _from_pretrained(folder, device, dtype, source_name=TINY_RANDOM)
     if model == FULL_RANDOM:
         return _full_random(device, dtype)
+    if model == DEMO:
+        if not (DEMO_FOLDER / "config.json").is_file():
+            raise ModelLoadError(
+                f"the demo model is missing from this install ({DEMO_FOLDER}); reinstall sam3-stream, "
+                "or train it with scripts/train_demo.py"
+            )
+        bundle = _from_pretrained(str(DEMO_FOLDER), device, dtype, source_name=DEMO)
+        card = DEMO_FOLDER / DEMO_CARD
+        stages = json.loads(card.read_text()).get("stages", []) if card.is_file() else []
+        bundle.text_detector = "text" in stages
+        return bundle
     return _from_pretrained(model, device, dtype, source_name=model)
 
 

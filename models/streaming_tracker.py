@@ -109,6 +109,8 @@ class StreamingTracker:
         last frame's size is used. Raises ``ValueError`` naming the bad field; nothing is queued then.
         """
         prompt = prompt if isinstance(prompt, Prompt) else Prompt.from_dict(prompt)
+        if prompt.text is not None and not self.models.text_detector:
+            raise ValueError(f"text: the {self.models.source} model has no trained text detector; click or draw a box")
         if prompt.has_geometry:
             size = frame_size or self._frame_size
             if size is None:

@@ -19,6 +19,7 @@ p95, p99 (ms), fps, frames, and per resolution the overhead of the model (model 
 
     python scripts/bench_pipeline.py --seconds 10
     python scripts/bench_pipeline.py --model facebook/sam3 --device cuda --sizes 1280x720
+    python scripts/bench_pipeline.py --model demo --prompt '' --clicks 3 --sizes 640x480   # the demo's live fps
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,7 +127,7 @@ class Measurement:
         return np.array(out)
 
 
-async def measure(url: str, warmup_s: float, seconds: float) -> Measurement:
+async def measure(url: str, warmup_s: float, seconds: float, clicks: Sequence[tuple[int, int]] = ()) -> Measurement:
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     channel = pc.createDataChannel("prompts")
     pc.addTransceiver("video", direction="recvonly")
@@ -151,6 +153,9 @@ async def measure(url: str, warmup_s: float, seconds: float) -> Measurement:
                 answer = await response.json()
         await pc.setRemoteDescription(RTCSessionDescription(**answer))
         await asyncio.wait_for(opened, 20)
+        for k, (x, y) in enumerate(clicks):  # one object per click, as an operator would add them
+            prompt = {"points": [[x, y]], "point_labels": [1]}
+            channel.send(json.dumps({"op": "add_prompt", "id": f"click{k}", "prompt": prompt}))
         track = await asyncio.wait_for(track_future, 20)
         start = time.monotonic()
         while (elapsed := time.monotonic() - start) < warmup_s + seconds:
@@ -185,7 +190,12 @@ def _health(url: str) -> dict | None:
 
 
 def run_configuration(
-    folder: Path, model: str, prompt: str | None, args: argparse.Namespace, log_dir: Path
+    folder: Path,
+    model: str,
+    prompt: str | None,
+    args: argparse.Namespace,
+    log_dir: Path,
+    clicks: Sequence[tuple[int, int]] = (),
 ) -> dict[str, Any]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -220,7 +230,7 @@ def run_configuration(
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{model} at {folder.name} did not go live; see {log_path}")
             time.sleep(0.2)
-        measurement = asyncio.run(measure(url, args.warmup, args.seconds))
+        measurement = asyncio.run(measure(url, args.warmup, args.seconds, clicks))
     except BaseException:
         sys.stderr.write(log_path.read_text(errors="replace")[-4000:])  # the folder goes with the run
         raise
@@ -249,6 +259,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-random", help="the model to compare with passthrough")
     parser.add_argument("--prompt", default="person", help="text prompt for the model ('' for none)")
+    parser.add_argument(
+        "--clicks", type=int, default=0, help="click this many of the scene's objects (largest first) on the model"
+    )
     parser.add_argument("--device", default="auto", help="tracker device (default: cuda if any)")
     parser.add_argument("--sizes", default="640x480,1280x720", help="comma-separated WxH list")
     parser.add_argument("--fps", type=float, default=30.0, help="capture rate")
@@ -272,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         "capture_fps": args.fps,
         "model": args.model,
         "prompt": args.prompt or None,
+        "clicks": args.clicks,
         "configurations": {},
         "overhead": {},
     }
@@ -281,10 +295,15 @@ def main(argv: list[str] | None = None) -> None:
             folder.mkdir()
             make_pictures(folder, width, height)
             runs = {}
-            for model, prompt in (("passthrough", None), (args.model, args.prompt or None)):
+            shot = SyntheticSource(width, height, 30.0).scene_frame(0)
+            largest = sorted(shot.instances, key=lambda inst: -inst.area)[: args.clicks]
+            clicks = [inst.interior_point() for inst in largest]
+            for model, prompt, points in (("passthrough", None, []), (args.model, args.prompt or None, clicks)):
                 name = f"{width}x{height}/{model}"
                 print(f"{name}: running ...", file=sys.stderr, flush=True)
-                runs[model] = report["configurations"][name] = run_configuration(folder, model, prompt, args, Path(tmp))
+                runs[model] = report["configurations"][name] = run_configuration(
+                    folder, model, prompt, args, Path(tmp), points
+                )
                 print(f"{name}: {runs[model]}", file=sys.stderr, flush=True)
             base, full = runs["passthrough"], runs[args.model]
             report["overhead"][f"{width}x{height}"] = {

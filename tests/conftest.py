@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny random SAM 3 saved to disk per test session, and synthetic frames."""
+"""Shared fixtures: one tiny random SAM 3 saved to disk per test session, the shipped demo model, and
+synthetic frames."""
 
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ def tiny_models(tiny_folder: Path):
     from models import load_models
 
     return load_models(str(tiny_folder), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def demo_models():
+    """The trained demo model shipped in the package, loaded through the same path as real weights."""
+    from models import load_models
+
+    return load_models("demo", device="cpu")
 
 
 @pytest.fixture
