@@ -29,7 +29,6 @@ a restarted tracker re-applies them on the stream's first frame and says so with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import socket
 import threading
@@ -257,7 +256,7 @@ class TrackerService:
             busy = any(s.pending is not None for s in self._streams.values())
             poller.poll(0 if busy else _POLL_SLICE_MS)
             self._check_sockets(poller)
-            self._follow_assignments()
+            self._follow_assignments(poller)
             self._receive_frames()
             stream = self._next_stream()
             if stream is not None:
@@ -308,20 +307,29 @@ class TrackerService:
             poller.unregister(old)
             poller.register(self._frames.socket, zmq.POLLIN)
 
-    def _follow_assignments(self) -> None:
+    def _follow_assignments(self, poller: zmq.Poller) -> None:
         """Connect to the captures of newly assigned streams, let go of released ones (this thread's sockets)."""
         change = self.assignments.take_change() if self.assignments is not None else None
         if change is None:
             return
         assert self._frames is not None
-        for endpoint in change.connect:
+        if change.disconnect:
+            # Re-created rather than disconnected: libzmq 4.3 aborts (fq.cpp "!_more") when a pipe is
+            # disconnected while a multipart frame from it is being read. Other captures reconnect in ms.
+            old = self._frames.socket
             try:
-                self._frames.socket.connect(prepare_endpoint(endpoint))
-            except zmq.ZMQError as exc:  # a malformed endpoint: the registry checked it; never stop the others
-                self._failures.count("frames endpoints not connected", detail=f"{endpoint}: {exc}")
-        for endpoint in change.disconnect:
-            with contextlib.suppress(zmq.ZMQError):  # never connected (it had failed)
-                self._frames.socket.disconnect(prepare_endpoint(endpoint))
+                self._frames.renew()
+            except (zmq.ZMQError, ValueError) as exc:  # the old socket stays: released frames are ignored
+                self._failures.count("frames socket not re-created", detail=str(exc))
+                return
+            poller.unregister(old)
+            poller.register(self._frames.socket, zmq.POLLIN)
+        else:
+            for endpoint in change.connect:
+                try:
+                    self._frames.socket.connect(prepare_endpoint(endpoint))
+                except zmq.ZMQError as exc:  # a malformed endpoint: never stop the other streams for it
+                    self._failures.count("frames endpoints not connected", detail=f"{endpoint}: {exc}")
         for name in change.released:
             if self.assignments is not None and self.assignments.holds(name):
                 continue  # assigned again since
