@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import secrets
+import time
 from typing import Any
 
 import ray
@@ -148,6 +149,29 @@ class Cluster:
     def tracker_info(self, name: str) -> dict[str, Any]:
         """The tracker actor's own ``info()`` (pid, instance, endpoints)."""
         return ray.get(self._trackers[name].info.remote(), timeout=CALL_TIMEOUT_S)
+
+    def gpus(self) -> float:
+        """GPUs in the Ray cluster (0 on a CPU-only one)."""
+        return float(ray.cluster_resources().get("GPU", 0.0))
+
+    def wait_until_up(self, timeout_s: float = 300.0) -> None:
+        """Wait until every tracker started here has loaded its model and the registry has heard it.
+
+        Raises what a tracker's constructor raised (a model it cannot load, an endpoint exposed without keys),
+        or ``TimeoutError``."""
+        deadline = time.monotonic() + timeout_s
+        for name, actor in self._trackers.items():
+            try:
+                ray.get(actor.info.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError as exc:
+                raise TimeoutError(f"tracker {name}: not up after {timeout_s:.0f} s") from exc
+        while True:
+            states = {name: t["state"] for name, t in self.health()["trackers"].items() if name in self._trackers}
+            if all(state == "up" for state in states.values()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"trackers not up after {timeout_s:.0f} s: {states}")
+            time.sleep(0.1)
 
     @property
     def trackers(self) -> list[str]:

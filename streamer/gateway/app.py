@@ -42,6 +42,7 @@ from streamer.gateway.memory import resident_bytes
 from streamer.gateway.prompts import PromptForwarder
 from streamer.gateway.webrtc import Broadcaster, TooManyViewers
 from streamer.keys import KeyFolder
+from streamer.prometheus import PrometheusText
 from streamer.transport import AsyncPromptClient
 
 log = logging.getLogger(__name__)
@@ -191,59 +192,55 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     snap = _snapshot(request.app)
-    lines: list[str] = []
+    metric = (out := PrometheusText("sam3_gateway")).metric
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.extend([f"# HELP sam3_gateway_{name} {help_text}", f"# TYPE sam3_gateway_{name} {kind}"])
-        lines.extend(f"sam3_gateway_{name}{labels} {value:g}" for labels, value in samples)
-
-    metric("frames_sent_total", "counter", "Video frames handed to viewers' encoders.", [("", snap["frames_sent"])])
-    metric("frames_composited_total", "counter", "Results drawn onto their frames.", [("", snap["frames_composited"])])
-    metric("results_received_total", "counter", "Results received from the tracker.", [("", snap["results_received"])])
-    metric("viewers", "gauge", "Viewers holding a slot (connected or connecting).", [("", snap["viewers"])])
+    metric("frames_sent_total", "counter", "Video frames handed to viewers' encoders.", [({}, snap["frames_sent"])])
+    metric("frames_composited_total", "counter", "Results drawn onto their frames.", [({}, snap["frames_composited"])])
+    metric("results_received_total", "counter", "Results received from the tracker.", [({}, snap["results_received"])])
+    metric("viewers", "gauge", "Viewers holding a slot (connected or connecting).", [({}, snap["viewers"])])
     metric(
         "viewers_expired_total",
         "counter",
         "Viewers closed for not connecting in time.",
-        [("", snap["viewers_expired"])],
+        [({}, snap["viewers_expired"])],
     )
     metric(
         "peer_connections",
         "gauge",
         "Peer connections in memory (open, or closed and not yet freed).",
-        [("", snap["peer_connections"])],
+        [({}, snap["peer_connections"])],
     )
-    metric("asyncio_tasks", "gauge", "Tasks on the gateway's event loop.", [("", snap["tasks"])])
+    metric("asyncio_tasks", "gauge", "Tasks on the gateway's event loop.", [({}, snap["tasks"])])
     if snap["resident_bytes"] is not None:
-        metric("resident_memory_bytes", "gauge", "Resident memory of the gateway.", [("", snap["resident_bytes"])])
+        metric("resident_memory_bytes", "gauge", "Resident memory of the gateway.", [({}, snap["resident_bytes"])])
     metric(
         "requests_refused_total",
         "counter",
         "HTTP requests refused, by the field at fault.",
-        [(f'{{field="{k}"}}', float(snap["refused"].get(k, 0))) for k in ("host", "origin", "token")],
+        [({"field": k}, float(snap["refused"].get(k, 0))) for k in ("host", "origin", "token")],
     )
-    metric("results_fps", "gauge", "Results received per second.", [("", snap["fps"])])
+    metric("results_fps", "gauge", "Results received per second.", [({}, snap["fps"])])
     if snap["latency_ms"] is not None:
         metric(
             "latency_seconds",
             "gauge",
             "Capture to gateway latency of the newest result.",
-            [("", snap["latency_ms"] / 1000.0)],
+            [({}, snap["latency_ms"] / 1000.0)],
         )
     metric(
         "state",
         "gauge",
         "1 for the feed's current state.",
-        [(f'{{state="{s.value}"}}', float(s.value == snap["state"])) for s in FeedState],
+        [({"state": s.value}, float(s.value == snap["state"])) for s in FeedState],
     )
     metric(
         "prompts_total",
         "counter",
         "Prompt messages by outcome.",
-        [(f'{{outcome="{k}"}}', float(v)) for k, v in sorted(snap["prompts"].items())],
+        [({"outcome": k}, float(v)) for k, v in sorted(snap["prompts"].items())],
     )
     return web.Response(
-        text="\n".join(lines) + "\n",
+        text=out.text(),
         content_type="text/plain",
         charset="utf-8",
         headers={"X-Content-Type-Options": "nosniff"},
