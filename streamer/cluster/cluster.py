@@ -91,6 +91,7 @@ class Cluster:
             )
             .remote(poll_s, dead_after_s)
         )
+        ray.get(self.registry.route_map.remote(), timeout=CALL_TIMEOUT_S)  # constructed before any tracker exists
 
     def add_tracker(self, name: str | None = None) -> str:
         """Start a tracker actor (Ray restarts it if its process dies) and hand it to the registry."""

@@ -21,6 +21,7 @@ at that moment are not in any report: the ``cluster`` command declares its strea
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -55,6 +56,7 @@ class _Tracker:
     instance: str | None = None
     last_ok: float = 0.0  # monotonic, last good report
     failures: int = 0
+    rebuilt: bool = False  # found when the registry restarted: its streams are adopted, nothing rebalanced
 
 
 @dataclass
@@ -103,13 +105,13 @@ class Registry:
 
     # --------------------------------------------------------------------------------- the API
 
-    def add_tracker(self, name: str) -> None:
+    def add_tracker(self, name: str, *, rebuilt: bool = False) -> None:
         """Follow the tracker actor named ``TRACKER_PREFIX + name``; streams rebalance once it reports."""
         handle = ray.get_actor(TRACKER_PREFIX + name)
         with self._lock:
             if name not in self._trackers:
-                self._trackers[name] = _Tracker(name, handle)
-                log.info("tracker %s added", name)
+                self._trackers[name] = _Tracker(name, handle, rebuilt=rebuilt)
+                log.info("tracker %s %s", name, "found (registry restarted)" if rebuilt else "added")
 
     def remove_tracker(self, name: str) -> list[dict]:
         """Drain ``name``: move each of its streams to the others; returns the moves. ``ValueError`` if unknown."""
@@ -171,6 +173,7 @@ class Registry:
             return {
                 "version": self._version,
                 "started": self._started,
+                "pid": os.getpid(),
                 "trackers": {
                     t.name: {
                         "state": t.state,
@@ -246,7 +249,9 @@ class Registry:
             self._version += 1
             log.info("tracker %s %s: %s", tracker.name, "is back" if back else "is up", tracker.info)
             self._adopt(tracker, report)
-            self._rebalance(f"tracker {tracker.name} {'back' if back else 'added'}")
+            if not tracker.rebuilt:
+                self._rebalance(f"tracker {tracker.name} {'back' if back else 'added'}")
+            tracker.rebuilt = False
             return
         self._adopt(tracker, report)
 
@@ -361,4 +366,4 @@ class Registry:
         """After a restart: follow the named tracker actors; their first reports bring back streams and prompts."""
         for name in ray.util.list_named_actors():
             if name.startswith(TRACKER_PREFIX):
-                self.add_tracker(name[len(TRACKER_PREFIX) :])
+                self.add_tracker(name[len(TRACKER_PREFIX) :], rebuilt=True)
