@@ -26,6 +26,7 @@ from streamer.capture import run_capture  # noqa: E402
 from streamer.cluster.cluster import Cluster  # noqa: E402
 from streamer.cluster.command import make_app  # noqa: E402
 from streamer.cluster.tracker_actor import TrackerOptions  # noqa: E402
+from streamer.gateway import GatewayConfig, create_app  # noqa: E402
 from streamer.protocol import PromptRequest  # noqa: E402
 from streamer.transport import PromptClient  # noqa: E402
 from tests.helpers import fetch_json, free_port_block, post_json, run  # noqa: E402
@@ -78,12 +79,12 @@ class Robot:
         self.proc.wait(10)
 
 
-class ControlApi:
-    """The ``cluster`` command's HTTP API over the test's cluster, on a loopback port in a thread."""
+class AppThread:
+    """An aiohttp app on a loopback port, served by its own event loop in a thread."""
 
-    def __init__(self, cluster: Cluster, declared: dict[str, str]) -> None:
+    def __init__(self, app: web.Application) -> None:
         self.loop = asyncio.new_event_loop()
-        self.runner = web.AppRunner(make_app(cluster, declared))
+        self.runner = web.AppRunner(app)
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(self.runner.setup(), self.loop).result(10)
         self.port = free_port_block(1)
@@ -125,13 +126,20 @@ def cluster() -> Iterator[tuple[Cluster, dict[str, str]]]:
             thread.join(5)
 
 
+def settled(cluster: Cluster, trackers: int) -> bool:
+    """``trackers`` trackers up and no move for a second."""
+    health = cluster.health()
+    up = sum(t["state"] == "up" for t in health["trackers"].values())
+    return up == trackers and all(time.time() - m["t"] > 1.0 for m in health["moves"])
+
+
 def holders(cluster: Cluster) -> dict[str, list[str]]:
     return {name: t["streams"] for name, t in cluster.health()["trackers"].items() if t["state"] == "up"}
 
 
 def test_streams_placed_killed_tracker_recovered_with_prompts_fourth_added(cluster) -> None:
     cluster, cameras = cluster
-    api = ControlApi(cluster, dict(cameras))
+    api = AppThread(make_app(cluster, dict(cameras)))
     robot = Robot(f"{api.url}/map")
     try:
         # Balanced: 2 streams per tracker, and the robot, following the map, hears all six.
@@ -169,18 +177,24 @@ def test_streams_placed_killed_tracker_recovered_with_prompts_fourth_added(clust
         assert health["counters"]["tracker_failures"] >= 1
 
         # A fourth tracker (over HTTP): the cluster rebalances; streams that stay put are not interrupted.
+        wait_for(lambda: settled(cluster, 3), 15, "t0 back (Ray restarted it) and the cluster settled", poll=0.2)
         before = {s: t for t, streams in holders(cluster).items() for s in streams}
+        posted = time.monotonic()
         status, added = run(post_json(f"{api.url}/trackers", {}))
         assert status == 201, added
         wait_for(lambda: len(holders(cluster).get(added["name"], [])) >= 1, 30, "the new tracker gets streams")
-        added_at = time.monotonic()
         time.sleep(2.0)
-        counts = sorted(len(s) for s in holders(cluster).values())
-        assert len(counts) == 4 and counts[-1] - counts[0] <= 1, holders(cluster)
+        # Balanced by measured frame budget (what placement promises): the spread of loads is within the
+        # largest stream's cost (plus noise: costs are measured on a busy 2-core box), and nobody is idle.
+        health = cluster.health()
+        loads = [t["load"] for t in health["trackers"].values()]
+        largest = max(s["cost"] or 0.0 for s in health["streams"].values())
+        assert len(loads) == 4 and max(loads) - min(loads) <= 1.5 * largest, health["trackers"]
+        assert all(t["streams"] for t in health["trackers"].values()), health["trackers"]
         after = {s: t for t, streams in holders(cluster).items() for s in streams}
         for s in STREAMS:
             if before[s] == after[s]:
-                assert robot.longest_gap(s, added_at - 3.0, time.monotonic()) < 1.5, s
+                assert robot.longest_gap(s, posted, time.monotonic()) < 1.0, s
 
         # Removing a tracker drains it first; the robot still hears every stream.
         drained = holders(cluster)[added["name"]]
@@ -200,7 +214,7 @@ def test_streams_placed_killed_tracker_recovered_with_prompts_fourth_added(clust
 
 def test_control_api_refuses_bad_input_naming_the_field(cluster) -> None:
     cluster, cameras = cluster
-    api = ControlApi(cluster, dict(cameras))
+    api = AppThread(make_app(cluster, dict(cameras)))
     try:
         for body, field in (
             ({"name": "x", "frames_endpoint": "http://evil"}, "frames_endpoint"),
@@ -215,6 +229,33 @@ def test_control_api_refuses_bad_input_naming_the_field(cluster) -> None:
         status, answer = run(_delete(f"{api.url}/trackers/nope"))
         assert status == 404 and answer["error"].startswith("tracker:")
     finally:
+        api.close()
+
+
+def test_gateway_follows_its_stream_to_another_tracker(cluster) -> None:
+    cluster, cameras = cluster
+    api = AppThread(make_app(cluster, dict(cameras)))
+    stream = "cam0"
+    config = GatewayConfig(stream_id=stream, map_url=f"{api.url}/map", http_port=0)
+    gateway = AppThread(create_app(config))
+    try:
+        health = f"{gateway.url}/health"
+        first = wait_for(lambda: run(fetch_json(health))[1]["results_received"] > 5, 20, "results via the map")
+        assert first
+        holder = cluster.route_map()["streams"][stream]["tracker"]
+        cluster.remove_tracker(holder)  # drained: the stream moves
+        seen = run(fetch_json(health))[1]["results_received"]
+
+        def moved_and_live() -> dict | None:
+            state = run(fetch_json(health))[1]
+            return state if state["stream_moves"] >= 1 and state["results_received"] > seen + 5 else None
+
+        state = wait_for(moved_and_live, 10, "the gateway follows the move", poll=0.2)
+        assert state["state"] == "live" and state["stream"] == stream
+        assert state["results_endpoint"] == cluster.route_map()["streams"][stream]["results_endpoint"]
+        assert "sam3_gateway_stream_moves_total 1" in run(_text(f"{gateway.url}/metrics"))
+    finally:
+        gateway.close()
         api.close()
 
 

@@ -37,6 +37,7 @@ from streamer.gateway.access import (
 )
 from streamer.gateway.config import DEFAULT_CONTROL_ENDPOINT, DEFAULT_RESULTS_ENDPOINT, GatewayConfig
 from streamer.gateway.feed import FeedState, ResultFeed
+from streamer.gateway.follow import follow_map
 from streamer.gateway.ice import AUTO, check_hosts
 from streamer.gateway.memory import resident_bytes
 from streamer.gateway.prompts import PromptForwarder
@@ -97,6 +98,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         return (feed.latest.message.width, feed.latest.message.height) if feed.latest else None
 
     app[FEED] = feed
+    following = (
+        asyncio.create_task(follow_map(config.map_url, config.stream_id, feed, client)) if config.map_url else None
+    )
     app[PROMPTS] = PromptForwarder(client, stream=lambda: feed.stream, frame_size=frame_size)
     app[BROADCASTER] = Broadcaster(
         feed,
@@ -117,6 +121,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if following is not None:
+            following.cancel()
         await app[BROADCASTER].close()
         client.close()
         await feed.close()
@@ -175,6 +181,8 @@ def _snapshot(app: web.Application) -> dict[str, Any]:
         "frames_sent": broadcaster.frames_sent,
         "prompts": dict(app[PROMPTS].outcomes),
         "tracker_restarts": feed.tracker_restarts,
+        "stream_moves": feed.stream_moves,
+        "results_endpoint": feed.endpoint,
         "tracker_stream": feed.stream_status,  # the tracker's own view of the stream (its heartbeat)
         "viewers_expired": broadcaster.expired,
         "peer_connections": len(broadcaster.peer_connections),
@@ -220,6 +228,12 @@ async def _metrics(request: web.Request) -> web.Response:
         [({"field": k}, float(snap["refused"].get(k, 0))) for k in ("host", "origin", "token")],
     )
     metric("results_fps", "gauge", "Results received per second.", [({}, snap["fps"])])
+    metric(
+        "stream_moves_total",
+        "counter",
+        "Times the stream moved to another tracker (sam3-stream cluster).",
+        [({}, snap["stream_moves"])],
+    )
     if snap["latency_ms"] is not None:
         metric(
             "latency_seconds",
@@ -262,6 +276,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stream-id", default=None, help="stream to show and prompt (default: the first one results come for)"
+    )
+    parser.add_argument(
+        "--map-url",
+        default=None,
+        help="follow --stream-id wherever a cluster's map places it (GET /map of 'sam3-stream cluster'); "
+        "the results and control endpoints then come from the map",
     )
     parser.add_argument("--http-host", default=defaults.http_host, help="HTTP listen address (default %(default)s)")
     parser.add_argument("--http-port", type=int, default=defaults.http_port, help="HTTP port (default %(default)s)")
@@ -340,6 +360,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     check_exposure(args.http_host, token, args.insecure)  # before the sockets: one clear line and exit
     if args.connect_timeout <= 0:
         raise ValueError(f"connect_timeout: must be positive, got {args.connect_timeout}")
+    if args.map_url and not args.stream_id:
+        raise ValueError("map_url: name the stream to follow with --stream-id")
+    if args.map_url and not args.map_url.startswith(("http://", "https://")):
+        raise ValueError(f"map_url: expected an http:// or https:// URL, got {args.map_url[:80]!r}")
     return GatewayConfig(
         results_endpoint=args.results_endpoint,
         control_endpoint=args.control_endpoint,
@@ -356,6 +380,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         prompt_timeout_s=args.prompt_timeout,
         style=CompositeStyle(alpha=args.alpha, show_boxes=args.show_boxes),
         keys=_checked_keys(args),
+        map_url=args.map_url,
     )
 
 

@@ -33,6 +33,8 @@ class GatewayConfig:
     - ``prompt_timeout_s`` / ``prompt_tries``: the lazy pirate client's wait per try and tries.
     - ``no_signal_after_s`` / ``offline_after_s``: silence that turns the feed state from live to
       no_signal (heartbeats but no results) and to tracker_offline (no heartbeats either).
+    - ``map_url``: a cluster's map (``sam3-stream cluster``'s ``/map``): the stream's results and control
+      endpoints follow it as the stream moves between trackers (``stream_id`` required).
     - ``keys``: CURVE keys for tcp:// results and control endpoints (``streamer.security``); ``None``: plain.
     """
 
@@ -56,3 +58,4 @@ class GatewayConfig:
     banner_fps: float = 10.0
     style: CompositeStyle = field(default_factory=CompositeStyle)
     keys: KeyFolder | None = None
+    map_url: str | None = None
