@@ -1,9 +1,10 @@
 """Where streams go: placement, rebalancing and draining over measured loads (pure functions).
 
 A tracker has one tracking thread, so its frame budget is one second of work per second. A stream's
-*cost* is the share of that budget it was measured to use (seconds spent on its frames per second,
-including its prompts); a stream not measured yet counts at the mean measured cost (a new camera is
-assumed to be like the others). A tracker's *spare* budget is its capacity less its streams' costs.
+*cost* is the share of that budget it needs: the measured seconds per tracked frame (its prompts and
+objects included) times its camera's frame rate (so an overloaded tracker, which skips frames, still
+shows what its streams need); a stream not measured yet counts at the mean measured cost (a new camera
+is assumed to be like the others). A tracker's *spare* budget is its capacity less its streams' costs.
 Counting streams instead would put a 30 fps camera with ten objects on a par with an idle 1 fps one.
 """
 

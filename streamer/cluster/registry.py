@@ -59,6 +59,14 @@ class _Tracker:
     rebuilt: bool = False  # found when the registry restarted: its streams are adopted, nothing rebalanced
 
 
+@dataclass(frozen=True)
+class _Sample:
+    busy_s: float  # seconds the holder spent on the stream so far
+    tracked: int  # frames it tracked
+    seq: int  # the newest tracked frame's capture sequence number
+    t: float  # monotonic
+
+
 @dataclass
 class _Stream:
     name: str
@@ -66,7 +74,7 @@ class _Stream:
     tracker: str | None = None
     prompts: list[dict] | None = None  # the holder's prompt store export (journal records)
     cost: float | None = None  # share of a frame budget, measured
-    sample: tuple[float, float] | None = None  # (busy_s, monotonic) at the start of the cost window
+    sample: _Sample | None = None  # the holder's counters at the start of the cost window
     lost_from: str | None = None  # the tracker it was on when that tracker was lost
 
 
@@ -272,14 +280,22 @@ class Registry:
                 continue
             if entry["prompts"] is not None:
                 stream.prompts = entry["prompts"]
-            busy = (entry["stats"] or {}).get("busy_s")
-            if busy is None:
-                continue
-            if stream.sample is None or busy < stream.sample[0]:
-                stream.sample = (busy, now)
-            elif now - stream.sample[1] >= COST_WINDOW_S:
-                stream.cost = (busy - stream.sample[0]) / (now - stream.sample[1])
-                stream.sample = (busy, now)
+            self._measure(stream, entry["stats"], now)
+
+    @staticmethod
+    def _measure(stream: _Stream, stats: dict | None, now: float) -> None:
+        """The stream's cost: seconds per tracked frame times the camera's frame rate (from capture sequence
+        numbers), so an overloaded tracker that skips frames still sees what the stream needs, not what it got."""
+        if not stats or stats.get("last_seq") is None:
+            return
+        sample = _Sample(stats["busy_s"], stats["frames_tracked"], stats["last_seq"], now)
+        last = stream.sample
+        if last is None or sample.seq < last.seq or sample.tracked < last.tracked:  # moved, or capture restarted
+            stream.sample = sample
+        elif now - last.t >= COST_WINDOW_S and sample.tracked > last.tracked:
+            per_frame = (sample.busy_s - last.busy_s) / (sample.tracked - last.tracked)
+            stream.cost = per_frame * (sample.seq - last.seq) / (now - last.t)
+            stream.sample = sample
 
     def _lose(self, tracker: _Tracker, why: str) -> None:
         tracker.state, tracker.failures = "lost", tracker.failures + 1
