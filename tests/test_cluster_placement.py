@@ -1,19 +1,28 @@
 """Placement by measured frame budget, rebalancing and draining (pure functions), and the pieces of a
-tracker in a cluster that need no Ray: assignments, prompts carried between trackers, the map's parser."""
+tracker in a cluster that need no Ray: assignments, prompts carried between trackers, the map's parser,
+the tracker actor's class with CURVE keys."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
 from models import Prompt
 from streamer.assignments import StreamAssignments
-from streamer.cluster.placement import Move, TrackerLoad, drain, estimate_cost, place, rebalance
+from streamer.capture import run_capture
+from streamer.cluster.placement import Move, TrackerLoad, drain_moves, estimate_cost, place, rebalance
 from streamer.cluster.route import parse_map
+from streamer.cluster.tracker_actor import TrackerActor, TrackerOptions
+from streamer.keys import KeyFolder, make_keys
 from streamer.prompt_queue import QueuedOp
 from streamer.prompt_store import PromptStore
-from streamer.protocol import PromptRequest
+from streamer.protocol import PromptRequest, peek_kind
+from streamer.security import CurveClient
+from streamer.transport import drain, results_subscriber
+from tests.helpers import free_port_block
 
 
 def loads(**trackers: dict[str, float | None]) -> list[TrackerLoad]:
@@ -52,9 +61,9 @@ def test_rebalance_evens_out_costs() -> None:
 
 
 def test_drain_moves_every_stream_to_the_most_spare() -> None:
-    moves = drain(loads(t0={"a": 0.5, "b": 0.1}, t1={"c": 0.5}, t2={}), "t0")
+    moves = drain_moves(loads(t0={"a": 0.5, "b": 0.1}, t1={"c": 0.5}, t2={}), "t0")
     assert moves == [Move("a", "t0", "t2"), Move("b", "t0", "t1")]
-    assert drain(loads(t0={}, t1={}), "t0") == []
+    assert drain_moves(loads(t0={}, t1={}), "t0") == []
 
 
 def test_assignments_say_what_to_connect_and_drop() -> None:
@@ -117,3 +126,49 @@ def test_map_is_parsed_as_hostile_input() -> None:
     ):
         with pytest.raises(ValueError, match=field):
             parse_map(bad)
+
+
+def test_tracker_actor_serves_assigned_streams_over_curve(tmp_path) -> None:
+    """The tracker actor's class run in this process (Ray only adds a process around it): with keys, a keyed
+    capture's stream is tracked once assigned, a keyed subscriber gets its results, a stranger gets nothing,
+    and a release hands the stream's prompts over."""
+    make_keys(tmp_path / "keys")
+    make_keys(tmp_path / "stranger")
+    keys = KeyFolder.open(tmp_path / "keys")
+    base = free_port_block(3)
+    frames, results, control = (f"tcp://127.0.0.1:{base + i}" for i in range(3))
+    stop = threading.Event()
+    capture = threading.Thread(
+        target=run_capture,
+        args=("synthetic:64x48@20", frames, "cam0"),
+        kwargs={"stop_event": stop, "keys": keys},
+        daemon=True,
+    )
+    capture.start()
+    actor = TrackerActor("t0", results, control, TrackerOptions(model="passthrough", keys_path=str(keys.path)))
+    allowed = results_subscriber(results, security=CurveClient(keys))
+    stranger = results_subscriber(results, security=CurveClient(KeyFolder.open(tmp_path / "stranger")))
+    try:
+        assert actor.report()["streams"] == {}
+        prompts = [{"reset": True}, {"add_objects": [[5, {"points": [[1, 2]], "point_labels": [1], "obj_id": 5}]]}]
+        actor.assign("cam0", frames, prompts)
+        deadline, seen = time.monotonic() + 10, None
+        while seen is None and time.monotonic() < deadline:
+            for parts in drain(allowed, timeout_ms=200):
+                if peek_kind(parts) == "result":
+                    seen = parts
+        assert seen is not None, "no result reached the keyed subscriber"
+        assert not [p for p in drain(stranger, timeout_ms=300) if peek_kind(p) == "result"]
+        report = actor.report()
+        assert report["instance"] == actor.info()["instance"]
+        assert report["streams"]["cam0"]["stats"]["frames_tracked"] > 0
+        handed = actor.release("cam0")
+        assert handed is not None and any("add_objects" in record for record in handed)  # clicked object 5 travels
+        time.sleep(0.3)
+        assert actor.report()["streams"] == {}
+    finally:
+        allowed.close(linger=0)
+        stranger.close(linger=0)
+        actor.stop()
+        stop.set()
+        capture.join(5)

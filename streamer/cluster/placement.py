@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["DEFAULT_STREAM_COST", "Move", "TrackerLoad", "drain", "estimate_cost", "place", "rebalance"]
+__all__ = ["DEFAULT_STREAM_COST", "Move", "TrackerLoad", "drain_moves", "estimate_cost", "place", "rebalance"]
 
 DEFAULT_STREAM_COST = 0.05  # share of a frame budget assumed for a stream when nothing was measured yet
 
@@ -58,7 +58,7 @@ def place(trackers: Sequence[TrackerLoad], unmeasured: float | None = None) -> s
     return min(trackers, key=lambda t: (-t.spare(cost), len(t.streams), t.name)).name
 
 
-def drain(trackers: Sequence[TrackerLoad], leaving: str) -> list[Move]:
+def drain_moves(trackers: Sequence[TrackerLoad], leaving: str) -> list[Move]:
     """Moves taking every stream off ``leaving`` (costliest first) to the others, each to the most spare."""
     cost = estimate_cost(trackers)
     others = [TrackerLoad(t.name, dict(t.streams), t.capacity) for t in trackers if t.name != leaving]

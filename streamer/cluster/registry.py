@@ -32,7 +32,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
-from streamer.cluster.placement import Move, TrackerLoad, drain, estimate_cost, place, rebalance
+from streamer.cluster.placement import Move, TrackerLoad, drain_moves, estimate_cost, place, rebalance
 from streamer.protocol import MAX_NAME_CHARS
 
 __all__ = ["REGISTRY_NAME", "TRACKER_PREFIX", "Registry", "check_stream"]
@@ -127,7 +127,7 @@ class Registry:
             tracker = self._tracker(name)
             tracker.state = "draining"
             loads = self._loads(include=("up", "draining"))
-            done = [self._move(m, f"tracker {name} removed (drained)") for m in drain(loads, name)]
+            done = [self._move(m, f"tracker {name} removed (drained)") for m in drain_moves(loads, name)]
             del self._trackers[name]
             self._version += 1
             return [m for m in done if m is not None]
