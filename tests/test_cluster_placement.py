@@ -48,6 +48,9 @@ def test_rebalance_moves_the_fewest_streams_onto_a_new_tracker() -> None:
     moves = rebalance(trackers)
     assert len(moves) == 1 and moves[0].target == "t3"
     assert rebalance(loads(t0={"a": 0.1, "b": 0.1}, t1={"c": 0.1, "d": 0.1})) == []  # balanced: nothing moves
+    uneven = loads(t0={"a": 0.15, "b": 0.15, "c": 0.15}, t1={"d": 0.15, "e": 0.15})  # gap 0.15: noise
+    assert rebalance(uneven, margin=0.1) == []
+    assert len(rebalance(loads(t0={"a": 0.15, "b": 0.15, "c": 0.15, "d": 0.15}, t1={}), margin=0.1)) == 2
 
 
 def test_rebalance_evens_out_costs() -> None:

@@ -73,10 +73,11 @@ def drain_moves(trackers: Sequence[TrackerLoad], leaving: str) -> list[Move]:
     return moves
 
 
-def rebalance(trackers: Sequence[TrackerLoad], max_moves: int = 64) -> list[Move]:
+def rebalance(trackers: Sequence[TrackerLoad], max_moves: int = 64, margin: float = 0.0) -> list[Move]:
     """Moves that even out the loads, fewest first: take a stream from the busiest tracker to the least busy
-    while that narrows the gap between them (a stream costing ``c`` moves only when the gap exceeds ``c``, so
-    a balanced cluster stays put and streams that need not move are left alone)."""
+    while that narrows the gap between them (a stream costing ``c`` moves only when the gap exceeds
+    ``c + margin``, so a balanced cluster stays put and streams that need not move are left alone; a margin
+    keeps measurement noise from moving streams back and forth)."""
     cost = estimate_cost(trackers)
     loads = [TrackerLoad(t.name, dict(t.streams), t.capacity) for t in trackers]
     moves: list[Move] = []
@@ -84,7 +85,7 @@ def rebalance(trackers: Sequence[TrackerLoad], max_moves: int = 64) -> list[Move
         busiest = max(loads, key=lambda t: (t.load(cost) / t.capacity, t.name))
         idlest = min(loads, key=lambda t: (t.load(cost) / t.capacity, t.name))
         gap = busiest.load(cost) - idlest.load(cost)
-        movable = _cheapest_over(busiest.streams, cost, gap)
+        movable = _cheapest_over(busiest.streams, cost, gap - margin)
         if busiest is idlest or movable is None:
             break
         idlest.streams[movable] = busiest.streams.pop(movable)

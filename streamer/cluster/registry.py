@@ -44,6 +44,8 @@ REGISTRY_NAME = "sam3-registry"
 POLL_S = 0.25
 CALL_TIMEOUT_S = 2.0  # a tracker call (assign, release) answered later than this failed
 COST_WINDOW_S = 2.0  # a stream's cost is measured over at least this long
+REBALANCE_S = 5.0  # how often the loads are evened out when costs change (a camera's objects, its rate)
+REBALANCE_MARGIN = 0.1  # ... moving a stream only when it narrows the gap by this share of a frame budget
 MOVES_KEPT = 200
 
 
@@ -106,6 +108,7 @@ class Registry:
         self._counters: Counter[str] = Counter()
         self._version = 0
         self._started = time.time()
+        self._next_rebalance = time.monotonic() + REBALANCE_S
         self._stop = threading.Event()
         self._rebuild()
         self._thread = threading.Thread(target=self._monitor, name="registry monitor", daemon=True)
@@ -237,6 +240,10 @@ class Registry:
                     continue
                 self._on_report(tracker, report)
             self._place_unassigned()
+            if time.monotonic() >= self._next_rebalance:
+                self._next_rebalance = time.monotonic() + REBALANCE_S
+                if all(s.cost is not None for s in self._streams.values() if s.tracker is not None):
+                    self._rebalance("loads changed", margin=REBALANCE_MARGIN)
 
     def _on_silence(self, tracker: _Tracker, exc: Exception) -> None:
         silent_for = time.monotonic() - tracker.last_ok
@@ -316,8 +323,8 @@ class Registry:
                 return
             self._move(Move(stream.name, stream.lost_from, place(loads)), reason, source_alive=False)
 
-    def _rebalance(self, reason: str) -> None:
-        for move in rebalance(self._loads()):
+    def _rebalance(self, reason: str, margin: float = 0.0) -> None:
+        for move in rebalance(self._loads(), margin=margin):
             self._move(move, f"rebalanced: {reason}")
 
     def _move(self, move: Move, reason: str, *, source_alive: bool = True) -> dict | None:
