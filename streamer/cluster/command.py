@@ -14,7 +14,8 @@ time over HTTP. The HTTP API listens on 127.0.0.1 only (``--http-port``):
 - ``POST /streams`` ``{"name", "frames_endpoint"}``, ``DELETE /streams/NAME``;
 - ``POST /trackers`` ``{}`` (or ``{"name"}``) adds a tracker, ``DELETE /trackers/NAME`` drains and removes one.
 
-Errors are JSON ``{"error": "<field>: <problem>"}`` (400, 404, 413, 415, 503).
+Errors are JSON ``{"error": "<field>: <problem>"}`` (400, 404, 409: the last tracker cannot be removed while it
+holds streams, 413, 415).
 """
 
 from __future__ import annotations
@@ -180,7 +181,10 @@ def make_app(cluster: Any, declared: dict[str, str]) -> web.Application:
         name = request.match_info["name"]
         if name not in cluster.trackers:
             return _error(404, f"tracker: unknown tracker {name[:80]!r}")
-        moves = await call(cluster.remove_tracker, name)
+        try:
+            moves = await call(cluster.remove_tracker, name)
+        except ValueError as exc:  # the last tracker up, with streams
+            return _error(409, _registry_message(exc))
         return web.json_response({"name": name, "removed": True, "moves": moves})
 
     app.add_routes(

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from streamer.cluster.placement import Move, TrackerLoad, drain_moves, estimate_cost, place, rebalance
 from streamer.protocol import MAX_NAME_CHARS
@@ -128,6 +128,10 @@ class Registry:
         """Drain ``name``: move each of its streams to the others; returns the moves. ``ValueError`` if unknown."""
         with self._lock:
             tracker = self._tracker(name)
+            if self._streams_of(name) and not [
+                t for t in self._trackers.values() if t.state == "up" and t is not tracker
+            ]:
+                raise ValueError(f"tracker: {name!r} is the last tracker up; its streams would have nowhere to go")
             tracker.state = "draining"
             loads = self._loads(include=("up", "draining"))
             done = [self._move(m, f"tracker {name} removed (drained)") for m in drain_moves(loads, name)]
@@ -340,9 +344,18 @@ class Registry:
         target = self._trackers[move.target]
         try:
             self._call(target.handle.assign.remote(stream.name, stream.frames_endpoint, stream.prompts))
+        except RayTaskError as exc:
+            if stream.prompts is None:
+                log.warning("stream %s: %s refused it (%s); retrying", stream.name, target.name, exc)
+                stream.tracker, stream.lost_from = None, move.source
+                return None
+            # The tracker refused the prompts (a ValueError naming the record): moved without them.
+            log.warning("stream %s: %s refused its prompts (%s); moved without them", stream.name, target.name, exc)
+            stream.prompts = None
+            return self._move(move, reason, source_alive=False)
         except (RayError, GetTimeoutError) as exc:
             log.warning("stream %s: could not assign it to %s (%s); retrying", stream.name, target.name, exc)
-            stream.tracker = None
+            stream.tracker, stream.lost_from = None, move.source
             return None
         stream.tracker, stream.sample, stream.lost_from = target.name, None, None
         self._version += 1
@@ -368,6 +381,9 @@ class Registry:
             if stream.tracker in loads:
                 loads[stream.tracker].streams[stream.name] = stream.cost
         return list(loads.values())
+
+    def _streams_of(self, tracker: str) -> list[str]:
+        return [s.name for s in self._streams.values() if s.tracker == tracker]
 
     def _tracker(self, name: str) -> _Tracker:
         tracker = self._trackers.get(name)

@@ -17,6 +17,9 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from streamer.healing import CauseLog, HealingSocket
+from streamer.transport import results_subscriber
+
 __all__ = ["MAX_MAP_BYTES", "MapSubscriber", "Route", "RouteMap", "fetch_map", "parse_map"]
 
 MAX_MAP_BYTES = 4 * 1024 * 1024  # thousands of streams
@@ -110,9 +113,6 @@ class MapSubscriber:
     """
 
     def __init__(self, map_url: str, *, security: Any = None, refresh_s: float = 0.5) -> None:
-        from streamer.healing import CauseLog, HealingSocket
-        from streamer.transport import results_subscriber
-
         self.map_url, self.refresh_s = map_url, refresh_s
         self.route_map: RouteMap | None = None
         self._endpoints: tuple[str, ...] = ()
