@@ -93,7 +93,7 @@ class FrameRing:
     def state_bytes(self) -> int:
         """Bytes of the tokens held (and the ring's bookkeeping)."""
         with self._lock:
-            return state_bytes(list(self._held))
+            return state_bytes(list(self._held)) if self._held else 0
 
     def _budget_start(self, newest: int) -> int:
         """The oldest frame index within the budget when ``self._held[newest]`` is the newest frame."""
