@@ -34,7 +34,7 @@ def test_state_and_frame_time_stay_flat_over_3000_frames(tiny_models) -> None:
             tracker.remove_object(geometry_ids[0])
             tracker.add_prompt(Prompt(bounding_boxes=((0.5, 0.5, 0.4, 0.4),), bounding_box_labels=(1,)))
         start = time.perf_counter()
-        result = tracker.track(moving_shapes(frame, W, H))
+        result = tracker.track(moving_shapes(frame, W, H), timestamp=frame / 30)  # a 30 fps camera: a steady ring
         frame_times.append(time.perf_counter() - start)
         ids_seen.update(o.obj_id for o in result.objects)
         if frame in (300, FRAMES):
