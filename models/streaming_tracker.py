@@ -194,11 +194,12 @@ class StreamingTracker:
         (``refines``: the object's id) never before the frame after the object started. A prompt given
         with the returned ``frame_index`` before the next frame is tracked lands exactly there.
         """
+        return self._past_frame(frame_index, refines, self.ring.oldest_promised())
+
+    def _past_frame(self, frame_index: int | None, refines: int | None, oldest: int | None) -> int | None:
+        """``prompt_frame`` with ``oldest`` as the oldest frame a prompt may go on."""
         next_frame = self._frame_index
-        if frame_index is None or frame_index >= next_frame:
-            return None
-        oldest = self.ring.oldest_promised()
-        if oldest is None:
+        if frame_index is None or frame_index >= next_frame or oldest is None:
             return None
         placed = max(frame_index, oldest)
         if refines is not None:
@@ -292,7 +293,7 @@ class StreamingTracker:
         if prompt.obj_id is not None and prompt.obj_id in self._known:
             obj_id = prompt.obj_id
             coords, labels = per_object[0]
-            past = self.prompt_frame(prompt.frame_index, refines=obj_id)
+            past = self._past_frame(prompt.frame_index, obj_id, self._oldest_for(prompt.frame_index))
             if past is not None and self._known[obj_id] == "geometry":
                 self._queue(
                     lambda: self._place_on_past_frame(past, obj_id, point_inputs(coords, labels, device)),
@@ -305,7 +306,7 @@ class StreamingTracker:
             ids = self.new_object_ids(obj_id=prompt.obj_id)
         else:
             ids = self.new_object_ids(len(per_object))
-        past = self.prompt_frame(prompt.frame_index)
+        past = self._past_frame(prompt.frame_index, None, self._oldest_for(prompt.frame_index))
         for obj_id, (coords, labels) in zip(ids, per_object, strict=True):
             self._known[obj_id] = "geometry"
             # Tensors are made when the step runs, on the tracking thread.
@@ -317,6 +318,14 @@ class StreamingTracker:
                 undo=lambda obj_id=obj_id: self._forget(obj_id),
             )
         return ids
+
+    def _oldest_for(self, frame_index: int | None) -> int | None:
+        """The oldest frame a prompt drawn on ``frame_index`` may go on: a frame still held is taken as it is
+        (what ``prompt_frame`` answered a frame ago may have left the budget since, never the ring)."""
+        held = self.ring.oldest_held
+        if frame_index is not None and held is not None and frame_index >= held:
+            return held
+        return self.ring.oldest_promised()
 
     def _start_object(self, past: int | None, obj_id: int, inputs: dict[str, torch.Tensor]) -> None:
         if past is None:

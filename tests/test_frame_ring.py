@@ -108,3 +108,17 @@ def test_ring_and_history_stay_bounded_over_a_long_stream(tiny_models) -> None:
     for outputs in hf.all_object_outputs(tracker.geometry.session):
         assert len(outputs["non_cond_frame_outputs"]) <= pointer_frames + ring_frames + 1
     assert abs(state_at[399] - state_at[150]) <= 0.05 * state_at[150], state_at
+
+
+def test_a_frame_answered_a_frame_ago_is_still_honoured(tiny_models) -> None:
+    """The service answers while the next frame is tracked and applies before the one after: the frame it
+    answered has left the budget by then, but the ring's spare frame still holds it."""
+    tracker = StreamingTracker(tiny_models, TrackerConfig(prompt_ring_seconds=None, prompt_ring_frames=8))
+    _run(tracker, range(30))
+    answered = tracker.prompt_frame(2)
+    assert answered == 22
+    _run(tracker, range(30, 31))  # the frame in flight when the answer was given
+    assert tracker.prompt_frame(2) == 23 and tracker.ring.oldest_held == 22
+    [obj_id] = tracker.add_prompt(replace(BOX, frame_index=answered))
+    _run(tracker, range(31, 32))
+    assert tracker._first_frame[obj_id] == answered  # placed where the answer said
