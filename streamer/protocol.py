@@ -100,8 +100,9 @@ class PromptAnswer:
     the request was too malformed to carry one.
 
     A prompt that named the frame it was drawn on (its ``seq``) echoes it in ``requested``; ``placed_on``
-    is the seq of the past frame its clicks or box went on (it differs from ``requested`` when that frame
-    is older than the tracker's prompt ring), ``None`` when it goes on the next frame tracked."""
+    is the seq of the past frame its clicks or box went on (the newest frame tracked at or before
+    ``requested``, or the oldest of the tracker's prompt ring when that is older), ``None`` when it goes on
+    the next frame tracked."""
 
     request_id: str
     ok: bool
