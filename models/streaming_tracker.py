@@ -30,6 +30,7 @@ import torch
 
 from models.encoder import FrameFeatures, ImageEncoder, TorchImageEncoder
 from models.engines import EngineOutput, GeometryEngine, TextEngine
+from models.frame_ring import FrameRing
 from models.frames import check_frame
 from models.loading import Sam3Models
 from models.memory import MemoryWindow
@@ -62,12 +63,19 @@ class TrackerConfig:
       frame for all objects as a batch (``models.batching``). ``False`` runs transformers' own
       per-object loop: with ``max_conditioning_frames=None, retire_after_frames=None`` too, masks
       and scores equal transformers' unbounded session bit for bit.
+    - ``prompt_ring_seconds`` / ``prompt_ring_frames``: how far back a click, box or correction can be
+      placed (``Prompt.frame_index``, see :meth:`StreamingTracker.prompt_frame`): frames tracked within
+      this many seconds of the newest (by ``track``'s timestamps; ``None``: no time limit), at most this
+      many frames. Their encoder output is held (``models.frame_ring``), so every frame is encoded even
+      with nothing tracked; ``prompt_ring_frames=0`` turns placing on past frames off.
     """
 
     max_conditioning_frames: int | None = 4
     retire_after_frames: int | None = 150
     sync_timings: bool = True
     batch_objects: bool = True
+    prompt_ring_seconds: float | None = 1.0
+    prompt_ring_frames: int = 60  # 1 s of a 60 fps camera
 
 
 class StreamingTracker:
@@ -87,7 +95,8 @@ class StreamingTracker:
             raise ValueError("retire_after_frames: must be >= 1 (or None to never retire)")
         window = MemoryWindow.for_tracker(models.tracker_model.config, self.config.max_conditioning_frames)
         self.encoder = encoder or TorchImageEncoder(models)
-        self.geometry = GeometryEngine(models, window, self.config.batch_objects)
+        self.ring = FrameRing(self.config.prompt_ring_seconds, self.config.prompt_ring_frames)
+        self.geometry = GeometryEngine(models, window, self.config.batch_objects, self.ring)
         self.text = TextEngine(models, window, self.config.batch_objects)
         self._frame_index = 0
         self._frame_size: tuple[int, int] | None = None  # (width, height) of the last frame
@@ -99,6 +108,7 @@ class StreamingTracker:
         self._known: dict[int, str] = {}  # obj_id -> "geometry" | "text", as of the prompts given so far
         self._texts: list[str] = []
         self._unseen: dict[int, int] = {}
+        self._first_frame: dict[int, int] = {}  # geometry obj_id -> the frame it was started on
 
     # ----------------------------------------------------------------- prompts (take effect next frame)
 
@@ -107,6 +117,10 @@ class StreamingTracker:
 
         ``frame_size`` (width, height) places pixel points before any frame was tracked; otherwise the
         last frame's size is used. Raises ``ValueError`` naming the bad field; nothing is queued then.
+
+        Clicks and boxes with a ``frame_index`` of a frame already tracked go on the frame
+        :meth:`prompt_frame` names (the one the operator drew on, while the prompt ring holds it) and
+        their object catches up to the newest frame; text is always applied from the next frame.
         """
         prompt = prompt if isinstance(prompt, Prompt) else Prompt.from_dict(prompt)
         if prompt.text is not None and not self.models.text_detector:
@@ -156,19 +170,44 @@ class StreamingTracker:
         frame numbering continues (object ids too: an id is never given to two objects)."""
         for obj_id in list(self._known):
             self._forget(obj_id)
+        self._first_frame.clear()
         self._texts.clear()
         self._unseen.clear()
         self._refinements.clear()
         self._pending.clear()  # what they would have done is wiped anyway
 
         def reset_now() -> None:
-            self.geometry = GeometryEngine(self.models, self.geometry.window, self.config.batch_objects)
+            self.geometry = GeometryEngine(self.models, self.geometry.window, self.config.batch_objects, self.ring)
             self.text = TextEngine(self.models, self.text.window, self.config.batch_objects)
             self._refinements.clear()
 
         self._queue(reset_now)
 
     # --------------------------------------------- thread-safe: callable while another thread tracks
+
+    def prompt_frame(self, frame_index: int | None, *, refines: int | None = None) -> int | None:
+        """The frame a click or box drawn on ``frame_index`` is placed on, if it goes on a past frame.
+
+        ``None``: on the next frame tracked (no ``frame_index``, a frame not tracked yet, the ring off or
+        empty, ``refines`` naming an object found by text or not started yet). Otherwise ``frame_index``
+        itself, or the oldest frame the prompt ring holds when it is older, and for a correction
+        (``refines``: the object's id) never before the frame after the object started. A prompt given
+        with the returned ``frame_index`` before the next frame is tracked lands exactly there.
+        """
+        return self._past_frame(frame_index, refines, self.ring.oldest_promised())
+
+    def _past_frame(self, frame_index: int | None, refines: int | None, oldest: int | None) -> int | None:
+        """``prompt_frame`` with ``oldest`` as the oldest frame a prompt may go on."""
+        next_frame = self._frame_index
+        if frame_index is None or frame_index >= next_frame or oldest is None:
+            return None
+        placed = max(frame_index, oldest)
+        if refines is not None:
+            started = self._first_frame.get(refines)
+            if started is None:
+                return None
+            placed = max(placed, started + 1)
+        return placed if placed < next_frame else None
 
     def check_text(self, text: str) -> None:
         """Raise ``ValueError`` (naming ``text``) if the tokenizer cannot take ``text``."""
@@ -195,7 +234,8 @@ class StreamingTracker:
 
         pixels = frame_to_pixels(frame, self.models.image_size, self.models.device, self.models.dtype)
         clock.lap("preprocess")
-        features = FrameFeatures(self.models, self.encoder.encode(pixels)) if self._has_work_after_pending() else None
+        wanted = self.ring.enabled or self._has_work_after_pending()
+        features = FrameFeatures(self.models, self.encoder.encode(pixels)) if wanted else None
         clock.lap("encode")
 
         self._run_pending_steps()
@@ -204,6 +244,8 @@ class StreamingTracker:
 
         objects = self._postprocess(outputs, width, height)
         self._retire_lost(objects)
+        if features is not None:
+            self.ring.add(self._frame_index, time.time() if timestamp is None else timestamp, features.tokens)
         self.geometry.prune(self._frame_index)
         self.text.prune(self._frame_index)
         clock.lap("postprocess")
@@ -214,8 +256,9 @@ class StreamingTracker:
         return result
 
     def state_bytes(self) -> int:
-        """Bytes of per-stream state held (both sessions' tensors and bookkeeping; not the weights)."""
-        return self.geometry.state_bytes() + self.text.state_bytes()
+        """Bytes of per-stream state held (both sessions' tensors and bookkeeping, the prompt ring's
+        encoder output; not the weights)."""
+        return self.geometry.state_bytes() + self.text.state_bytes() + self.ring.state_bytes()
 
     @property
     def frame_index(self) -> int:
@@ -250,23 +293,52 @@ class StreamingTracker:
         if prompt.obj_id is not None and prompt.obj_id in self._known:
             obj_id = prompt.obj_id
             coords, labels = per_object[0]
-            self._queue(lambda: self._refine_later(obj_id, point_inputs(coords, labels, device)), obj_ids=(obj_id,))
+            past = self._past_frame(prompt.frame_index, obj_id, self._oldest_for(prompt.frame_index))
+            if past is not None and self._known[obj_id] == "geometry":
+                self._queue(
+                    lambda: self._place_on_past_frame(past, obj_id, point_inputs(coords, labels, device)),
+                    obj_ids=(obj_id,),
+                )
+            else:
+                self._queue(lambda: self._refine_later(obj_id, point_inputs(coords, labels, device)), obj_ids=(obj_id,))
             return [obj_id]
         if prompt.obj_id is not None:
             ids = self.new_object_ids(obj_id=prompt.obj_id)
         else:
             ids = self.new_object_ids(len(per_object))
+        past = self._past_frame(prompt.frame_index, None, self._oldest_for(prompt.frame_index))
         for obj_id, (coords, labels) in zip(ids, per_object, strict=True):
             self._known[obj_id] = "geometry"
             # Tensors are made when the step runs, on the tracking thread.
             self._queue(
-                lambda obj_id=obj_id, coords=coords, labels=labels: self.geometry.add_object(
-                    self._frame_index, obj_id, point_inputs(coords, labels, device)
+                lambda obj_id=obj_id, coords=coords, labels=labels: self._start_object(
+                    past, obj_id, point_inputs(coords, labels, device)
                 ),
                 obj_ids=(obj_id,),
                 undo=lambda obj_id=obj_id: self._forget(obj_id),
             )
         return ids
+
+    def _oldest_for(self, frame_index: int | None) -> int | None:
+        """The oldest frame a prompt drawn on ``frame_index`` may go on: a frame still held is taken as it is
+        (what ``prompt_frame`` answered a frame ago may have left the budget since, never the ring)."""
+        held = self.ring.oldest_held
+        if frame_index is not None and held is not None and frame_index >= held:
+            return held
+        return self.ring.oldest_promised()
+
+    def _start_object(self, past: int | None, obj_id: int, inputs: dict[str, torch.Tensor]) -> None:
+        if past is None:
+            self.geometry.add_object(self._frame_index, obj_id, inputs)
+            self._first_frame[obj_id] = self._frame_index
+        else:
+            self._place_on_past_frame(past, obj_id, inputs)
+
+    def _place_on_past_frame(self, frame_index: int, obj_id: int, inputs: dict[str, torch.Tensor]) -> None:
+        """Start or correct a clicked object on a held past frame and catch it up (before this frame)."""
+        placed = self.ring.place(frame_index)  # the frame answered is held: the ring keeps one frame spare
+        self._first_frame.setdefault(obj_id, placed)
+        self.geometry.place_on_past_frame(placed, self._frame_index, obj_id, inputs)
 
     def _queue(
         self, run: Callable[[], None], *, obj_ids: tuple[int, ...] = (), text: str | None = None, undo: Any = None
@@ -308,6 +380,7 @@ class StreamingTracker:
 
     def _forget(self, obj_id: int) -> None:
         self._known.pop(obj_id, None)
+        self._first_frame.pop(obj_id, None)
         self._unseen.pop(obj_id, None)
         self._ids.release(obj_id)
 

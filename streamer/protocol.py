@@ -97,13 +97,20 @@ class PromptAnswer:
     """The tracker's answer to one :class:`PromptRequest`: accepted (``ok``: validated and queued, with
     the object ids the prompt creates or refines and ``frame_index``, the stream's frame it applies
     before) or rejected with ``error`` naming the field and the problem. ``request_id`` is ``""`` when
-    the request was too malformed to carry one."""
+    the request was too malformed to carry one.
+
+    A prompt that named the frame it was drawn on (its ``seq``) echoes it in ``requested``; ``placed_on``
+    is the seq of the past frame its clicks or box went on (the newest frame tracked at or before
+    ``requested``, or the oldest of the tracker's prompt ring when that is older), ``None`` when it goes on
+    the next frame tracked."""
 
     request_id: str
     ok: bool
     error: str | None = None
     obj_ids: list[int] = field(default_factory=list)
     frame_index: int | None = None
+    placed_on: int | None = None
+    requested: int | None = None
 
 
 @dataclass
@@ -578,13 +585,14 @@ def _read_answer(h: _Header) -> PromptAnswer:
         error = _check_str(h.path("error"), error, max_chars=MAX_ERROR_CHARS)
     elif not ok:
         raise ProtocolError(f"{h.path('error')}: a rejected answer needs a reason")
-    frame_index = h.get("frame_index", optional=True)
+    frames = {name: h.get(name, optional=True) for name in ("frame_index", "placed_on", "requested")}
+    frames = {name: None if v is None else _check_int(h.path(name), v) for name, v in frames.items()}
     return PromptAnswer(
         request_id=h.text("request_id", empty_ok=True),
         ok=ok,
         error=error,
         obj_ids=_read_obj_ids(h.path("obj_ids"), h.get("obj_ids", optional=True)),
-        frame_index=None if frame_index is None else _check_int(h.path("frame_index"), frame_index),
+        **frames,
     )
 
 
@@ -603,6 +611,8 @@ def encode_answer(a: PromptAnswer) -> list[bytes]:
             "error": a.error,
             "obj_ids": list(a.obj_ids),
             "frame_index": a.frame_index,
+            "placed_on": a.placed_on,
+            "requested": a.requested,
         },
         MAX_CONTROL_HEADER_BYTES,
     )

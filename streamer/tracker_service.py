@@ -9,8 +9,10 @@ stream's first frame. Sockets (ZeroMQ guide names, see ``streamer.transport``):
 - control: ROUTER, bound, served by its own thread. Every request is answered within milliseconds
   whatever the model's speed: validated against the stream's prompts as the tracker will find them,
   queued, and answered with the ids it creates and the frame it applies before
-  (:mod:`streamer.prompt_queue`). The tracking thread applies the queued prompts in arrival order
-  before each frame of their stream; one that fails then is dropped and reported as an ``event``.
+  (:mod:`streamer.prompt_queue`); clicks and boxes that carry the ``seq`` of the frame they were drawn
+  on go on that frame while the tracker's prompt ring holds it (the answer's ``placed_on``). The
+  tracking thread applies the queued prompts in arrival order before each frame of their stream; one
+  that fails then is dropped and reported as an ``event``.
 - results: PUB, bound. A ``result`` per tracked frame, carrying that frame; ``event`` messages
   (prompt failures, objects re-acquired after a restart, objects left out by the cap); a ``status``
   heartbeat every 0.5 s from its own thread, with this process's ``instance`` id and per stream the
@@ -358,6 +360,7 @@ class TrackerService:
         parts: list | None = None
         try:
             result = tracker.track(pending.pixels, timestamp=header.t_capture)
+            stream.prompts.tracked(header.seq, result.frame_index)  # a prompt drawn on this seq can go here
             tracked = time.time()
             # "published" is stamped as encoding starts: the header carrying it is the encoder's output.
             message = result_from_frame_result(

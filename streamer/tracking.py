@@ -52,6 +52,12 @@ class Tracker(Protocol):
         back as prompts' ``obj_id``, they are the ids the objects get."""
         ...
 
+    def prompt_frame(self, frame_index: int | None, *, refines: int | None = None) -> int | None:
+        """Thread-safe: the past frame a click or box drawn on tracker frame ``frame_index`` goes on (the
+        oldest its prompt ring holds when older; ``refines``: the object a correction is for), or ``None``:
+        the next frame. Given as the prompt's ``frame_index`` before the next frame, it lands there."""
+        ...
+
     def take_prompt_failures(self) -> list[PromptFailure]:
         """Prompts that failed when applied during the last frames (dropped, never retried)."""
         ...
@@ -142,6 +148,10 @@ class PassThroughTracker:
             self._ids.claim(obj_id)
             return [obj_id]
         return self._ids.take(count)
+
+    def prompt_frame(self, frame_index: int | None, *, refines: int | None = None) -> int | None:
+        """No prompt ring: every prompt goes on the next frame."""
+        return None
 
     def take_prompt_failures(self) -> list[PromptFailure]:
         """Nothing is applied later than :meth:`add_prompt`, so nothing fails then."""

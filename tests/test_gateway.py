@@ -61,7 +61,15 @@ def test_prompts_forwarded_and_malformed_ones_answered() -> None:
                 click = {"op": "add_prompt", "prompt": {"points": [[250, 60]], "point_labels": [1]}}
                 answer = await viewer.request(click)
                 frame_index = answer.pop("frame_index")
-                assert answer == {"type": "answer", "id": "t1", "ok": True, "error": None, "obj_ids": [2]}
+                assert answer == {
+                    "type": "answer",
+                    "id": "t1",
+                    "ok": True,
+                    "error": None,
+                    "obj_ids": [2],
+                    "placed_on": None,  # no seq sent: the next frame
+                    "requested": None,
+                }
                 assert isinstance(frame_index, int) and frame_index > 0, "the frame it applies before"
                 request = tracker.requests[-1]
                 assert request.stream == "cam0" and request.op == "add_prompt"

@@ -244,6 +244,36 @@ def test_prompts_are_answered_and_results_carry_their_frame_and_masks(tiny: Trac
     assert results and not results[-1][0].objects, "reset drops the initial text prompt too"
 
 
+def test_a_click_carrying_its_frames_seq_goes_on_that_frame(tiny: Tracker) -> None:
+    """Clicks name the frame they were drawn on by ``seq``; the answer says where they went: that frame while
+    the tracker's prompt ring (1 s by capture time) holds it, else the oldest frame it holds."""
+    base = time.time() - 100.0  # capture times: seq / 30 s after base, as a 30 fps camera stamps them
+
+    def track(seq: int) -> None:
+        for _ in range(100):
+            tiny.send("late", seq, t_capture=base + seq / 30)
+            if any(m.stream == "late" and m.seq == seq for m, _ in tiny.receive(0.3)[0]):
+                return
+        pytest.fail(f"frame {seq} was not tracked\n{tiny.log_path.read_text()[-3000:]}")
+
+    for seq in (0, *range(40, 52)):  # frame 0 is 1.7 s older than frame 51: out of the ring
+        track(seq)
+    click = {"points": [[40, 60]], "point_labels": [1]}
+    answer = tiny.request("late", "add_prompt", prompt=Prompt.from_dict({**click, "seq": 46}))
+    assert answer.ok and (answer.placed_on, answer.requested) == (46, 46), answer
+    answer = tiny.request("late", "add_prompt", prompt=Prompt.from_dict({**click, "seq": 0}))
+    assert answer.ok and (answer.placed_on, answer.requested) == (40, 0), answer
+    answer = tiny.request("late", "add_prompt", prompt=Prompt.from_dict({"text": "cup", "seq": 46}))
+    assert answer.ok and (answer.placed_on, answer.requested) == (None, 46), "text goes on the next frame"
+    events_before = len(tiny.events)
+    for seq in range(52, 55):  # the prompts are applied before frame 52: the two objects catch up
+        track(seq)
+    failed = [e for e in tiny.events[events_before:] if e.stream == "late" and e.event == "prompt_failed"]
+    assert not failed, failed
+    status = tiny.status("late")
+    assert status["prompts_queued"] == 0 and status["prompts_failed"] == 0, status
+
+
 def test_each_stream_has_its_own_tracker(tiny: Tracker) -> None:
     tiny.until_result("left", 0)
     tiny.until_result("right", 0)
