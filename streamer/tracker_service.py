@@ -634,14 +634,15 @@ def run_tracker_service(
             log.info("loading %s ...", model)
             start = time.monotonic()
             try:
-                make_tracker = tracker_factory(
-                    model,
-                    device,
-                    encoder=encoder,
-                    encoder_precision=encoder_precision,
-                    passthrough_delay_s=passthrough_delay_s,
-                    passthrough_object=passthrough_object,
-                )
+                with stop.interruptible():  # SIGTERM while loading stops us now, not after the load
+                    make_tracker = tracker_factory(
+                        model,
+                        device,
+                        encoder=encoder,
+                        encoder_precision=encoder_precision,
+                        passthrough_delay_s=passthrough_delay_s,
+                        passthrough_object=passthrough_object,
+                    )
             except RuntimeError as exc:
                 import models  # loaded by now unless the model was passthrough
 
