@@ -1,7 +1,7 @@
 """One log format for every ``sam3-stream`` process, and the libraries' own noise kept out of it.
 
 Quiet unless ``--log-level DEBUG``: no download or shard-loading progress bars (huggingface_hub and
-transformers), no OpenCV warnings from probing a camera that is not there (the capture already says so
+transformers), no line per HTTP request of the hub client, no OpenCV warnings from probing a camera that is not there (the capture already says so
 in its own words), and hub warnings printed once, in our format: huggingface_hub adds its own stderr
 handler *and* propagates to the root logger, so each of its warnings used to appear twice.
 The settings go into the environment too, so child processes started after this inherit them.
@@ -44,5 +44,7 @@ def setup_logging(level: str) -> None:
         for handler in list(hub_root.handlers):  # its own handler: every warning was printed twice
             hub_root.removeHandler(handler)
         hub_root.propagate = True
+    for name in ("httpx", "httpx2", "httpcore"):  # the hub client's HTTP stack logs every request at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.disable_progress_bar()

@@ -40,14 +40,14 @@ def check_model(model: str, device: str, encoder: str = "torch", encoder_precisi
     import models
 
     try:
-        models.check_model_name(model, extra_names=(PASSTHROUGH,))
-    except models.ModelLoadError as exc:
-        raise ValueError(f"--model: {exc}") from exc
-    try:
         models.check_encoder_choice(encoder, encoder_precision)
     except ValueError as exc:  # "encoder_precision: tensorrt takes fp16, bf16; got 'fp8'"
         field, _, problem = str(exc).partition(":")
         raise ValueError(f"--{field.replace('_', '-')}:{problem}") from exc
+    try:
+        models.check_model_name(model, extra_names=(PASSTHROUGH,))
+    except models.ModelLoadError as exc:
+        raise ValueError(f"--model: {exc}") from exc
     if device in (None, "auto"):  # always usable: CUDA when there is a GPU, else the CPU
         return
     try:
