@@ -1,10 +1,11 @@
 """One log format for every ``sam3-stream`` process, and the libraries' own noise kept out of it.
 
 Quiet unless ``--log-level DEBUG``: no download or shard-loading progress bars (huggingface_hub and
-transformers), no line per HTTP request of the hub client, no OpenCV warnings from probing a camera that is not there (the capture already says so
-in its own words), and hub warnings printed once, in our format: huggingface_hub adds its own stderr
-handler *and* propagates to the root logger, so each of its warnings used to appear twice.
-The settings go into the environment too, so child processes started after this inherit them.
+transformers), no line per HTTP request of the hub client, no OpenCV warnings from probing a camera that
+is not there (the capture already says so in its own words), and hub warnings printed once, in our
+format: huggingface_hub adds its own stderr handler *and* propagates to the root logger, so each of its
+warnings used to appear twice. The settings go into the environment too, so child processes started
+after this inherit them.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def _fails_fast(args: list[str], tmp_path: Path, expected: str, **env: str) -> N
     [
         (["--model", "passthrough"], "the following arguments are required: --source"),
         (["--source", "synthetic", "--fps", "0"], "argument --fps: must be > 0"),
-        (["--source", "synthetic", "--model", "/no/such/model"], "--model: model folder '/no/such/model' does not exist"),
+        (["--source", "synthetic", "--model", "/no/such/model"], "--model: model folder '/no/such/model' does not"),
         (["--source", "synthetic", "--model", "tiny-randm"], "unknown model 'tiny-randm'"),
         (["--source", "synthetic", "--model", "dmeo"], "did you mean 'demo'?"),
         (["--source", "synthetic", "--model", "tiny-random", "--device", "gpu"], "--device 'gpu': not a torch device"),
