@@ -124,3 +124,23 @@ def test_a_file_plays_once_and_the_page_stays_up(tmp_path: Path) -> None:
         assert text.count("capture started") == 1 and "restarting" not in text, text
         assert f"{clip} played to its end (10 frames)" in text
         assert proc.poll() is None and get_json(f"{url}health") is not None
+
+
+def test_logs_are_quiet_and_hub_warnings_come_once() -> None:
+    """Regression: each hub warning was printed twice (its own handler and ours), every hub request was
+    logged, and probing a missing camera printed OpenCV warnings."""
+    code = (
+        "import logging, cv2\n"
+        "from streamer.log_setup import setup_logging\n"
+        "setup_logging('INFO')\n"
+        "from huggingface_hub.utils import logging as hub_logging\n"
+        "hub_logging.get_logger('huggingface_hub.utils._http').warning('retrying the hub')\n"
+        "logging.getLogger('httpx2').info('HTTP Request: GET https://huggingface.co/api/models/x')\n"
+        "assert not cv2.VideoCapture(63).isOpened()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(r"WARNING huggingface_hub\.utils\._http: retrying the hub$", lines[0]), lines
