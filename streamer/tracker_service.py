@@ -813,6 +813,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     except zmq.ZMQError as exc:  # a busy endpoint may free itself: worth a restart
         log.error("cannot open the tracker's sockets: %s", exc)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a signal during the model load, or a second one while stopping
+        log.info("tracker stopped")
         return 130
     return 0
