@@ -261,11 +261,6 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints, folder: Pa
     ]
 
 
-def _refuse(reason: str) -> None:
-    """``run``'s one line for what no restart can heal, in argparse's words for usage errors."""
-    print(f"sam3-stream run: error: {reason}", file=sys.stderr, flush=True)
-
-
 def run_pipeline(args: argparse.Namespace) -> int:
     """``sam3-stream run``: start the three parts, print the URL, supervise until a signal; exit status."""
     from streamer.gateway import TOKEN_ENV, check_exposure, token_from_args
@@ -275,13 +270,13 @@ def run_pipeline(args: argparse.Namespace) -> int:
         check_exposure(args.http_host, token, args.insecure)
         check_run_arguments(args)  # the source, the model name, the device: restarts cannot heal them
     except ValueError as exc:  # the gateway would refuse the same, after the tracker had loaded
-        _refuse(str(exc))
+        log.error("%s", exc)  # one line, naming the option
         return USAGE_ERROR
     if token:
         os.environ[TOKEN_ENV] = token  # inherited by the gateway; an argument would show in every process list
     browse_host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::", "") else args.http_host
     if _listening(browse_host, args.http_port):  # else the gateway would fail and be restarted forever
-        _refuse(f"--http-port {args.http_port}: already in use on {browse_host}; pass another")
+        log.error("--http-port %d: already in use on %s; pass another", args.http_port, browse_host)
         return USAGE_ERROR
     folder = tempfile.mkdtemp(prefix="sam3-stream-")  # short: ipc:// paths are limited to ~100 bytes
     endpoints = Endpoints.ipc_in(folder)

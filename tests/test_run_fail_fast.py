@@ -38,7 +38,6 @@ def _fails_fast(args: list[str], tmp_path: Path, expected: str, **env: str) -> N
     lines = out.stderr.strip().splitlines()
     assert out.returncode == USAGE_ERROR, out.stderr
     assert len(lines) == 1 and expected in lines[0], out.stderr
-    assert lines[0].startswith("sam3-stream run: error: "), lines[0]
     assert out.stdout == "", "no URL for a pipeline that cannot run"
     assert elapsed < FAIL_WITHIN_S, f"took {elapsed:.1f} s to refuse"
 
