@@ -299,6 +299,8 @@ def _retry_later(reason: str, backoff: Backoff, stopper: _Stopper) -> None:
 
 
 def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse ``type`` that parses with ``kind`` (``int``, ``float``) and refuses values <= 0."""
+
     def parse(text: str) -> float:
         value = kind(text)
         if value <= 0:
