@@ -637,14 +637,15 @@ def run_tracker_service(
             log.info("loading %s ...", model)
             start = time.monotonic()
             try:
-                make_tracker = tracker_factory(
-                    model,
-                    device,
-                    encoder=encoder,
-                    encoder_precision=encoder_precision,
-                    passthrough_delay_s=passthrough_delay_s,
-                    passthrough_object=passthrough_object,
-                )
+                with stop.interruptible():  # SIGTERM while loading stops us now, not after the load
+                    make_tracker = tracker_factory(
+                        model,
+                        device,
+                        encoder=encoder,
+                        encoder_precision=encoder_precision,
+                        passthrough_delay_s=passthrough_delay_s,
+                        passthrough_object=passthrough_object,
+                    )
             except RuntimeError as exc:
                 import models  # loaded by now unless the model was passthrough
 
@@ -815,6 +816,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     except zmq.ZMQError as exc:  # a busy endpoint may free itself: worth a restart
         log.error("cannot open the tracker's sockets: %s", exc)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a signal during the model load, or a second one while stopping
+        log.info("tracker stopped")
         return 130
     return 0

@@ -684,3 +684,51 @@ class EventListener:
                 connection.sock.shutdown(socket.SHUT_RDWR)
         self._response.close()
         self._thread.join(5)
+
+
+class StalledHub:
+    """A model hub on loopback that knows one model and never delivers its files (as on a network that
+    stalls mid-download): with ``HF_ENDPOINT`` set to :attr:`url` a load of ``repo_id`` hangs in its first
+    download, however long the test needs it to. :attr:`file_requests` counts the requests held."""
+
+    def __init__(self, repo_id: str) -> None:
+        self.repo_id = repo_id
+        self.file_requests = 0
+        self._release = threading.Event()
+        hub = self
+
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path.split("?")[0] == f"/api/models/{hub.repo_id}":
+                    body = json.dumps({"id": hub.repo_id, "sha": "0" * 40, "private": False}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                if "/resolve/" not in self.path:  # other API calls the client makes: nothing to say
+                    self.send_error(404)
+                    return
+                hub.file_requests += 1
+                hub._release.wait(120)  # held until the hub closes
+
+            do_HEAD = do_GET
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def __enter__(self) -> StalledHub:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
