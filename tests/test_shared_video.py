@@ -11,6 +11,7 @@ from typing import Any
 import av
 import numpy as np
 import pytest
+from helpers import FakeTracker, Viewer, fetch_json, gateway, run
 
 from streamer.gateway.encoding import (
     H264,
@@ -21,7 +22,6 @@ from streamer.gateway.encoding import (
     PacketTrack,
     VideoEncoder,
 )
-from tests.helpers import FakeTracker, Viewer, fetch_json, gateway, run
 
 
 def count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -166,6 +166,20 @@ def objects_message(item: FeedItem, fps: float) -> dict[str, Any]:
     }
 
 
+class ObjectsText:
+    """The per-frame ``objects`` message as JSON text, made once per frame for every viewer showing it."""
+
+    def __init__(self, feed: ResultFeed) -> None:
+        self._feed = feed
+        self._number = -1
+        self._text = ""
+
+    def __call__(self, item: FeedItem) -> str:
+        if item.number != self._number:
+            self._number, self._text = item.number, json.dumps(objects_message(item, self._feed.fps))
+        return self._text
+
+
 def check_offer(sdp: str) -> None:
     """Refuse (``ValueError`` naming the problem) an offer that cannot make a viewer.
 
@@ -195,12 +209,15 @@ class ViewerSession:
     ``connected`` is set once the peer connection has connected.
     """
 
-    def __init__(self, pc: RTCPeerConnection, feed: ResultFeed, prompts: PromptForwarder) -> None:
+    def __init__(
+        self, pc: RTCPeerConnection, feed: ResultFeed, prompts: PromptForwarder, objects_text: ObjectsText
+    ) -> None:
         self.id = uuid.uuid4().hex[:8]
         self.pc = pc
         self.frames_sent = 0
         self._feed = feed
         self._prompts = prompts
+        self._objects_text = objects_text
         self._channel: RTCDataChannel | None = None
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -213,7 +230,7 @@ class ViewerSession:
         """Count a frame sent and send the metadata of the result it shows (banners have none)."""
         self.frames_sent += 1
         if item is not None:
-            self._send(objects_message(item, self._feed.fps))
+            self._send_text(self._objects_text(item))
 
     async def close(self) -> None:
         """Close the peer connection and stop answering prompts (once; later calls do nothing)."""
@@ -250,12 +267,15 @@ class ViewerSession:
         self._send({"type": "status", "state": state.value}, always=True)
 
     def _send(self, payload: dict[str, Any], always: bool = False) -> None:
+        self._send_text(json.dumps(payload), always)
+
+    def _send_text(self, text: str, always: bool = False) -> None:
         channel = self._channel
         if channel is None or channel.readyState != "open":
             return
         if not always and channel.bufferedAmount > MAX_CHANNEL_BACKLOG:
             return
-        channel.send(json.dumps(payload))
+        channel.send(text)
 
 
 class TooManyViewers(Exception):
@@ -296,6 +316,7 @@ class Broadcaster:
         self._frames_sent_closed = 0  # by sessions gone, so the total only grows
         self._feed = feed
         self._prompts = prompts
+        self._objects_text = ObjectsText(feed)
         self._ice_hosts = tuple(ice_hosts)
         self._ice_servers = [RTCIceServer(url) for url in ice_servers]
 
@@ -315,7 +336,7 @@ class Broadcaster:
             raise TooManyViewers(f"{len(self.sessions)} viewers connected, the limit is {self.max_viewers}")
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
         self.peer_connections.add(pc)
-        session = ViewerSession(pc, self._feed, self._prompts)
+        session = ViewerSession(pc, self._feed, self._prompts, self._objects_text)
         self.sessions.add(session)
 
         @pc.on("connectionstatechange")
