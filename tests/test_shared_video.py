@@ -11,7 +11,7 @@ from typing import Any
 import av
 import numpy as np
 import pytest
-from helpers import FakeTracker, Viewer, fetch_json, gateway, run
+from helpers import HEIGHT, WIDTH, FakeTracker, Viewer, fetch_json, gateway, run
 
 from streamer.gateway.encoding import (
     H264,
@@ -121,9 +121,11 @@ def test_a_viewer_without_h264_gets_vp8_alongside_h264_viewers() -> None:
                 await plain.connect(url)
                 await vp8_only.connect(url)
                 assert (plain.codec, vp8_only.codec) == (H264, VP8)
+                live = (HEIGHT, WIDTH, 3)  # past the banner shown until the feed is live
+                await asyncio.gather(*(v.frame_where(lambda im: im.shape == live) for v in (plain, vp8_only)))
                 for _ in range(5):
                     a, b = await asyncio.gather(plain.frame(), vp8_only.frame())
-                    assert a.shape == b.shape == (240, 320, 3)
+                    assert a.shape == b.shape == live
                 _, health = await fetch_json(f"{url}/health")
             finally:
                 await plain.close()
