@@ -6,10 +6,11 @@ protocol, which uses them); the model side loads on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from models.encoder import ENCODER_NAMES, ENCODER_PRECISIONS, EXPORT_PRECISIONS, check_encoder_choice
 from models.frames import check_frame
+from models.lazy import lazy_attributes
 from models.prompts import Prompt
 from models.results import FrameResult, ObjectResult
 
@@ -20,6 +21,11 @@ _LAZY = {
     "load_models": "models.loading",
     "ImageEncoder": "models.encoder",
     "TorchImageEncoder": "models.encoder",
+    "EncoderUnavailable": "models.encoder",
+    "make_encoder": "models.encoder",
+    "export_encoder": "models.encoder",
+    "build_engine": "models.encoder",
+    "tensorrt_problem": "models.encoder",
     "StreamingTracker": "models.streaming_tracker",
     "TrackerConfig": "models.streaming_tracker",
     "FrameOutputs": "models.predictor",
@@ -29,20 +35,29 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from models.encoder import ImageEncoder, TorchImageEncoder
+    from models.encoder import (
+        EncoderUnavailable,
+        ImageEncoder,
+        TorchImageEncoder,
+        build_engine,
+        export_encoder,
+        make_encoder,
+        tensorrt_problem,
+    )
     from models.loading import DEFAULT_MODEL, ModelLoadError, Sam3Models, load_models
     from models.predictor import FrameOutputs, PredictorError, Sam3VideoPredictor, UnknownSessionError
     from models.streaming_tracker import StreamingTracker, TrackerConfig
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'models' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [
     "DEFAULT_MODEL",
+    "ENCODER_NAMES",
+    "ENCODER_PRECISIONS",
+    "EXPORT_PRECISIONS",
+    "EncoderUnavailable",
     "FrameOutputs",
     "FrameResult",
     "ImageEncoder",
@@ -56,6 +71,11 @@ __all__ = [
     "TorchImageEncoder",
     "TrackerConfig",
     "UnknownSessionError",
+    "build_engine",
+    "check_encoder_choice",
     "check_frame",
+    "export_encoder",
     "load_models",
+    "make_encoder",
+    "tensorrt_problem",
 ]

@@ -69,7 +69,7 @@ def load_models(
     config with random weights (realistic cost for benchmarks; use a GPU).
     """
     device = torch.device(device) if device is not None else default_device()
-    dtype = _as_dtype(dtype) if dtype is not None else default_dtype(device)
+    dtype = as_dtype(dtype) if dtype is not None else default_dtype(device)
     if model == TINY_RANDOM:
         from models.tiny import save_tiny_random
 
@@ -161,7 +161,8 @@ def _explain_load_failure(source: str, error: Exception) -> str:
     return f"cannot load {source!r}: {error}"
 
 
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from itself or its name (``bf16``, ``fp16``, ``fp32`` or the long forms)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {

@@ -18,7 +18,6 @@ Where this project's contract differs from Meta's predictor (see the class docst
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
 import uuid
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.encoder import ImageEncoder, TorchImageEncoder
 from models.loading import DEFAULT_MODEL, Sam3Models, load_models
 from models.prompts import PROMPT_FIELDS, Prompt
 from models.results import ObjectResult
@@ -35,6 +35,7 @@ from models.video_frames import DEFAULT_CACHE_FRAMES, VideoFrames, VideoReadErro
 from models.video_session import BOTH, SessionChanged, VideoSession
 
 MAX_SESSION_ID_CHARS = 128
+PROMPT_COORDINATES = ("pixels", "meta")
 _PROMPT_ARRAYS = ("points", "point_labels", "bounding_boxes", "bounding_box_labels")
 _REQUEST_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # type -> (required, optional)
     "start_session": (("resource_path",), ("session_id",)),
@@ -104,7 +105,8 @@ class Sam3VideoPredictor:
     - ``outputs`` maps each object id to ``{"mask", "score", "bbox"}`` (pixels); Meta's
       ``out_obj_ids`` / ``out_probs`` / ``out_boxes_xywh`` / ``out_binary_masks`` keys still answer.
     - Prompt geometry uses this project's one vocabulary: ``points`` in pixels, ``bounding_boxes``
-      normalized ``[cx, cy, w, h]`` (Meta: points normalized to 0..1, boxes normalized ``[x, y, w, h]``).
+      normalized ``[cx, cy, w, h]`` (Meta: points normalized to 0..1, boxes normalized ``[x, y, w, h]``;
+      ``prompt_coordinates="meta"`` reads them Meta's way, for scripts written for Meta's predictor).
       ``obj_id`` may be omitted with points (a new id is given), text may be combined with clicks,
       and several text prompts may be active at once (Meta keeps one and resets on a new one).
     - A box given with text and negative boxes are SAM 3's visual exemplars; transformers'
@@ -124,12 +126,22 @@ class Sam3VideoPredictor:
         *,
         models: Sam3Models | None = None,
         cache_frames: int = DEFAULT_CACHE_FRAMES,
+        encoder: ImageEncoder | None = None,
+        prompt_coordinates: str = "pixels",
     ) -> None:
         """Load ``model`` (hub id, local folder, ``tiny-random`` or ``full-random``; ``ModelLoadError``
         says what to do when it cannot), or use already loaded ``models``. ``cache_frames`` decoded
-        frames are kept per session."""
+        frames are kept per session. ``encoder`` (``models.make_encoder``; default torch) computes the
+        image features of click/box sessions; text concepts still run the detector's own ViT.
+        ``prompt_coordinates="meta"`` reads ``points`` and ``bounding_boxes`` as Meta's predictor does
+        (points normalized to 0..1, boxes normalized ``[x, y, w, h]``) instead of this project's pixel
+        points and normalized ``[cx, cy, w, h]`` boxes."""
+        if prompt_coordinates not in PROMPT_COORDINATES:
+            raise ValueError(f"prompt_coordinates: must be one of {', '.join(PROMPT_COORDINATES)}")
         self.models = models if models is not None else load_models(model, device=device, dtype=dtype)
+        self.encoder = encoder if encoder is not None else TorchImageEncoder(self.models)
         self.cache_frames = cache_frames
+        self.prompt_coordinates = prompt_coordinates
         self._sessions: dict[str, VideoSession] = {}
         self._lock = threading.RLock()
 
@@ -179,7 +191,7 @@ class Sam3VideoPredictor:
             except VideoReadError as exc:
                 raise PredictorError(f"resource_path: {exc}") from exc
             session_id = session_id or str(uuid.uuid4())
-            self._sessions[session_id] = VideoSession(self.models, frames)
+            self._sessions[session_id] = VideoSession(self.models, frames, self.encoder)
         return {"session_id": session_id}
 
     def add_prompt(
@@ -209,6 +221,8 @@ class Sam3VideoPredictor:
             raise PredictorError("frame_index: required (the frame the prompt is on)")
         with self._lock:
             session = self._session(session_id)
+            if self.prompt_coordinates == "meta":
+                fields = _from_meta_coordinates(fields, session.width, session.height)
             prompt = self._call(Prompt.from_dict, fields)
             objects = self._call(session.add_prompt, prompt, prompt.frame_index)
             return {"frame_index": prompt.frame_index, "outputs": FrameOutputs(objects, session.width, session.height)}
@@ -257,9 +271,7 @@ class Sam3VideoPredictor:
             session = self._sessions.pop(session_id, None) if isinstance(session_id, str) else None
             if session is None:
                 return {"is_success": False}
-            session.close()
-            del session
-        gc.collect()
+            session.close()  # drops the sessions' tensors and the decoded frames now, not at the next gc
         if self.models.device.type == "cuda":
             torch.cuda.empty_cache()
         return {"is_success": True}
@@ -363,6 +375,31 @@ def _optional_int(field: str, value: object, minimum: int) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise PredictorError(f"{field}: must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _from_meta_coordinates(fields: dict[str, Any], width: int, height: int) -> dict[str, Any]:
+    """Meta's normalized ``[x, y]`` points and ``[x, y, w, h]`` boxes as pixel points and ``[cx, cy, w, h]``
+    boxes. Malformed values pass through unchanged for the prompt validator to name."""
+    fields = dict(fields)
+    points, boxes = fields.get("points"), fields.get("bounding_boxes")
+    if _numbers_of(points, 2):
+        if not all(0 <= v <= 1 for point in points for v in point):
+            raise PredictorError("points: with prompt_coordinates='meta', points are normalized [x, y] in 0..1")
+        # a normalized 1.0 is the right/bottom edge: keep it inside the last pixel
+        fields["points"] = [[min(x * width, width - 1e-3), min(y * height, height - 1e-3)] for x, y in points]
+    if _numbers_of(boxes, 4):
+        fields["bounding_boxes"] = [[x + w / 2, y + h / 2, w, h] for x, y, w, h in boxes]
+    return fields
+
+
+def _numbers_of(value: object, size: int) -> bool:
+    """Whether ``value`` is a list of ``size``-number lists."""
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(item, (list, tuple))
+        and len(item) == size
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in item)
+        for item in value
+    )
 
 
 def _plain(value: Any) -> Any:

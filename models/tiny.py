@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from transformers import CLIPTokenizer, Sam3VideoConfig, Sam3VideoModel
 
+from models.prompts import Prompt
+
 TINY_IMAGE_SIZE = 112  # a multiple of the patch size 14
 TINY_SEED = 0
 TINY_TEXT_POSITIONS = 32
@@ -98,12 +100,12 @@ def tiny_video_model(seed: int = TINY_SEED) -> Sam3VideoModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Sam3VideoModel(tiny_video_config())
-    _liven(model, seed)
+    liven_weights(model, seed)
     return model.eval()
 
 
 @torch.no_grad()
-def _liven(model: Sam3VideoModel, seed: int) -> None:
+def liven_weights(model: Sam3VideoModel, seed: int = TINY_SEED) -> None:
     """Re-draw the weights at unit gain so outputs depend on the image.
 
     With transformers' small default init every logit sits near zero: masks come out empty and
@@ -163,3 +165,12 @@ def moving_shapes(index: int, width: int = 160, height: int = 120) -> np.ndarray
     gx = width - 40 - (2 * index) % span
     frame[height // 12 : height // 4, gx : gx + width // 5] = (50, 220, 50)
     return frame
+
+
+def click_prompts(count: int, width: int, height: int) -> list[Prompt]:
+    """Clicks on :func:`moving_shapes`' shapes (and spread points for more objects), one object each."""
+    spots = [(0.3, 0.5), (0.8, 0.17), (0.5, 0.8), (0.15, 0.15), (0.85, 0.85), (0.5, 0.3)]
+    return [
+        Prompt(points=((spots[i % len(spots)][0] * width, spots[i % len(spots)][1] * height),), point_labels=(1,))
+        for i in range(count)
+    ]

@@ -21,6 +21,8 @@ import av
 import cv2
 import numpy as np
 
+from models.frames import MAX_FRAME_SIDE
+
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 FOLDER_EXTENSIONS = (".jpg", ".jpeg")
@@ -142,14 +144,9 @@ class VideoFileFrames(VideoFrames):
             self._container.close()
             raise VideoReadError(f"{path}: the video stream holds no frames")
         rate = stream.average_rate or stream.guessed_rate
-        super().__init__(
-            str(path),
-            len(timestamps),
-            int(stream.codec_context.width),
-            int(stream.codec_context.height),
-            float(rate) if rate else 0.0,
-            cache_frames,
-        )
+        width, height = int(stream.codec_context.width), int(stream.codec_context.height)
+        _check_size(path, width, height)
+        super().__init__(str(path), len(timestamps), width, height, float(rate) if rate else 0.0, cache_frames)
         # Presentation order: frame i is the i-th smallest timestamp (B-frames arrive out of order).
         self._timestamps = sorted(timestamps)
         self._index_of = {pts: i for i, pts in enumerate(self._timestamps)}
@@ -280,8 +277,10 @@ def _read_image(path: Path) -> np.ndarray:
     if path.suffix.lower() == ".gif":
         try:
             with av.open(str(path)) as container:
+                context = container.streams.video[0].codec_context
+                _check_size(path, context.width, context.height)
                 return next(container.decode(video=0)).to_ndarray(format="rgb24")
-        except (av.FFmpegError, OSError, StopIteration) as exc:
+        except (av.FFmpegError, OSError, IndexError, StopIteration) as exc:
             raise VideoReadError(f"{path}: cannot read the GIF ({exc or 'no frames'})") from exc
     try:
         data = np.fromfile(path, dtype=np.uint8)
@@ -290,4 +289,10 @@ def _read_image(path: Path) -> np.ndarray:
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if bgr is None:
         raise VideoReadError(f"{path}: not a readable image")
+    _check_size(path, bgr.shape[1], bgr.shape[0])
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _check_size(path: Path, width: int, height: int) -> None:
+    if not (0 < width <= MAX_FRAME_SIDE and 0 < height <= MAX_FRAME_SIDE):
+        raise VideoReadError(f"{path}: frames of {width}x{height} are outside 1..{MAX_FRAME_SIDE} pixels a side")

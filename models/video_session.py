@@ -26,7 +26,7 @@ from transformers.models.sam3_video.modeling_sam3_video import (
     Sam3VideoSegmentationOutput,
 )
 
-from models.encoder import FrameFeatures, TorchImageEncoder
+from models.encoder import FrameFeatures, ImageEncoder, TorchImageEncoder
 from models.loading import Sam3Models
 from models.memory import TRANSIENT_KEYS, MemoryWindow, trim_video_bookkeeping
 from models.preprocess import (
@@ -97,11 +97,11 @@ class VideoSession:
     Problems with a request raise ``ValueError`` whose message starts with the field's name.
     """
 
-    def __init__(self, models: Sam3Models, frames: VideoFrames) -> None:
+    def __init__(self, models: Sam3Models, frames: VideoFrames, encoder: ImageEncoder | None = None) -> None:
         self.models = models
         self.frames = frames
         self.pixels = ProcessedFrames(frames, models)
-        self.encoder = TorchImageEncoder(models)
+        self.encoder = encoder if encoder is not None else TorchImageEncoder(models)
         self.window = MemoryWindow.for_tracker(models.tracker_model.config, max_conditioning_frames=None)
         self.version = 0
         self._clear()
@@ -169,7 +169,6 @@ class VideoSession:
         """
         if self.geometry is not None and obj_id in self.geometry.obj_ids:
             remove_tracker_object(self.geometry, obj_id)
-            self.init_frames.pop(obj_id, None)
             if not self.geometry.obj_ids:
                 self.geometry = None
         elif self.text is not None and obj_id in self.text.obj_ids and obj_id not in self.hidden:
@@ -201,13 +200,11 @@ class VideoSession:
         """
         if direction not in DIRECTIONS:
             raise ValueError(f"propagation_direction: must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+        if start_frame_index is not None:
+            self._check_frame_index("start_frame_index", start_frame_index)
         if not self.prompted_frames:
             raise ValueError("session: no prompt added yet; add_prompt before propagate_in_video")
-        if start_frame_index is None:
-            start = min(self.prompted_frames)
-        else:
-            self._check_frame_index("start_frame_index", start_frame_index)
-            start = start_frame_index
+        start = min(self.prompted_frames) if start_frame_index is None else start_frame_index
         count = self.num_frames if max_frame_num_to_track is None else max_frame_num_to_track
         legs: list[tuple[range, bool]] = []
         if direction in (FORWARD, BOTH):
@@ -264,7 +261,6 @@ class VideoSession:
         self.geometry: Sam3TrackerVideoInferenceSession | None = None
         self.prompted_frames: set[int] = set()
         self.hidden: set[int] = set()  # text-found objects the user removed
-        self.init_frames: dict[int, int] = {}  # point/box object -> the frame it was created on
         self.next_obj_id = 0
         self._fresh: tuple[int, RawFrame] | None = None
 
@@ -311,7 +307,6 @@ class VideoSession:
                 new_id = obj_id if obj_id is not None else self.next_obj_id
                 self.next_obj_id = max(self.next_obj_id, new_id + 1)
                 new[new_id] = point_inputs(coords, labels, device)
-                self.init_frames.setdefault(new_id, frame_index)
         if self.geometry is None:
             self.geometry = self._new_session(Sam3TrackerVideoInferenceSession)
         add_object_inputs(self.geometry, frame_index, new)
@@ -370,39 +365,52 @@ class VideoSession:
                 prune_for_next_frame(session, frame_index, reverse, self.window, keep)
 
     def _postprocess(self, raw: RawFrame) -> list[ObjectResult]:
-        objects = self._text_objects(raw.text) if raw.text is not None else []
+        objects = []
+        if raw.text is not None:
+            objects += text_objects(raw.text, self.text, self.height, self.width, hidden=self.hidden)
         if raw.geometry_ids:
-            labels = [None] * len(raw.geometry_ids)
-            objects += _objects(
-                list(raw.geometry_ids), raw.geometry_logits, raw.geometry_scores, labels, self.height, self.width
+            objects += objects_from_logits(
+                list(raw.geometry_ids), raw.geometry_logits, raw.geometry_scores, self.height, self.width
             )
         return sorted(objects, key=lambda o: o.obj_id)
 
-    def _text_objects(self, out: Sam3VideoSegmentationOutput) -> list[ObjectResult]:
-        session = self.text
-        hide = set(out.suppressed_obj_ids or ()) | session.hotstart_removed_obj_ids | self.hidden
-        ids = [i for i in sorted(out.obj_id_to_mask) if i not in hide]
-        if not ids:
-            return []
-        device = self.models.device
-        logits = torch.cat([out.obj_id_to_mask[i] for i in ids], dim=0)
-        scores = torch.tensor([float(out.obj_id_to_score[i]) for i in ids], device=device)
-        tracker_scores = out.obj_id_to_tracker_score or {}
-        overlap = torch.tensor([float(tracker_scores.get(i, 0.0)) for i in ids], device=device)
-        labels = [session.prompts.get(session.obj_id_to_prompt_id.get(i)) for i in ids]
-        return _objects(ids, logits, scores, labels, self.height, self.width, overlap)
+
+def text_objects(
+    out: Sam3VideoSegmentationOutput,
+    session: Sam3VideoInferenceSession,
+    height: int,
+    width: int,
+    hidden: set[int] | frozenset[int] = frozenset(),
+) -> list[ObjectResult]:
+    """The objects ``Sam3VideoModel`` shows on a frame, as transformers' video processor post-processes
+    them: suppressed and hot-start-removed objects hidden (and ``hidden`` ones), masks at ``height`` x
+    ``width``, overlaps settled per prompt by tracker score, empty masks left out; ``score`` is the
+    detection score."""
+    hide = set(out.suppressed_obj_ids or ()) | session.hotstart_removed_obj_ids | set(hidden)
+    ids = [i for i in sorted(out.obj_id_to_mask) if i not in hide]
+    if not ids:
+        return []
+    device = out.obj_id_to_mask[ids[0]].device
+    logits = torch.cat([out.obj_id_to_mask[i] for i in ids], dim=0)
+    scores = torch.tensor([float(out.obj_id_to_score[i]) for i in ids], device=device)
+    tracker_scores = out.obj_id_to_tracker_score or {}
+    overlap = torch.tensor([float(tracker_scores.get(i, 0.0)) for i in ids], device=device)
+    labels = [session.prompts.get(session.obj_id_to_prompt_id.get(i)) for i in ids]
+    return objects_from_logits(ids, logits, scores, height, width, labels, overlap)
 
 
-def _objects(
+def objects_from_logits(
     ids: list[int],
     logits: torch.Tensor,
     scores: torch.Tensor,
-    labels: list[str | None],
     height: int,
     width: int,
+    labels: list[str | None] | None = None,
     overlap_scores: torch.Tensor | None = None,
 ) -> list[ObjectResult]:
-    """Low-res logits -> masks at the video's size, boxes; objects with an empty mask are left out."""
+    """Low-res mask logits -> objects with masks at ``height`` x ``width`` and pixel boxes; objects with
+    an empty mask are left out. ``overlap_scores`` settle pixels claimed by objects of one label."""
+    labels = labels if labels is not None else [None] * len(ids)
     masks = masks_to_frame(logits, height, width)
     if overlap_scores is not None:
         masks = resolve_overlaps_per_label(masks, overlap_scores, labels)
@@ -422,7 +430,11 @@ def prune_for_next_frame(session: Any, frame_idx: int, reverse: bool, window: Me
     SAM 3's tracker reads every conditioning (prompted) frame, and, of the other frames, the last
     ``max_object_pointers_in_encoder - 1`` in the direction of travel (their memories for the last
     ``num_maskmem - 1``). Those stay whole; every other frame's output goes. Without this a session
-    keeps every frame's memory features, masks and pointers for the rest of its life.
+    keeps every frame's output for the rest of its life: at full size (bf16) about 1.5 MB per frame
+    per object (memory features and their positional encoding, 648 KiB each; the 288 x 288 mask,
+    162 KiB), plus a 2 MB high-resolution mask that is only read to encode that frame's memory.
+    Conditioning frames all stay, as the model reads their object pointers: the text model turns every
+    16th frame of a well-detected object into one (about 1.5 MB per object per 16 frames).
     """
     step = -1 if reverse else 1
     reach = {frame_idx - step * back for back in range(window.pointer_frames)}

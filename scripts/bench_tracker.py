@@ -30,7 +30,7 @@ from models.loading import Sam3Models
 from models.memory import state_bytes
 from models.preprocess import boxes_from_masks, frame_to_pixels, masks_to_frame, prompt_to_model_points
 from models.sessions import add_object_inputs, add_text_prompt, point_inputs
-from models.tiny import moving_shapes
+from models.tiny import click_prompts, moving_shapes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,15 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def checkpoints(frames: int) -> list[int]:
     return sorted({c for c in (100, 1000, frames) if c <= frames})
-
-
-def click_prompts(count: int, width: int, height: int) -> list[Prompt]:
-    """Clicks on the synthetic pattern's moving shapes (and spread points for more objects)."""
-    spots = [(0.3, 0.5), (0.8, 0.17), (0.5, 0.8), (0.15, 0.15), (0.85, 0.85), (0.5, 0.3)]
-    return [
-        Prompt(points=((spots[i % len(spots)][0] * width, spots[i % len(spots)][1] * height),), point_labels=(1,))
-        for i in range(count)
-    ]
 
 
 class Contender:

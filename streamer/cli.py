@@ -5,6 +5,10 @@
     sam3-stream capture --source rtsp://robot/cam --frames-endpoint tcp://0.0.0.0:5555 --keys ~/keys
     sam3-stream track --model facebook/sam3 --frames-endpoint tcp://robot:5555 --keys ~/keys
     sam3-stream serve --http-port 8080
+    sam3-stream export-encoder --model facebook/sam3 --out exported/     # the image encoder as ONNX
+    sam3-stream build-engine --model facebook/sam3 --precision fp16     # its TensorRT engine, cached
+    sam3-stream segment-video clip.mp4 --prompt person -o out.mp4 --masks masks.json   # one-off files
+    sam3-stream segment-image photo.jpg --prompt dog -o dog.png
 
 ``run`` starts ``capture``, ``track`` and ``serve`` as child processes over ipc:// sockets in a private
 temporary folder, prints the page's URL, restarts a child that dies (with back-off) while the others
@@ -27,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from streamer import capture, keys, tracker_service
+from streamer import capture, encoder_commands, keys, segment_cli, tracker_service
 from streamer.capture import Backoff
 from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
 from streamer.signals import StopSignals
@@ -163,7 +167,11 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Ch
         endpoints.results,
         "--control-endpoint",
         endpoints.control,
+        "--encoder",
+        args.encoder,
     ]
+    if args.encoder_precision is not None:
+        track_args += ["--encoder-precision", args.encoder_precision]
     for text in args.prompts:
         track_args += ["--prompt", text]
     serve_args = [
@@ -249,6 +257,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="hub id, local folder, 'tiny-random' (tests) or 'passthrough' (no model) (default %(default)s)",
     )
     parser.add_argument("--device", default="auto", help="torch device for the tracker (default: cuda if any)")
+    tracker_service.add_encoder_arguments(parser)
     parser.add_argument(
         "--source",
         required=True,
@@ -282,7 +291,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sam3-stream`` parser with its five commands."""
+    """The ``sam3-stream`` parser with its commands."""
     from streamer import gateway  # aiohttp and aiortc: loaded only to build the parser
 
     common = argparse.ArgumentParser(add_help=False)
@@ -329,6 +338,25 @@ def build_parser() -> argparse.ArgumentParser:
             "forwards prompts from the page's data channel, serves /health and /metrics.",
         )
     )
+    segment_cli.add_video_arguments(
+        commands.add_parser(
+            "segment-video",
+            parents=[common],
+            help="segment a video file: write it with the masks drawn, and the masks as JSON",
+            description="Track text prompts, clicks or boxes through a video file with SAM 3's video predictor "
+            "and write an H.264 mp4 with the objects drawn (or the masks alone), optionally every frame's masks "
+            "as COCO RLE JSON. The video is decoded, tracked and encoded frame by frame.",
+        )
+    )
+    segment_cli.add_image_arguments(
+        commands.add_parser(
+            "segment-image",
+            parents=[common],
+            help="segment an image: write it with the masks drawn",
+            description="Segment text prompts, clicks or boxes in one image and write it with the objects drawn "
+            "(or the mask alone), optionally the masks as COCO RLE JSON.",
+        )
+    )
     keys.add_arguments(
         commands.add_parser(
             "keys",
@@ -336,6 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
             help="make CURVE key pairs that secure tcp:// sockets",
             description="Make (or add to) a key folder: the servers' key pair, this host's client pair, and an "
             "allow-list of client public keys. Pass the folder as --keys to capture, track and serve.",
+        )
+    )
+    encoder_commands.add_export_arguments(
+        commands.add_parser(
+            "export-encoder",
+            parents=[common],
+            help="write the image encoder as ONNX",
+            description="Export the model's ViT image encoder to DIR/encoder.onnx (fixed input size; external "
+            "data for large models) and print its path.",
+        )
+    )
+    encoder_commands.add_build_arguments(
+        commands.add_parser(
+            "build-engine",
+            parents=[common],
+            help="build the image encoder's TensorRT engine",
+            description="Build the TensorRT engine of the image encoder from its ONNX export (needs TensorRT and "
+            "an NVIDIA GPU), cache it on disk and print its path; 'track --encoder tensorrt' then uses it.",
         )
     )
     return parser
@@ -351,8 +397,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return capture.run_from_args(args)
     if args.command == "track":
         return tracker_service.run_from_args(args)
+    if args.command in ("segment-video", "segment-image"):
+        return segment_cli.run_from_args(args)
     if args.command == "keys":
         return keys.run_from_args(args)
+    if args.command == "export-encoder":
+        return encoder_commands.run_export(args)
+    if args.command == "build-engine":
+        return encoder_commands.run_build(args)
     from streamer import gateway
 
     return gateway.run_from_args(args)

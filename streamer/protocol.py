@@ -24,7 +24,7 @@ import numpy as np
 import zmq
 from pycocotools import mask as coco_mask
 
-from models import FrameResult, Prompt
+from models import FrameResult, ObjectResult, Prompt
 
 PROTOCOL_VERSION = 1
 KINDS = ("frame", "prompt", "answer", "result", "status")
@@ -656,18 +656,9 @@ def _read_result(h: _Header, decode_masks: bool) -> ResultMessage:
 
 def encode_result(msg: ResultMessage, frame: np.ndarray | None) -> list:
     """``[header]`` or ``[header, frame]``: masks as COCO RLE in the header, the frame raw (no copy)."""
-    objects = []
-    for i, obj in enumerate(msg.objects):
-        mask = None
-        if obj.mask is not None:
-            shape = getattr(obj.mask, "shape", None)
-            if shape != (msg.height, msg.width):
-                raise ProtocolError(
-                    f"result.objects[{i}].mask: shape {shape} does not match the frame's ({msg.height}, {msg.width})"
-                )
-            mask = mask_to_rle(obj.mask)
-        bbox = list(obj.bbox) if isinstance(obj.bbox, (tuple, list, np.ndarray)) else obj.bbox
-        objects.append({"obj_id": obj.obj_id, "score": obj.score, "bbox": bbox, "label": obj.label, "mask": mask})
+    objects = [
+        object_to_json(obj, msg.width, msg.height, path=f"result.objects[{i}]") for i, obj in enumerate(msg.objects)
+    ]
     data = _dump_header(
         "result",
         {
@@ -686,6 +677,19 @@ def encode_result(msg: ResultMessage, frame: np.ndarray | None) -> list:
     if frame is None:
         return [data]
     return [data, _pixels_part("result.frame", frame, checked.width, checked.height)]
+
+
+def object_to_json(obj: WireObject | ObjectResult, width: int, height: int, path: str = "object") -> dict:
+    """An object as the wire (and the masks JSON files) carry it: ``{"obj_id", "score", "bbox", "label",
+    "mask"}`` with the mask as COCO RLE (``None`` when the object has none)."""
+    mask = None
+    if obj.mask is not None:
+        shape = getattr(obj.mask, "shape", None)
+        if shape != (height, width):
+            raise ProtocolError(f"{path}.mask: shape {shape} does not match the frame's ({height}, {width})")
+        mask = mask_to_rle(obj.mask)
+    bbox = list(obj.bbox) if isinstance(obj.bbox, (tuple, list, np.ndarray)) else obj.bbox
+    return {"obj_id": obj.obj_id, "score": obj.score, "bbox": bbox, "label": obj.label, "mask": mask}
 
 
 def decode_result(parts: Sequence) -> tuple[ResultMessage, np.ndarray | None]:

@@ -31,7 +31,7 @@ from types import TracebackType
 import numpy as np
 import zmq
 
-from models import Prompt
+from models import ENCODER_NAMES, ENCODER_PRECISIONS, Prompt, check_encoder_choice
 from streamer import security
 from streamer.config import Endpoints
 from streamer.healing import CauseLog, HealingSocket, SocketWatch
@@ -380,6 +380,8 @@ def run_tracker_service(
     passthrough_object: bool = False,
     keys: KeyFolder | None = None,
     insecure: bool = False,
+    encoder: str = "torch",
+    encoder_precision: str | None = None,
 ) -> None:
     """Bind, load the model, and serve until SIGINT/SIGTERM (from the main thread).
 
@@ -402,7 +404,12 @@ def run_tracker_service(
         log.info("loading %s ...", model)
         start = time.monotonic()
         make_tracker = tracker_factory(
-            model, device, passthrough_delay_s=passthrough_delay_s, passthrough_object=passthrough_object
+            model,
+            device,
+            encoder=encoder,
+            encoder_precision=encoder_precision,
+            passthrough_delay_s=passthrough_delay_s,
+            passthrough_object=passthrough_object,
         )
         log.info(
             "tracker %s ready in %.1f s: frames %s, results %s, control %s",
@@ -450,6 +457,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="text prompt given to every new stream; repeatable",
     )
+    add_encoder_arguments(parser)
     parser.add_argument("--name", default=None, help="tracker name in heartbeats (default MODEL@HOST)")
     parser.add_argument(
         "--passthrough-delay-ms",
@@ -466,6 +474,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     security.add_arguments(parser, binds=True)
 
 
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--encoder`` and ``--encoder-precision`` (``track`` and ``run``)."""
+    parser.add_argument(
+        "--encoder",
+        default="torch",
+        choices=ENCODER_NAMES,
+        help="image-encoder backend; one that cannot run here falls back to torch with a warning (default %(default)s)",
+    )
+    parser.add_argument(
+        "--encoder-precision",
+        default=None,
+        choices=sorted({p for precisions in ENCODER_PRECISIONS.values() for p in precisions}),
+        help="fp16 (default) or bf16 for tensorrt; fp8 for compiled (FP8 matmuls on Ada/Hopper)",
+    )
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the tracker service from parsed arguments; returns a process exit status (0 after a clean stop)."""
     if args.passthrough_delay_ms < 0:
@@ -473,6 +497,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     if args.model != PASSTHROUGH and (args.passthrough_delay_ms or args.passthrough_object):
         log.warning("--passthrough-* options apply to --model passthrough only; ignored")
+    if args.model == PASSTHROUGH and (args.encoder != "torch" or args.encoder_precision):
+        log.warning("--encoder options apply to real models only; ignored with --model passthrough")
+    try:
+        check_encoder_choice(args.encoder, args.encoder_precision)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     # Frames arrive as read-only views of the socket's buffers; the model only reads them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     frames_endpoints = args.frames_endpoints or [_DEFAULTS.frames]
@@ -490,6 +521,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             passthrough_object=args.passthrough_object,
             keys=keys,
             insecure=args.insecure,
+            encoder=args.encoder,
+            encoder_precision=args.encoder_precision,
         )
     except ValueError as exc:  # an endpoint, a --prompt, --keys or an exposed address; the message names it
         log.error("cannot start the tracker: %s", exc)

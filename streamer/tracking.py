@@ -132,21 +132,30 @@ class PassThroughTracker:
 
 
 def tracker_factory(
-    model: str, device: str | None = None, *, passthrough_delay_s: float = 0.0, passthrough_object: bool = False
+    model: str,
+    device: str | None = None,
+    *,
+    encoder: str = "torch",
+    encoder_precision: str | None = None,
+    passthrough_delay_s: float = 0.0,
+    passthrough_object: bool = False,
 ) -> TrackerFactory:
     """Load ``model`` once and return a function making one tracker per stream.
 
     ``"passthrough"`` needs no model (see :class:`PassThroughTracker`; the ``passthrough_*`` options
     apply to it only). Anything else is handed to ``models.load_models`` (hub id, local folder,
-    ``tiny-random``, ...) and each call makes a ``models.StreamingTracker`` over the shared weights.
-    ``device`` ``None`` or ``"auto"`` lets the model layer pick (CUDA when there is one).
+    ``tiny-random``, ...) and each call makes a ``models.StreamingTracker`` over the shared weights
+    and one shared image encoder, named by ``encoder`` (``models.make_encoder``: ``torch``,
+    ``compiled``, ``onnxruntime``, ``tensorrt``; one that cannot run here falls back to torch with a
+    warning). ``device`` ``None`` or ``"auto"`` lets the model layer pick (CUDA when there is one).
     """
     if model == PASSTHROUGH:
         return lambda: PassThroughTracker(passthrough_delay_s, passthrough_object)
-    from models import StreamingTracker, TrackerConfig, load_models  # lazy: torch loads only when needed
+    from models import StreamingTracker, TrackerConfig, load_models, make_encoder  # lazy: torch loads only when needed
 
     bundle = load_models(model, device=None if device in (None, "auto") else device)
-    return lambda: StreamingTracker(bundle, TrackerConfig())
+    image_encoder = make_encoder(encoder, bundle, precision=encoder_precision)
+    return lambda: StreamingTracker(bundle, TrackerConfig(), encoder=image_encoder)
 
 
 def make_tracker(model: str, device: str | None = None) -> Tracker:

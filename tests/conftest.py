@@ -32,3 +32,27 @@ def frames() -> Callable[[int], np.ndarray]:
     from models.tiny import moving_shapes
 
     return moving_shapes
+
+
+CLIP_FRAMES = 24
+
+
+@pytest.fixture(scope="session")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 24-frame 160x120 H.264 clip of moving shapes at 10 fps, written with the project's Mp4Writer."""
+    from models.tiny import moving_shapes
+    from streamer.video_writer import Mp4Writer
+
+    path = tmp_path_factory.mktemp("clip") / "shapes.mp4"
+    with Mp4Writer(path, 160, 120, fps=10) as writer:
+        for i in range(CLIP_FRAMES):
+            writer.write(moving_shapes(i))
+    return path
+
+
+@pytest.fixture(scope="session")
+def predictor(tiny_models):
+    """One tiny-model predictor for the whole run (tests close the sessions they open)."""
+    from models import Sam3VideoPredictor
+
+    return Sam3VideoPredictor(models=tiny_models)

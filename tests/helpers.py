@@ -1,7 +1,7 @@
 """Shared test helpers: a fake tracker on real ZeroMQ sockets, a real aiortc viewer, gateway fixtures,
-and hostile peers speaking raw bytes on a ZeroMQ endpoint.
+hostile peers speaking raw bytes on a ZeroMQ endpoint, and video files written with PyAV.
 
-Used by the gateway, browser, pipeline and socket-healing tests.
+Used by the gateway, browser, pipeline, socket-healing, predictor and CLI tests.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import av
 import numpy as np
 import zmq
 import zmq.asyncio
@@ -457,3 +459,45 @@ def free_endpoint(kind: str, folder: str) -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def write_video(
+    path: Path, frames: Iterable[np.ndarray], fps: int = 10, codec: str = "libx264", gop: int | None = None
+) -> Path:
+    """Encode RGB frames into a video file (the container follows the extension). ``gop``: frames between
+    keyframes (H.264 also gets B-frames then, so decode order differs from presentation order)."""
+    with av.open(str(path), "w") as container:
+        stream = None
+        for frame in frames:
+            if stream is None:
+                stream = container.add_stream(codec, rate=fps)
+                stream.width, stream.height, stream.pix_fmt = frame.shape[1], frame.shape[0], "yuv420p"
+                if gop is not None:
+                    stream.gop_size = gop
+                    if codec == "libx264":
+                        stream.options = {"g": str(gop), "keyint_min": str(gop), "bf": "2"}
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        if stream is not None:
+            container.mux(stream.encode())
+    return path
+
+
+def index_frames(count: int, width: int = 64, height: int = 48) -> list[np.ndarray]:
+    """Frames that tell their own index (up to 144): the left half's grey level codes ``k // 12``, the
+    right half's ``k % 12``, 20 levels apart (far beyond codec rounding)."""
+    frames = []
+    for k in range(count):
+        frame = np.empty((height, width, 3), np.uint8)
+        frame[:, : width // 2] = 10 + 20 * (k // 12 % 12)
+        frame[:, width // 2 :] = 10 + 20 * (k % 12)
+        frames.append(frame)
+    return frames
+
+
+def frame_index_of(frame: np.ndarray) -> int:
+    """The index an :func:`index_frames` frame shows (read from the middle of each half)."""
+    height, width = frame.shape[:2]
+    rows = slice(height // 4, 3 * height // 4)
+    left = float(frame[rows, width // 8 : 3 * width // 8].mean())
+    right = float(frame[rows, 5 * width // 8 : 7 * width // 8].mean())
+    return round((left - 10) / 20) * 12 + round((right - 10) / 20)

@@ -7,6 +7,7 @@ The process helpers here (``launched``, ``children_of``, ``free_port``, ``wait_f
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -130,14 +131,24 @@ def run_help(*args: str) -> str:
 
 def test_top_level_help_lists_every_command() -> None:
     text = run_help()
-    for command in ("run", "capture", "track", "serve", "keys"):
+    for command in (
+        "run",
+        "capture",
+        "track",
+        "serve",
+        "keys",
+        "export-encoder",
+        "build-engine",
+        "segment-video",
+        "segment-image",
+    ):
         assert re.search(rf"^\s+{command}\s+\S", text, re.MULTILINE), f"{command} missing from:\n{text}"
 
 
 @pytest.mark.parametrize(
     "command, options",
     [
-        ("run", ["--model", "--source", "--prompt", "--http-port", "--loop", "--log-level"]),
+        ("run", ["--model", "--source", "--prompt", "--http-port", "--loop", "--log-level", "--encoder"]),
         ("capture", ["--source", "--frames-endpoint", "--stream-id", "--loop", "--log-level", "--keys", "--insecure"]),
         (
             "track",
@@ -151,10 +162,16 @@ def test_top_level_help_lists_every_command() -> None:
                 "--passthrough-delay-ms",
                 "--keys",
                 "--insecure",
+                "--encoder",
+                "--encoder-precision",
             ],
         ),
         ("serve", ["--results-endpoint", "--control-endpoint", "--http-port", "--keys"]),
         ("keys", ["DIR", "--client"]),
+        ("export-encoder", ["--model", "--out", "--precision", "--external-data"]),
+        ("build-engine", ["--model", "--precision", "--cache-dir"]),
+        ("segment-video", ["IN", "--prompt", "--points", "--negative-points", "--box", "--frame", "-o", "--masks"]),
+        ("segment-image", ["IN", "--prompt", "--points", "--box", "-o", "--masks", "--no-overlay", "--model"]),
     ],
 )
 def test_each_command_has_help(command: str, options: list[str]) -> None:
@@ -249,3 +266,49 @@ def test_run_refuses_a_busy_http_port() -> None:
             timeout=60,
         )
     assert out.returncode == 2 and "already in use" in out.stderr
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streamer.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=child_env(),
+        timeout=timeout,
+    )
+
+
+def test_export_encoder_writes_onnx_and_prints_its_path(tmp_path: Path) -> None:
+    out = run_cli("export-encoder", "--model", "tiny-random", "--out", str(tmp_path / "exported"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    (printed,) = out.stdout.splitlines()
+    assert Path(printed) == tmp_path / "exported" / "encoder.onnx" and Path(printed).stat().st_size > 0
+
+
+def test_build_engine_without_tensorrt_fails_saying_why() -> None:
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: the GPU tests build engines")
+    out = run_cli("build-engine", "--model", "tiny-random", "--device", "cpu")
+    assert out.returncode == 1 and out.stdout == ""
+    assert "build-engine: TensorRT is not installed" in out.stderr and "sam3-stream[trt]" in out.stderr
+
+
+def test_track_refuses_a_precision_its_encoder_does_not_take() -> None:
+    out = run_cli("track", "--model", "tiny-random", "--encoder", "onnxruntime", "--encoder-precision", "fp8")
+    assert out.returncode == 2 and "encoder_precision: onnxruntime takes none" in out.stderr
+
+
+def test_run_hands_the_encoder_choice_to_its_tracker(tmp_path: Path) -> None:
+    from streamer.cli import build_parser, pipeline_children
+    from streamer.config import Endpoints
+
+    def tracker_argv(*extra: str) -> list[str]:
+        args = build_parser().parse_args(["run", "--model", "tiny-random", "--source", "synthetic", *extra])
+        (tracker,) = [c for c in pipeline_children(args, Endpoints.ipc_in(str(tmp_path))) if c.name == "tracker"]
+        return tracker.argv
+
+    argv = tracker_argv("--encoder", "tensorrt", "--encoder-precision", "bf16")
+    assert argv[argv.index("--encoder") + 1] == "tensorrt" and argv[argv.index("--encoder-precision") + 1] == "bf16"
+    default = tracker_argv()
+    assert default[default.index("--encoder") + 1] == "torch" and "--encoder-precision" not in default

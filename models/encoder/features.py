@@ -1,4 +1,4 @@
-"""Image-encoder backends. The ViT encoder is about three quarters of a frame's work, so it is replaceable.
+"""``FrameFeatures``: one frame's encoder tokens, and the necks SAM 3 derives from them.
 
 A backend turns normalized pixels into the ViT's output tokens; ``FrameFeatures`` derives from
 those tokens, on demand, the detector's FPN (text prompts) and the tracker's FPN (every object),
@@ -8,30 +8,12 @@ Whatever backend computes the tokens (torch, ONNX Runtime, TensorRT), the same t
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from models.loading import Sam3Models
-
-
-class ImageEncoder(Protocol):
-    """What the streaming tracker needs from an image-encoder backend."""
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``1 x 3 x S x S`` normalized pixels -> ViT tokens ``1 x (S/14)^2 x C``."""
-
-
-class TorchImageEncoder:
-    """The model's own PyTorch ViT (eager; bf16 on GPU through the loaded dtype)."""
-
-    def __init__(self, models: Sam3Models) -> None:
-        self.backbone = models.video_model.detector_model.vision_encoder.backbone
-
-    @torch.inference_mode()
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.backbone(pixels).last_hidden_state
 
 
 class FrameFeatures:
