@@ -9,6 +9,7 @@
     sam3-stream build-engine --model facebook/sam3 --precision fp16     # its TensorRT engine, cached
     sam3-stream segment-video clip.mp4 --prompt person -o out.mp4 --masks masks.json   # one-off files
     sam3-stream segment-image photo.jpg --prompt dog -o dog.png
+    sam3-stream api --model facebook/sam3 --http-port 8090                # files over HTTP (hosted-API fields)
 
 ``run`` starts ``capture``, ``track`` and ``serve`` as child processes over ipc:// sockets in a private
 temporary folder, prints the page's URL, restarts a child that dies (with back-off) while the others
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -31,7 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from streamer import capture, encoder_commands, keys, segment_cli, tracker_service
+from streamer import tracker_service
 from streamer.capture import Backoff
 from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
 from streamer.signals import StopSignals
@@ -290,8 +292,109 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Command:
+    """One ``sam3-stream`` command: its module adds the options (``add``) and runs it (``run``: exit status).
+
+    Modules are imported only when the parser is built, so a command's heavy imports (torch, aiortc)
+    stay out of the others' way where a module keeps them lazy.
+    """
+
+    name: str
+    module: str
+    add: str
+    run: str
+    help: str
+    description: str
+
+
+COMMANDS = (
+    Command(
+        "capture",
+        "streamer.capture",
+        "add_arguments",
+        "run_from_args",
+        "read one camera or file and publish its frames",
+        "Capture a source, pace it, stamp each frame and publish it over ZeroMQ (PUB, bound).",
+    ),
+    Command(
+        "track",
+        "streamer.tracker_service",
+        "add_arguments",
+        "run_from_args",
+        "run SAM 3 on the newest frames and publish results",
+        "The tracker: subscribes to frames (newest only), answers prompts on its control socket, publishes a "
+        "result with its frame per tracked frame, and a status heartbeat every 0.5 s.",
+    ),
+    Command(
+        "serve",
+        "streamer.gateway",
+        "add_arguments",
+        "run_from_args",
+        "serve the operator page: WebRTC video and prompts",
+        "The gateway: composites the tracker's results onto their frames as WebRTC video, forwards prompts "
+        "from the page's data channel, serves /health and /metrics.",
+    ),
+    Command(
+        "segment-video",
+        "streamer.segment_cli",
+        "add_video_arguments",
+        "run_from_args",
+        "segment a video file: write it with the masks drawn, and the masks as JSON",
+        "Track text prompts, clicks or boxes through a video file with SAM 3's video predictor and write an "
+        "H.264 mp4 with the objects drawn (or the masks alone), optionally every frame's masks as COCO RLE "
+        "JSON. The video is decoded, tracked and encoded frame by frame.",
+    ),
+    Command(
+        "segment-image",
+        "streamer.segment_cli",
+        "add_image_arguments",
+        "run_from_args",
+        "segment an image: write it with the masks drawn",
+        "Segment text prompts, clicks or boxes in one image and write it with the objects drawn (or the mask "
+        "alone), optionally the masks as COCO RLE JSON.",
+    ),
+    Command(
+        "api",
+        "streamer.api",
+        "add_arguments",
+        "run_from_args",
+        "serve SAM 3 on images and videos over HTTP (hosted SAM 3 services' requests)",
+        "An HTTP service with the request fields of the hosted SAM 3 services (Oxen.ai, Segmind): synchronous "
+        "and queued jobs kept in SQLite under --data-dir, results by URL, server-sent events.",
+    ),
+    Command(
+        "keys",
+        "streamer.keys",
+        "add_arguments",
+        "run_from_args",
+        "make CURVE key pairs that secure tcp:// sockets",
+        "Make (or add to) a key folder: the servers' key pair, this host's client pair, and an allow-list of "
+        "client public keys. Pass the folder as --keys to capture, track and serve.",
+    ),
+    Command(
+        "export-encoder",
+        "streamer.encoder_commands",
+        "add_export_arguments",
+        "run_export",
+        "write the image encoder as ONNX",
+        "Export the model's ViT image encoder to DIR/encoder.onnx (fixed input size; external data for large "
+        "models) and print its path.",
+    ),
+    Command(
+        "build-engine",
+        "streamer.encoder_commands",
+        "add_build_arguments",
+        "run_build",
+        "build the image encoder's TensorRT engine",
+        "Build the TensorRT engine of the image encoder from its ONNX export (needs TensorRT and an NVIDIA GPU), "
+        "cache it on disk and print its path; 'track --encoder tensorrt' then uses it.",
+    ),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sam3-stream`` parser with its commands."""
+    """The ``sam3-stream`` parser: ``run`` and every command of :data:`COMMANDS`."""
     from streamer import gateway  # aiohttp and aiortc: loaded only to build the parser
 
     common = argparse.ArgumentParser(add_help=False)
@@ -312,78 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(run)
     gateway.add_access_arguments(run)
-    capture.add_arguments(
-        commands.add_parser(
-            "capture",
-            parents=[common],
-            help="read one camera or file and publish its frames",
-            description="Capture a source, pace it, stamp each frame and publish it over ZeroMQ (PUB, bound).",
-        )
-    )
-    tracker_service.add_arguments(
-        commands.add_parser(
-            "track",
-            parents=[common],
-            help="run SAM 3 on the newest frames and publish results",
-            description="The tracker: subscribes to frames (newest only), answers prompts on its control socket, "
-            "publishes a result with its frame per tracked frame, and a status heartbeat every 0.5 s.",
-        )
-    )
-    gateway.add_arguments(
-        commands.add_parser(
-            "serve",
-            parents=[common],
-            help="serve the operator page: WebRTC video and prompts",
-            description="The gateway: composites the tracker's results onto their frames as WebRTC video, "
-            "forwards prompts from the page's data channel, serves /health and /metrics.",
-        )
-    )
-    segment_cli.add_video_arguments(
-        commands.add_parser(
-            "segment-video",
-            parents=[common],
-            help="segment a video file: write it with the masks drawn, and the masks as JSON",
-            description="Track text prompts, clicks or boxes through a video file with SAM 3's video predictor "
-            "and write an H.264 mp4 with the objects drawn (or the masks alone), optionally every frame's masks "
-            "as COCO RLE JSON. The video is decoded, tracked and encoded frame by frame.",
-        )
-    )
-    segment_cli.add_image_arguments(
-        commands.add_parser(
-            "segment-image",
-            parents=[common],
-            help="segment an image: write it with the masks drawn",
-            description="Segment text prompts, clicks or boxes in one image and write it with the objects drawn "
-            "(or the mask alone), optionally the masks as COCO RLE JSON.",
-        )
-    )
-    keys.add_arguments(
-        commands.add_parser(
-            "keys",
-            parents=[common],
-            help="make CURVE key pairs that secure tcp:// sockets",
-            description="Make (or add to) a key folder: the servers' key pair, this host's client pair, and an "
-            "allow-list of client public keys. Pass the folder as --keys to capture, track and serve.",
-        )
-    )
-    encoder_commands.add_export_arguments(
-        commands.add_parser(
-            "export-encoder",
-            parents=[common],
-            help="write the image encoder as ONNX",
-            description="Export the model's ViT image encoder to DIR/encoder.onnx (fixed input size; external "
-            "data for large models) and print its path.",
-        )
-    )
-    encoder_commands.add_build_arguments(
-        commands.add_parser(
-            "build-engine",
-            parents=[common],
-            help="build the image encoder's TensorRT engine",
-            description="Build the TensorRT engine of the image encoder from its ONNX export (needs TensorRT and "
-            "an NVIDIA GPU), cache it on disk and print its path; 'track --encoder tensorrt' then uses it.",
-        )
-    )
+    for command in COMMANDS:
+        add = getattr(importlib.import_module(command.module), command.add)
+        add(commands.add_parser(command.name, parents=[common], help=command.help, description=command.description))
     return parser
 
 
@@ -393,21 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "run":
         return run_pipeline(args)
-    if args.command == "capture":
-        return capture.run_from_args(args)
-    if args.command == "track":
-        return tracker_service.run_from_args(args)
-    if args.command in ("segment-video", "segment-image"):
-        return segment_cli.run_from_args(args)
-    if args.command == "keys":
-        return keys.run_from_args(args)
-    if args.command == "export-encoder":
-        return encoder_commands.run_export(args)
-    if args.command == "build-engine":
-        return encoder_commands.run_build(args)
-    from streamer import gateway
-
-    return gateway.run_from_args(args)
+    command = next(c for c in COMMANDS if c.name == args.command)
+    return getattr(importlib.import_module(command.module), command.run)(args)
 
 
 if __name__ == "__main__":

@@ -56,3 +56,45 @@ def predictor(tiny_models):
     from models import Sam3VideoPredictor
 
     return Sam3VideoPredictor(models=tiny_models)
+
+
+# -- sam3-stream api: inputs served over HTTP on loopback, and one server process for the session --
+
+API_CLIP_FRAMES = 6  # the short clip: frames of 64x48 at 10 fps
+API_LONG_FRAMES = 40  # long enough (seconds of tiny-model work) to be seen running, cancelled, killed
+API_MAX_VIDEO_S = 10  # the session server's --max-video-seconds; overlong.mp4 lasts 12 s
+API_MAX_UPLOAD_MB = 1  # the session server's --max-upload-mb; big.bin is 1.2 MB
+
+
+@pytest.fixture(scope="session")
+def api_media(tmp_path_factory: pytest.TempPathFactory):
+    """A folder of test inputs served over HTTP on loopback; yields (folder, base URL)."""
+    import cv2
+    from helpers import serve_folder, write_mp4
+
+    from models.tiny import moving_shapes
+
+    folder = tmp_path_factory.mktemp("api-media")
+    write_mp4(folder / "clip.mp4", (moving_shapes(i, 64, 48) for i in range(API_CLIP_FRAMES)))
+    write_mp4(folder / "long.mp4", (moving_shapes(i, 64, 48) for i in range(API_LONG_FRAMES)))
+    write_mp4(folder / "overlong.mp4", (moving_shapes(i, 32, 32) for i in range(10 * (API_MAX_VIDEO_S + 2))))
+    still = cv2.cvtColor(moving_shapes(0, 64, 48), cv2.COLOR_RGB2BGR)
+    for ext in ("png", "jpg", "gif", "webp"):
+        cv2.imwrite(str(folder / f"still.{ext}"), still)
+    (folder / "still.png").rename(folder / "still-named.mp4")  # a PNG under a video's name
+    cv2.imwrite(str(folder / "still.png"), still)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "big.bin").write_bytes(np.random.default_rng(0).bytes(int(1.2 * 2**20)))
+    with serve_folder(folder) as url:
+        yield folder, url
+
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory: pytest.TempPathFactory, api_media):
+    """``sam3-stream api --model tiny-random`` on loopback, allowed to fetch from the loopback media server."""
+    from helpers import ApiServer
+
+    data_dir = tmp_path_factory.mktemp("api-data")
+    limits = ("--max-video-seconds", str(API_MAX_VIDEO_S), "--max-upload-mb", str(API_MAX_UPLOAD_MB))
+    with ApiServer(data_dir, "--allow-private-urls", *limits) as server:
+        yield server

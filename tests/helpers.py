@@ -1,7 +1,8 @@
 """Shared test helpers: a fake tracker on real ZeroMQ sockets, a real aiortc viewer, gateway fixtures,
-hostile peers speaking raw bytes on a ZeroMQ endpoint, and video files written with PyAV.
+hostile peers speaking raw bytes on a ZeroMQ endpoint, files served over HTTP on loopback, generated
+videos, and the ``sam3-stream api`` server process.
 
-Used by the gateway, browser, pipeline, socket-healing, predictor and CLI tests.
+Used by the gateway, browser, pipeline, socket-healing, predictor, CLI, sources and api tests.
 """
 
 from __future__ import annotations
@@ -9,13 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
+import http.server
 import json
 import os
+import re
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +30,7 @@ from typing import Any, TypeVar
 import aiohttp
 import av
 import numpy as np
+import requests
 import zmq
 import zmq.asyncio
 from aiohttp import web
@@ -501,3 +509,175 @@ def frame_index_of(frame: np.ndarray) -> int:
     left = float(frame[rows, width // 8 : 3 * width // 8].mean())
     right = float(frame[rows, 5 * width // 8 : 7 * width // 8].mean())
     return round((left - 10) / 20) * 12 + round((right - 10) / 20)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files over HTTP, generated videos, the api server
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path) -> Iterator[str]:
+    """``folder`` served over HTTP on loopback (a free port); yields the base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def write_mp4(path: Path, frames: Iterable[np.ndarray], fps: int = 10) -> Path:
+    """An H.264 mp4 of RGB ``frames`` (all of one even size) at ``fps``."""
+    with av.open(str(path), "w") as container:
+        stream = None
+        for pixels in frames:
+            if stream is None:
+                stream = container.add_stream("libx264", rate=fps)
+                stream.width, stream.height, stream.pix_fmt = pixels.shape[1], pixels.shape[0], "yuv420p"
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        assert stream is not None, "no frames"
+        container.mux(stream.encode())
+    return path
+
+
+def decode_video(data: bytes, path: Path) -> tuple[str, list[np.ndarray]]:
+    """The codec name and RGB frames of a video given as bytes (written to ``path`` to decode)."""
+    path.write_bytes(data)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.codec_context.name, [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+
+
+class ApiServer:
+    """``sam3-stream api`` as a real process on loopback (a free port), started on a data directory."""
+
+    def __init__(self, data_dir: Path, *args: str, model: str = "tiny-random") -> None:
+        self.data_dir = data_dir
+        self.argv = [
+            sys.executable,
+            "-m",
+            "streamer.cli",
+            "api",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--http-port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+            *args,
+        ]
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.output: list[str] = []
+
+    def start(self, timeout: float = 120.0) -> ApiServer:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env
+        )
+        found = threading.Event()
+
+        def pump() -> None:  # keeps reading, so a chatty server never blocks on a full pipe
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.output.append(line)
+                match = re.search(r"serving on (http://\S+?)/? ", line)
+                if match:
+                    self.url = match.group(1).rstrip("/")
+                    found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not found.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("api server did not start:\n" + "".join(self.output[-40:]))
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        """Send ``sig`` (SIGKILL: a crash) and reap the process; returns its exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code, self.proc = self.proc.returncode, None
+        return code
+
+    def __enter__(self) -> ApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for_generation(
+    base: str, generation_id: str, statuses: Iterable[str], timeout: float = 60.0, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Poll ``GET /api/ai/queue/{id}`` until its status is one of ``statuses``; returns that view."""
+    deadline = time.monotonic() + timeout
+    wanted = set(statuses)
+    while True:
+        view = requests.get(f"{base}/api/ai/queue/{generation_id}", headers=headers, timeout=10).json()
+        if view["status"] in wanted:
+            return view
+        assert time.monotonic() < deadline, f"generation {generation_id} stuck at {view}"
+        time.sleep(0.1)
+
+
+class EventListener:
+    """Reads ``GET /api/events`` the way the hosted service's docs do (requests, line by line), in a thread;
+    collects the ``media_generation_completed`` payloads."""
+
+    def __init__(self, base: str, headers: dict[str, str] | None = None) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.comments: list[str] = []
+        self._response = requests.get(f"{base}/api/events", headers=headers, stream=True, timeout=60)
+        assert self._response.status_code == 200, self._response.text
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        self.wait(lambda: self.comments, 10)  # the stream is live once its first comment arrived
+
+    def _read(self) -> None:
+        event_name = None
+        with contextlib.suppress(requests.RequestException, AttributeError, ValueError):
+            for line in self._response.iter_lines(decode_unicode=True):
+                if line.startswith(":"):
+                    self.comments.append(line)
+                elif line.startswith("event: "):
+                    event_name = line.removeprefix("event: ")
+                elif line.startswith("data: ") and event_name == "media_generation_completed":
+                    self.events.append(json.loads(line.removeprefix("data: ")))
+
+    def wait(self, condition: Any, timeout: float = 60.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (result := condition()):
+            assert time.monotonic() < deadline, f"events: condition not met; got {self.events}"
+            time.sleep(0.05)
+        return result
+
+    def event_for(self, generation_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        return self.wait(lambda: next((e for e in self.events if e["generation_id"] == generation_id), None), timeout)
+
+    def close(self) -> None:
+        # Shut the socket down: closing the response alone leaves the reader blocked until the next keep-alive.
+        connection = self._response.raw.connection
+        if connection is not None and connection.sock is not None:
+            with contextlib.suppress(OSError):
+                connection.sock.shutdown(socket.SHUT_RDWR)
+        self._response.close()
+        self._thread.join(5)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pytest
+from helpers import serve_folder, write_mp4
 
 from streamer.sources import (
     ImageFolderSource,
@@ -23,13 +20,7 @@ from streamer.sources import (
 
 def write_video(path: Path, n: int, width: int = 64, height: int = 48, fps: int = 10) -> None:
     """An mp4 whose frame k is a flat grey of level 20 * k (well apart after H.264 rounding)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for k in range(n):
-            pixels = np.full((height, width, 3), 20 * k, np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        container.mux(stream.encode())
+    write_mp4(path, (np.full((height, width, 3), 20 * k, np.uint8) for k in range(n)), fps)
 
 
 def grey_level(frame: np.ndarray) -> int:
@@ -141,21 +132,11 @@ def test_looping_video_deleted_on_disk_raises_source_error_at_restart(tmp_path):
         src.read()
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def http_folder(tmp_path):
     """``tmp_path`` served over HTTP on loopback; yields (folder, base URL)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(tmp_path)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield tmp_path, f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serve_folder(tmp_path) as url:
+        yield tmp_path, url
 
 
 def test_video_file_over_http_is_paced_and_looped_like_a_local_file(http_folder):
