@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from models.encoder import ENCODER_NAMES, ENCODER_PRECISIONS, EXPORT_PRECISIONS, check_encoder_choice
 from models.frames import check_frame
 from models.lazy import lazy_attributes
-from models.prompts import Prompt
+from models.object_ids import ObjectIds
+from models.prompts import MAX_OBJ_ID, MAX_POINTS, MAX_TEXT_CHARS, Prompt, PromptFailure
 from models.results import FrameResult, ObjectResult
 
 _LAZY = {
@@ -58,13 +59,18 @@ __all__ = [
     "ENCODER_PRECISIONS",
     "EXPORT_PRECISIONS",
     "EncoderUnavailable",
+    "MAX_OBJ_ID",
+    "MAX_POINTS",
+    "MAX_TEXT_CHARS",
     "FrameOutputs",
     "FrameResult",
     "ImageEncoder",
     "ModelLoadError",
+    "ObjectIds",
     "ObjectResult",
     "PredictorError",
     "Prompt",
+    "PromptFailure",
     "Sam3Models",
     "Sam3VideoPredictor",
     "StreamingTracker",

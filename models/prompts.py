@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 PROMPT_FIELDS = ("text", "points", "point_labels", "bounding_boxes", "bounding_box_labels", "obj_id", "frame_index")
 MAX_TEXT_CHARS = 200
 MAX_POINTS = 64
 MAX_BOXES = 64
+# Object ids fit a signed 32-bit integer, so every id derived from one (the next free id) still fits the
+# 64-bit integers of the wire, numpy and C callers.
+MAX_OBJ_ID = 2**31 - 1
+MAX_FRAME_INDEX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,8 @@ class Prompt:
         _check_text(self.text)
         _check_points(self.points, self.point_labels)
         _check_boxes(self.bounding_boxes, self.bounding_box_labels)
-        _check_optional_int("obj_id", self.obj_id)
-        _check_optional_int("frame_index", self.frame_index)
+        _check_optional_int("obj_id", self.obj_id, MAX_OBJ_ID)
+        _check_optional_int("frame_index", self.frame_index, MAX_FRAME_INDEX)
         if self.text is None and not self.points and not self.bounding_boxes:
             raise ValueError("prompt: give at least one of text, points or bounding_boxes")
         if self.points and len(self.bounding_boxes) > 1:
@@ -60,6 +64,26 @@ class Prompt:
     def has_geometry(self) -> bool:
         """True when the prompt carries clicks or boxes (an object to create or refine)."""
         return bool(self.points or self.bounding_boxes)
+
+    @property
+    def object_count(self) -> int:
+        """How many objects the clicks and boxes describe: all points (plus at most one box) make one;
+        several boxes without points make one each; no geometry makes none."""
+        if self.points:
+            return 1
+        return len(self.bounding_boxes)
+
+    def per_object(self, obj_ids: Sequence[int]) -> list[Prompt]:
+        """The geometry split into one prompt per object, each naming its id (``obj_ids``, one per
+        :attr:`object_count`); the text, if any, is left out (see :meth:`text_only`)."""
+        if len(obj_ids) != self.object_count:
+            raise ValueError(f"obj_id: {len(obj_ids)} ids for {self.object_count} objects")
+        if self.points or len(obj_ids) <= 1:
+            return [replace(self, text=None, obj_id=obj_id) for obj_id in obj_ids]
+        return [
+            replace(self, text=None, obj_id=obj_id, bounding_boxes=(box,), bounding_box_labels=(label,))
+            for obj_id, box, label in zip(obj_ids, self.bounding_boxes, self.bounding_box_labels, strict=True)
+        ]
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> Prompt:
@@ -121,6 +145,10 @@ def _check_text(text: str | None) -> None:
         raise ValueError("text: must be a non-empty noun phrase")
     if len(text) > MAX_TEXT_CHARS:
         raise ValueError(f"text: longer than {MAX_TEXT_CHARS} characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): no tokenizer takes it
+        raise ValueError("text: not valid Unicode (it holds a lone surrogate)") from None
 
 
 def _check_points(points: Sequence[Sequence[float]], labels: Sequence[int]) -> None:
@@ -162,16 +190,13 @@ def _check_boxes(boxes: Sequence[Sequence[float]], labels: Sequence[int]) -> Non
             )
 
 
-MAX_ID = 2**63 - 1
-
-
-def _check_optional_int(field: str, value: object) -> None:
+def _check_optional_int(field: str, value: object, limit: int) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{field}: must be an integer, got {_brief(value)}")
-    if not 0 <= value <= MAX_ID:
-        raise ValueError(f"{field}: must be between 0 and {MAX_ID}, got {_brief(value)}")
+    if not 0 <= value <= limit:
+        raise ValueError(f"{field}: must be between 0 and {limit}, got {_brief(value)}")
 
 
 def _tuple_of_vectors(field: str, value: object, size: int) -> tuple[tuple[float, ...], ...]:
@@ -203,3 +228,15 @@ def _tuple_of_labels(field: str, value: object) -> tuple[int, ...]:
             raise ValueError(f"{field}: each label must be 0 or 1, got {_brief(item)}")
         labels.append(int(item))
     return tuple(labels)
+
+
+@dataclass(frozen=True)
+class PromptFailure:
+    """A prompt that was accepted but failed when a tracker applied it: dropped, never retried.
+
+    ``obj_ids`` / ``text`` say which objects or concept it concerned; ``error`` starts with the field.
+    """
+
+    error: str
+    obj_ids: tuple[int, ...] = ()
+    text: str | None = None

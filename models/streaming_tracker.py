@@ -4,10 +4,22 @@ Prompts (text, clicks, boxes) are validated when they are given and take effect 
 without restarting the stream. Each frame costs one image-encoder pass shared by the text model
 and the point/box tracker; after each frame the rolling memory bank keeps only what SAM 3 reads
 for the next one.
+
+The prompt queue: each prompt method validates, updates the bookkeeping (ids, concepts) and queues
+the model-side steps it needs; :meth:`StreamingTracker.track` runs the queued steps once each, in
+order, before the frame. A step that raises is dropped (its bookkeeping undone) and reported by
+:meth:`StreamingTracker.take_prompt_failures`: it is never retried, and it never fails the frame.
+``reset()`` drops whatever is still queued.
+
+Threads: the tracker is driven by one thread. Only :meth:`StreamingTracker.check_text` and
+:meth:`StreamingTracker.new_object_ids` may be called from another thread while ``track()`` runs
+(a control thread answering prompts at once while a slow frame is tracked).
 """
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +33,7 @@ from models.engines import EngineOutput, GeometryEngine, TextEngine
 from models.frames import check_frame
 from models.loading import Sam3Models
 from models.memory import MemoryWindow
+from models.object_ids import ObjectIds
 from models.preprocess import (
     boxes_from_masks,
     frame_to_pixels,
@@ -28,9 +41,12 @@ from models.preprocess import (
     prompt_to_model_points,
     resolve_overlaps_per_label,
 )
-from models.prompts import Prompt
+from models.prompts import Prompt, PromptFailure
 from models.results import FrameResult, ObjectResult
-from models.sessions import concat_inputs, point_inputs
+from models.sessions import TEXT_TOKENS, concat_inputs, point_inputs
+
+# New objects the text detector may add in one frame when its config does not say (its query count).
+_DEFAULT_DETECTIONS_PER_FRAME = 256
 
 
 @dataclass(frozen=True)
@@ -70,9 +86,11 @@ class StreamingTracker:
         self.text = TextEngine(models, window)
         self._frame_index = 0
         self._frame_size: tuple[int, int] | None = None  # (width, height) of the last frame
-        self._pending: list[Callable[[], None]] = []
+        self._pending: list[_Step] = []
+        self._failures: list[PromptFailure] = []
         self._refinements: dict[int, dict[str, torch.Tensor]] = {}
-        self._next_obj_id = 0
+        self._ids = ObjectIds()
+        self._detections_per_frame = _detector_queries(models)
         self._known: dict[int, str] = {}  # obj_id -> "geometry" | "text", as of the prompts given so far
         self._texts: list[str] = []
         self._unseen: dict[int, int] = {}
@@ -99,7 +117,11 @@ class StreamingTracker:
         if prompt.text is not None and prompt.text not in self._texts:
             text = prompt.text
             self._texts.append(text)
-            self._pending.append(lambda: self.text.add_text(self._frame_index, text))
+            self._queue(
+                lambda: self.text.add_text(self._frame_index, text),
+                text=text,
+                undo=lambda: text in self._texts and self._texts.remove(text),
+            )
         return ids
 
     def remove_prompt(self, text: str) -> list[int]:
@@ -110,7 +132,7 @@ class StreamingTracker:
         gone = [obj_id for obj_id, kind in self._known.items() if kind == "text" and self._label(obj_id) == text]
         for obj_id in gone:
             self._forget(obj_id)
-        self._pending.append(lambda: self._drop_text(text))
+        self._queue(lambda: self._drop_text(text), text=text)
         return gone
 
     def remove_object(self, obj_id: int) -> None:
@@ -120,21 +142,39 @@ class StreamingTracker:
         if obj_id not in self._known:
             raise ValueError(f"obj_id: no object {obj_id} is tracked (tracked: {sorted(self._known)})")
         self._forget(obj_id)
-        self._pending.append(lambda: self._remove_now(obj_id))
+        self._queue(lambda: self._remove_now(obj_id), obj_ids=(obj_id,))
 
     def reset(self) -> None:
-        """Forget every object and text prompt; the stream goes on and frame numbering continues."""
-        self._known.clear()
+        """Forget every object and text prompt, and every prompt still queued; the stream goes on and
+        frame numbering continues (object ids too: an id is never given to two objects)."""
+        for obj_id in list(self._known):
+            self._forget(obj_id)
         self._texts.clear()
         self._unseen.clear()
         self._refinements.clear()
+        self._pending.clear()  # what they would have done is wiped anyway
 
         def reset_now() -> None:
             self.geometry = GeometryEngine(self.models, self.geometry.window)
             self.text = TextEngine(self.models, self.text.window)
             self._refinements.clear()
 
-        self._pending.append(reset_now)
+        self._queue(reset_now)
+
+    # --------------------------------------------- thread-safe: callable while another thread tracks
+
+    def check_text(self, text: str) -> None:
+        """Raise ``ValueError`` (naming ``text``) if the tokenizer cannot take ``text``."""
+        _check_tokenizable(self.models.tokenizer, text)
+
+    def new_object_ids(self, count: int = 1, *, obj_id: int | None = None) -> list[int]:
+        """Reserve ids for new objects ahead of :meth:`add_prompt`: ``count`` fresh ones, or the
+        caller-chosen ``obj_id``. Give them back as the prompt's ``obj_id`` and they are the ids used.
+        ``ValueError`` (naming ``obj_id``) when the id cannot be had."""
+        if obj_id is not None:
+            self._ids.claim(obj_id)
+            return [obj_id]
+        return self._ids.take(count)
 
     # ----------------------------------------------------------------------------------- tracking
 
@@ -151,9 +191,7 @@ class StreamingTracker:
         features = FrameFeatures(self.models, self.encoder.encode(pixels)) if self._has_work_after_pending() else None
         clock.lap("encode")
 
-        for apply in self._pending:
-            apply()
-        self._pending.clear()
+        self._run_pending_steps()
         outputs = self._run_engines(pixels, features)
         clock.lap("track")
 
@@ -179,11 +217,23 @@ class StreamingTracker:
 
     @property
     def object_ids(self) -> list[int]:
+        """Ids of the objects tracked, as of the prompts given so far."""
         return sorted(self._known)
 
     @property
+    def object_labels(self) -> dict[int, str | None]:
+        """Each tracked object's concept (``None`` for objects made by clicks and boxes)."""
+        return {obj_id: self._label(obj_id) if kind == "text" else None for obj_id, kind in self._known.items()}
+
+    @property
     def text_prompts(self) -> list[str]:
+        """Concepts in effect, as of the prompts given so far."""
         return list(self._texts)
+
+    def take_prompt_failures(self) -> list[PromptFailure]:
+        """Prompts that failed when applied since the last call (each dropped, never retried)."""
+        failures, self._failures = self._failures, []
+        return failures
 
     # ----------------------------------------------------------------------------------- internals
 
@@ -192,20 +242,42 @@ class StreamingTracker:
         device = self.models.device
         if prompt.obj_id is not None and prompt.obj_id in self._known:
             obj_id = prompt.obj_id
-            inputs = point_inputs(*per_object[0], device)
-            self._pending.append(lambda: self._refine_later(obj_id, inputs))
+            coords, labels = per_object[0]
+            self._queue(lambda: self._refine_later(obj_id, point_inputs(coords, labels, device)), obj_ids=(obj_id,))
             return [obj_id]
-        ids = []
-        for coords, labels in per_object:
-            obj_id = prompt.obj_id if prompt.obj_id is not None else self._next_obj_id
-            self._next_obj_id = max(self._next_obj_id, obj_id + 1)
+        if prompt.obj_id is not None:
+            ids = self.new_object_ids(obj_id=prompt.obj_id)
+        else:
+            ids = self.new_object_ids(len(per_object))
+        for obj_id, (coords, labels) in zip(ids, per_object, strict=True):
             self._known[obj_id] = "geometry"
-            inputs = point_inputs(coords, labels, device)
-            self._pending.append(
-                lambda obj_id=obj_id, inputs=inputs: self.geometry.add_object(self._frame_index, obj_id, inputs)
+            # Tensors are made when the step runs, on the tracking thread.
+            self._queue(
+                lambda obj_id=obj_id, coords=coords, labels=labels: self.geometry.add_object(
+                    self._frame_index, obj_id, point_inputs(coords, labels, device)
+                ),
+                obj_ids=(obj_id,),
+                undo=lambda obj_id=obj_id: self._forget(obj_id),
             )
-            ids.append(obj_id)
         return ids
+
+    def _queue(
+        self, run: Callable[[], None], *, obj_ids: tuple[int, ...] = (), text: str | None = None, undo: Any = None
+    ) -> None:
+        self._pending.append(_Step(run, obj_ids, text, undo))
+
+    def _run_pending_steps(self) -> None:
+        """Each queued step once, in order; one that raises is undone, reported and dropped."""
+        steps, self._pending = self._pending, []
+        for step in steps:
+            try:
+                step.run()
+            except Exception as exc:  # a prompt must never fail every later frame
+                if step.undo is not None:
+                    step.undo()
+                field = "text" if step.text is not None else "obj_id"
+                error = f"{field}: failed when applied ({type(exc).__name__}: {exc})"
+                self._failures.append(PromptFailure(error, step.obj_ids, step.text))
 
     def _refine_later(self, obj_id: int, inputs: dict[str, torch.Tensor]) -> None:
         if obj_id in self.geometry.pending:  # created on this very frame: the clicks join its first prompt
@@ -230,6 +302,7 @@ class StreamingTracker:
     def _forget(self, obj_id: int) -> None:
         self._known.pop(obj_id, None)
         self._unseen.pop(obj_id, None)
+        self._ids.release(obj_id)
 
     def _label(self, obj_id: int) -> str | None:
         return self.text.label_of(obj_id) if self.text.session is not None and self.text.owns(obj_id) else None
@@ -241,7 +314,9 @@ class StreamingTracker:
         index = self._frame_index
         text_out = EngineOutput.empty(self.models.device)
         if self.text.session is not None and features is not None:
-            text_out, self._next_obj_id = self.text.step(index, pixels, features.detector(), self._next_obj_id)
+            # New detections are numbered from a block of ids held for this step (see models.object_ids).
+            with self._ids.holding(self._detections_per_frame) as block:
+                text_out, block.next_free = self.text.step(index, pixels, features.detector(), block.start)
         for obj_id in text_out.obj_ids:
             self._known.setdefault(obj_id, "text")
         geometry_out = EngineOutput.empty(self.models.device)
@@ -292,6 +367,41 @@ class StreamingTracker:
             if limit is not None and self._unseen[obj_id] > limit:
                 self._forget(obj_id)
                 self._remove_now(obj_id)
+
+
+@dataclass
+class _Step:
+    """A queued model-side step of one prompt call, with what it concerns and how to undo its bookkeeping."""
+
+    run: Callable[[], None]
+    obj_ids: tuple[int, ...] = ()
+    text: str | None = None
+    undo: Callable[[], object] | None = None
+
+
+def _detector_queries(models: Sam3Models) -> int:
+    """The most objects the text detector can add on one frame (its DETR query count)."""
+    detector = getattr(getattr(models.video_model.config, "detector_config", None), "detr_decoder_config", None)
+    return int(getattr(detector, "num_queries", _DEFAULT_DETECTIONS_PER_FRAME))
+
+
+# The tokenizer is used by the tracking thread; text is checked from the control thread on a private
+# copy (fast tokenizers refuse concurrent use: "Already borrowed"), one per tokenizer, under a lock.
+_CHECKERS: dict[int, tuple[Any, Any, threading.Lock]] = {}
+_CHECKERS_LOCK = threading.Lock()
+
+
+def _check_tokenizable(tokenizer: Any, text: str) -> None:
+    with _CHECKERS_LOCK:
+        entry = _CHECKERS.get(id(tokenizer))
+        if entry is None or entry[0] is not tokenizer:
+            entry = _CHECKERS[id(tokenizer)] = (tokenizer, copy.deepcopy(tokenizer), threading.Lock())
+    _, checker, lock = entry
+    try:
+        with lock:
+            checker(text, max_length=TEXT_TOKENS, truncation=True)
+    except Exception as exc:  # the tokenizer raises TypeError, ValueError, ...: all mean "cannot take it"
+        raise ValueError(f"text: the tokenizer cannot take this text ({type(exc).__name__})") from None
 
 
 class _StageClock:

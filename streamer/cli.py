@@ -13,7 +13,13 @@
 
 ``run`` starts ``capture``, ``track`` and ``serve`` as child processes over ipc:// sockets in a private
 temporary folder, prints the page's URL, restarts a child that dies (with back-off) while the others
-keep running, and stops them all on Ctrl-C or SIGTERM.
+keep running, and stops them all on Ctrl-C or SIGTERM. The tracker keeps each stream's active prompts
+in that folder, so a tracker that crashed re-applies them when it comes back.
+
+A child that *refuses* to start (bad arguments, a model it cannot load: restarting cannot help) says so
+in a file the supervisor names in ``SAM3_STREAM_REFUSAL_FILE``, and ``run`` stops with its reason.
+Every other exit is a crash, restarted: exit statuses are not interpreted, since a crash can produce
+any of them (an uncaught ``ValueError`` once made the tracker exit 2, read as "bad arguments").
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
 
 from streamer import tracker_service
 from streamer.capture import Backoff
@@ -45,7 +53,8 @@ log = logging.getLogger("sam3-stream")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 STOP_TIMEOUT_S = 10.0  # a child still running this long after SIGTERM is killed
 STABLE_AFTER_S = 30.0  # a child that ran this long before dying restarts after the shortest back-off
-USAGE_ERROR = 2  # exit status of a child refusing its arguments: restarting cannot help
+USAGE_ERROR = 2  # exit status when refusing arguments (the supervisor reads the refusal file, not this)
+REFUSAL_ENV = "SAM3_STREAM_REFUSAL_FILE"
 _TICK_S = 0.2
 
 
@@ -55,6 +64,7 @@ class Child:
 
     name: str
     argv: list[str]
+    refusal_file: Path | None = None  # where the child says it refuses to start (None: never stop for it)
     backoff: Backoff = field(default_factory=lambda: Backoff(initial=1.0, cap=30.0))
     proc: subprocess.Popen | None = None
     started: float = 0.0  # monotonic
@@ -81,25 +91,31 @@ class Supervisor:
         self.children = list(children)
 
     def start(self, child: Child) -> None:
+        env = dict(os.environ)
+        if child.refusal_file is not None:
+            child.refusal_file.unlink(missing_ok=True)
+            env[REFUSAL_ENV] = str(child.refusal_file)
         child.proc = subprocess.Popen(
             child.argv,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=env,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         child.started, child.restart_at = time.monotonic(), None
         log.info("%s started (pid %d)", child.name, child.proc.pid)
 
     def check(self) -> int | None:
-        """Restart what died and is due; returns an exit status when a child refused its arguments."""
+        """Restart what died and is due; returns an exit status when a child refused to start."""
         now = time.monotonic()
         for child in self.children:
             if child.proc is not None and (code := child.proc.poll()) is not None:
                 uptime = now - child.started
                 child.proc = None
-                if code == USAGE_ERROR and child.restarts == 0:
-                    log.error("%s refused its arguments (exit status %d); stopping", child.name, code)
-                    return code
+                reason = _read_refusal(child.refusal_file)
+                if reason is not None:
+                    log.error("%s refused to start: %s; stopping", child.name, reason)
+                    return USAGE_ERROR
                 if uptime >= STABLE_AFTER_S:
                     child.backoff.reset()
                 delay = child.backoff.next_delay()
@@ -140,6 +156,43 @@ class Supervisor:
                 child.proc = None
 
 
+def _read_refusal(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip() or "no reason given"
+    except OSError:
+        return None
+
+
+def report_refusal(reason: str) -> None:
+    """Tell a supervising ``sam3-stream run`` that this process refuses to start (it then stops, not restarts)."""
+    path = os.environ.get(REFUSAL_ENV)
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(reason[:2000] + "\n", encoding="utf-8")
+
+
+class _LastError(logging.Handler):
+    """Remembers the last ERROR logged: the reason a command gives for refusing to start."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.message = record.getMessage()
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are reported as refusals (see :func:`report_refusal`)."""
+
+    def error(self, message: str) -> NoReturn:
+        report_refusal(f"{self.prog}: {message}")
+        super().error(message)
+
+
 def _listening(host: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
         return True
@@ -150,8 +203,9 @@ def _child_argv(command: str, log_level: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "streamer.cli", command, "--log-level", log_level, *args]
 
 
-def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Child]:
-    """The capture, tracker and gateway command lines of ``sam3-stream run``, meeting on ``endpoints``."""
+def pipeline_children(args: argparse.Namespace, endpoints: Endpoints, folder: Path) -> list[Child]:
+    """The capture, tracker and gateway command lines of ``sam3-stream run``, meeting on ``endpoints``;
+    ``folder`` (private) holds the tracker's prompt store and the children's refusal files."""
     capture_args = ["--source", args.source, "--frames-endpoint", endpoints.frames, "--stream-id", args.stream_id]
     if args.loop:
         capture_args.append("--loop")
@@ -171,6 +225,8 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Ch
         endpoints.control,
         "--encoder",
         args.encoder,
+        "--state-dir",
+        str(folder / "state"),
     ]
     if args.encoder_precision is not None:
         track_args += ["--encoder-precision", args.encoder_precision]
@@ -195,9 +251,12 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints) -> list[Ch
     if args.insecure:
         serve_args.append("--insecure")
     return [
-        Child("capture", _child_argv("capture", args.log_level, *capture_args)),
-        Child("tracker", _child_argv("track", args.log_level, *track_args)),
-        Child("gateway", _child_argv("serve", args.log_level, *serve_args)),
+        Child(name, _child_argv(command, args.log_level, *argv), refusal_file=folder / f"refused-{name}")
+        for name, command, argv in (
+            ("capture", "capture", capture_args),
+            ("tracker", "track", track_args),
+            ("gateway", "serve", serve_args),
+        )
     ]
 
 
@@ -219,7 +278,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
         return USAGE_ERROR
     folder = tempfile.mkdtemp(prefix="sam3-stream-")  # short: ipc:// paths are limited to ~100 bytes
     endpoints = Endpoints.ipc_in(folder)
-    supervisor = Supervisor(pipeline_children(args, endpoints))
+    supervisor = Supervisor(pipeline_children(args, endpoints, Path(folder)))
     url = f"http://{browse_host}:{args.http_port}/"
     status = 0
     try:
@@ -399,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="(default %(default)s)")
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sam3-stream",
         description="Real-time SAM 3 tracking of live camera feeds, composited into a WebRTC stream that "
         "an operator can re-prompt while it plays. Robots subscribe to the tracker's results.",
@@ -425,10 +484,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sam3-stream`` (and ``python -m streamer.cli``); returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    last_error = _LastError()
+    logging.getLogger().addHandler(last_error)
     if args.command == "run":
         return run_pipeline(args)
     command = next(c for c in COMMANDS if c.name == args.command)
-    return getattr(importlib.import_module(command.module), command.run)(args)
+    status = getattr(importlib.import_module(command.module), command.run)(args)
+    if status == USAGE_ERROR:  # each command returns it only when refusing to start, never after a crash
+        report_refusal(last_error.message or f"{args.command}: refused its arguments")
+    return status
 
 
 if __name__ == "__main__":

@@ -9,12 +9,17 @@ malformed: its message starts with the offending field's path (``result.objects[
 Unknown header fields are ignored, so a sender can add fields without a version bump; a change in
 meaning bumps ``PROTOCOL_VERSION``. Every encoder checks its output with the decoder's own rules, so
 what one process sends the other accepts.
+
+Versions: 2 added the ``event`` kind, the answer's ``frame_index``, the heartbeat's ``instance`` and
+per-stream counters, and bounds object ids to ``0 .. 2**31 - 1``. Senders write 2; readers take 1 and
+2 (the fields 2 added are optional), so a capture of the previous release still feeds this tracker.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,11 +29,15 @@ import numpy as np
 import zmq
 from pycocotools import mask as coco_mask
 
-from models import FrameResult, ObjectResult, Prompt
+from models import MAX_OBJ_ID, FrameResult, ObjectResult, Prompt
 
-PROTOCOL_VERSION = 1
-KINDS = ("frame", "prompt", "answer", "result", "status")
+PROTOCOL_VERSION = 2
+READ_VERSIONS = (1, 2)
+KINDS = ("frame", "prompt", "answer", "result", "status", "event")
 PROMPT_OPS = ("add_prompt", "remove_object", "remove_prompt", "reset_session")
+# prompt_failed: an accepted prompt failed when applied (dropped, never retried); objects_reacquired: a
+# restarted tracker re-applied a stream's prompts; objects_capped: objects left out of results (cap).
+EVENT_TYPES = ("prompt_failed", "objects_reacquired", "objects_capped")
 
 # A result header carries one COCO RLE per object. Measured: a smooth 1080p object is ~2.5 KB of RLE,
 # a speckled one (0.1% flipped pixels) ~13 KB, so MAX_OBJECTS of those is ~3.3 MB; 8 MiB leaves
@@ -45,6 +54,8 @@ MAX_NAME_CHARS = 256  # stream, tracker and request ids, labels
 MAX_ERROR_CHARS = 4096
 MAX_INT = 2**63 - 1  # every JSON integer must fit int64 (numpy, C callers)
 _RLE_MAX_GROUP = 6  # pycocotools decodes at most 6 chars per count safely (30 bits + sign)
+# Messages too big or too deeply nested to parse are scanned for their id up to this many characters.
+MAX_PEEK_CHARS = 1 << 20
 
 
 class ProtocolError(ValueError):
@@ -83,14 +94,16 @@ class PromptRequest:
 
 @dataclass
 class PromptAnswer:
-    """The tracker's answer to one :class:`PromptRequest`: accepted (``ok``, with the object ids the
-    prompt created or refined) or rejected with ``error`` naming the field and the problem.
-    ``request_id`` is ``""`` when the request was too malformed to carry one."""
+    """The tracker's answer to one :class:`PromptRequest`: accepted (``ok``: validated and queued, with
+    the object ids the prompt creates or refines and ``frame_index``, the stream's frame it applies
+    before) or rejected with ``error`` naming the field and the problem. ``request_id`` is ``""`` when
+    the request was too malformed to carry one."""
 
     request_id: str
     ok: bool
     error: str | None = None
     obj_ids: list[int] = field(default_factory=list)
+    frame_index: int | None = None
 
 
 @dataclass
@@ -123,11 +136,31 @@ class ResultMessage:
 
 @dataclass
 class StatusMessage:
-    """The tracker's heartbeat: its name, the time, and per stream ``{last_seq, last_frame_t, fps}``."""
+    """The tracker's heartbeat: its name, the time (unix seconds), ``instance`` (new at every start of
+    the process: a change means the tracker restarted) and per stream the fields of
+    ``STREAM_STATUS_FIELDS`` (``null`` until known)."""
 
     tracker: str
     t: float
     streams: dict[str, dict]
+    instance: str = ""
+
+
+@dataclass
+class EventMessage:
+    """Something on one stream that viewers should hear of, once (see ``EVENT_TYPES``): ``message`` says
+    it in words; ``request_id`` / ``op`` name the prompt it concerns, ``obj_ids`` / ``texts`` the objects
+    and concepts; ``frame_index`` the frame it happened on."""
+
+    stream: str
+    event: str
+    message: str
+    t: float
+    request_id: str | None = None
+    op: str | None = None
+    obj_ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    frame_index: int | None = None
 
 
 def new_request_id() -> str:
@@ -276,6 +309,17 @@ def _parse_int(text: str) -> int:
     return value
 
 
+def _load_json(text: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float, parse_int=_parse_int)
+    except ProtocolError:
+        raise
+    except RecursionError:
+        raise ProtocolError("header: not JSON (nested too deeply)") from None
+    except ValueError as exc:
+        raise ProtocolError(f"header: not JSON ({str(exc)[:200]})") from None
+
+
 def _load_header(part: object, limit: int) -> dict:
     view = _as_bytes_view(part, "header")
     if view.nbytes > limit:
@@ -284,18 +328,14 @@ def _load_header(part: object, limit: int) -> dict:
         text = bytes(view).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"header: not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float, parse_int=_parse_int)
-    except ProtocolError:
-        raise
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"header: not JSON ({str(exc)[:200]})") from None
+    data = _load_json(text)
     if not isinstance(data, dict):
         raise ProtocolError(f"header: expected a JSON object, got {_type_name(data)}")
     version = data.get("v")
-    if type(version) is not int or version != PROTOCOL_VERSION:  # neither true nor 1.0
+    if type(version) is not int or version not in READ_VERSIONS:  # neither true nor 1.0
         raise ProtocolError(
-            f"header.v: unsupported protocol version {_short(version)} (this side speaks {PROTOCOL_VERSION})"
+            f"header.v: unsupported protocol version {_short(version)} "
+            f"(this side writes {PROTOCOL_VERSION}, reads {', '.join(map(str, READ_VERSIONS))})"
         )
     kind = data.get("kind")
     if kind not in KINDS:
@@ -351,12 +391,55 @@ def peek_kind(parts: Sequence) -> str:
 
 
 def peek_request_id(parts: Sequence) -> str | None:
-    """The ``request_id`` of a (possibly malformed) prompt request, or ``None``; never raises."""
+    """The ``request_id`` of a (possibly malformed, oversized or too deeply nested) prompt request, or
+    ``None``; never raises."""
     try:
         data = _load_header(_parts_list(parts)[0], MAX_CONTROL_HEADER_BYTES)
         return _check_str("prompt.request_id", data.get("request_id"))
     except ProtocolError:
+        pass
+    try:
+        view = _as_bytes_view(_parts_list(parts)[0], "header")
+        text = bytes(view[:MAX_PEEK_CHARS]).decode("utf-8", errors="replace")
+        return _check_str("prompt.request_id", peek_json_field(text, "request_id"))
+    except ProtocolError:
         return None
+
+
+def peek_json_field(text: str, key: str) -> str | int | None:
+    """The value of ``key`` at the top level of a JSON object, when it is a string or an integer, read
+    without parsing the rest (which may be too large or nested too deeply to parse); ``None`` if absent.
+
+    Brackets inside strings are not counted; the last top-level occurrence wins, as with ``json.loads``.
+    Never raises; linear in ``len(text)`` (cut at ``MAX_PEEK_CHARS``).
+    """
+    text = text[:MAX_PEEK_CHARS]
+    if not text.lstrip().startswith("{"):
+        return None
+    codes = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    # A quote is escaped when an odd run of backslashes precedes it; unescaped quotes toggle "in a string".
+    backslash = codes == 0x5C
+    count = np.cumsum(backslash)
+    run = count - np.maximum.accumulate(np.where(backslash, 0, count))
+    quote = (codes == 0x22) & (np.concatenate(([0], run[:-1])) % 2 == 0)
+    parity = np.cumsum(quote) % 2
+    outside = (parity == 0) & ~quote
+    opens = (codes == 0x5B) | (codes == 0x7B)
+    closes = (codes == 0x5D) | (codes == 0x7D)
+    depth_after = np.cumsum((opens.astype(np.int32) - closes) * outside)
+    value: str | int | None = None
+    for match in re.finditer(rf'"{re.escape(key)}"\s*:\s*', text):
+        at = match.start()
+        if at == 0 or not (quote[at] and parity[at] == 1) or depth_after[at - 1] != 1:
+            continue  # not a key of the top-level object
+        if match.end() < len(text) and text[match.end()] in '"-0123456789':
+            try:
+                found, _ = json.JSONDecoder().raw_decode(text, match.end())
+            except ValueError:
+                continue
+            if isinstance(found, (str, int)) and not isinstance(found, bool):
+                value = found
+    return value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,7 +541,7 @@ def _read_prompt_request(h: _Header) -> PromptRequest:
         except (TypeError, ArithmeticError) as exc:  # not expected from from_dict; never let it escape
             raise ProtocolError(f"prompt: invalid ({exc})") from None
     if op == "remove_object":
-        obj_id = _check_int(h.path("obj_id"), h.get("obj_id"))
+        obj_id = _check_int(h.path("obj_id"), h.get("obj_id"), hi=MAX_OBJ_ID)
     if op == "remove_prompt":
         text = h.text("text")  # the tracker says whether such a concept is active
     return PromptRequest(request_id=request_id, stream=stream, op=op, prompt=prompt, obj_id=obj_id, text=text)
@@ -495,20 +578,32 @@ def _read_answer(h: _Header) -> PromptAnswer:
         error = _check_str(h.path("error"), error, max_chars=MAX_ERROR_CHARS)
     elif not ok:
         raise ProtocolError(f"{h.path('error')}: a rejected answer needs a reason")
-    obj_ids = _check_list(h.path("obj_ids"), h.get("obj_ids", optional=True) or [], max_items=MAX_OBJECTS)
+    frame_index = h.get("frame_index", optional=True)
     return PromptAnswer(
         request_id=h.text("request_id", empty_ok=True),
         ok=ok,
         error=error,
-        obj_ids=[_check_int(f"{h.path('obj_ids')}[{i}]", v) for i, v in enumerate(obj_ids)],
+        obj_ids=_read_obj_ids(h.path("obj_ids"), h.get("obj_ids", optional=True)),
+        frame_index=None if frame_index is None else _check_int(h.path("frame_index"), frame_index),
     )
+
+
+def _read_obj_ids(path: str, value: object) -> list[int]:
+    ids = _check_list(path, value or [], max_items=MAX_OBJECTS)
+    return [_check_int(f"{path}[{i}]", v, hi=MAX_OBJ_ID) for i, v in enumerate(ids)]
 
 
 def encode_answer(a: PromptAnswer) -> list[bytes]:
     """One-part answer for the client's REQ socket."""
     data = _dump_header(
         "answer",
-        {"request_id": a.request_id, "ok": a.ok, "error": a.error, "obj_ids": list(a.obj_ids)},
+        {
+            "request_id": a.request_id,
+            "ok": a.ok,
+            "error": a.error,
+            "obj_ids": list(a.obj_ids),
+            "frame_index": a.frame_index,
+        },
         MAX_CONTROL_HEADER_BYTES,
     )
     decode_answer([data])
@@ -622,7 +717,7 @@ def _read_object(path: str, value: object, width: int, height: int, decode_masks
         else:
             _check_rle_size(f"{path}.mask", _check_object(f"{path}.mask", mask), (height, width))
     return WireObject(
-        obj_id=_check_int(f"{path}.obj_id", obj.get("obj_id")),
+        obj_id=_check_int(f"{path}.obj_id", obj.get("obj_id"), hi=MAX_OBJ_ID),
         score=_check_number(f"{path}.score", obj.get("score")),
         bbox=(x0, y0, x1, y1),
         mask=mask,
@@ -733,7 +828,18 @@ def result_from_frame_result(
 # status
 
 
-_STREAM_STATUS_FIELDS = {"last_seq": _check_int, "last_frame_t": _check_number, "fps": _check_number}
+STREAM_STATUS_FIELDS = {
+    "last_seq": _check_int,  # seq of the newest frame tracked
+    "last_frame_t": _check_number,  # its t_capture
+    "fps": _check_number,  # results per second, recently
+    "frames_received": _check_int,  # frames that reached the tracker (tracked or skipped for a newer one)
+    "last_received_t": _check_number,  # tracker's clock when the newest frame arrived
+    "frames_tracked": _check_int,
+    "frame_errors": _check_int,  # frames the model failed on (skipped)
+    "prompts_queued": _check_int,  # accepted prompts not yet applied
+    "prompts_applied": _check_int,  # accepted prompts applied, in all
+    "prompts_failed": _check_int,  # accepted prompts that failed when applied, in all
+}
 
 
 def _read_status(h: _Header) -> StatusMessage:
@@ -742,16 +848,22 @@ def _read_status(h: _Header) -> StatusMessage:
         path = f"{h.path('streams')}.{name}"
         _check_str(path, name)
         info = _check_object(path, info)
-        for key, check in _STREAM_STATUS_FIELDS.items():
+        for key, check in STREAM_STATUS_FIELDS.items():
             if info.get(key) is not None:  # null until the stream's first frame
                 check(f"{path}.{key}", info[key])
         streams[name] = info
-    return StatusMessage(tracker=h.text("tracker"), t=h.number("t"), streams=streams)
+    instance = h.get("instance", optional=True)
+    return StatusMessage(
+        tracker=h.text("tracker"),
+        t=h.number("t"),
+        streams=streams,
+        instance="" if instance is None else _check_str(h.path("instance"), instance, empty_ok=True),
+    )
 
 
 def encode_status(s: StatusMessage) -> list[bytes]:
     """One-part heartbeat for the results socket."""
-    data = _dump_header("status", {"tracker": s.tracker, "t": s.t, "streams": s.streams})
+    data = _dump_header("status", {"tracker": s.tracker, "t": s.t, "streams": s.streams, "instance": s.instance})
     decode_status([data])
     return [data]
 
@@ -760,3 +872,54 @@ def decode_status(parts: Sequence) -> StatusMessage:
     """Parse a tracker heartbeat."""
     h, _ = _open(parts, "status", (1,))
     return _read_status(h)
+
+
+# --------------------------------------------------------------------------------------------------
+# event
+
+
+def _read_event(h: _Header) -> EventMessage:
+    event = h.get("event")
+    if event not in EVENT_TYPES:
+        raise ProtocolError(f"{h.path('event')}: unknown event {_short(event)} (known: {', '.join(EVENT_TYPES)})")
+    request_id, op, frame_index = (h.get(name, optional=True) for name in ("request_id", "op", "frame_index"))
+    if op is not None and op not in PROMPT_OPS:
+        raise ProtocolError(f"{h.path('op')}: unknown op {_short(op)}")
+    texts = _check_list(h.path("texts"), h.get("texts", optional=True) or [], max_items=MAX_OBJECTS)
+    return EventMessage(
+        stream=h.text("stream"),
+        event=event,
+        message=h.text("message", max_chars=MAX_ERROR_CHARS),
+        t=h.number("t"),
+        request_id=None if request_id is None else _check_str(h.path("request_id"), request_id),
+        op=op,
+        obj_ids=_read_obj_ids(h.path("obj_ids"), h.get("obj_ids", optional=True)),
+        texts=[_check_str(f"{h.path('texts')}[{i}]", t, max_chars=MAX_ERROR_CHARS) for i, t in enumerate(texts)],
+        frame_index=None if frame_index is None else _check_int(h.path("frame_index"), frame_index),
+    )
+
+
+def encode_event(e: EventMessage) -> list[bytes]:
+    """One-part event for the results socket."""
+    data = _dump_header(
+        "event",
+        {
+            "stream": e.stream,
+            "event": e.event,
+            "message": e.message,
+            "t": e.t,
+            "request_id": e.request_id,
+            "op": e.op,
+            "obj_ids": list(e.obj_ids),
+            "texts": list(e.texts),
+            "frame_index": e.frame_index,
+        },
+    )
+    decode_event([data])
+    return [data]
+
+
+def decode_event(parts: Sequence) -> EventMessage:
+    """Parse a tracker event."""
+    h, _ = _open(parts, "event", (1,))
+    return _read_event(h)

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from models import FrameResult, ObjectResult, Prompt, check_frame
+from models import FrameResult, ObjectIds, ObjectResult, Prompt, PromptFailure, check_frame
 
 PASSTHROUGH = "passthrough"
 
@@ -24,7 +24,9 @@ class Tracker(Protocol):
     """What the tracker service needs of a tracker: ``models.StreamingTracker``'s public verbs.
 
     Prompts take effect on the next :meth:`track`; every prompt method raises ``ValueError`` whose
-    message starts with the offending field's name.
+    message starts with the offending field's name. One thread drives a tracker; only
+    :meth:`check_text` and :meth:`new_object_ids` may be called from another thread meanwhile (the
+    service's control thread, which answers prompts without waiting for the frame in progress).
     """
 
     def add_prompt(
@@ -40,6 +42,34 @@ class Tracker(Protocol):
     def track(self, frame: np.ndarray, timestamp: float | None = None) -> FrameResult: ...
 
     def state_bytes(self) -> int: ...
+
+    def check_text(self, text: str) -> None:
+        """Thread-safe: ``ValueError`` (naming ``text``) if the model cannot take this concept."""
+        ...
+
+    def new_object_ids(self, count: int = 1, *, obj_id: int | None = None) -> list[int]:
+        """Thread-safe: reserve ``count`` fresh ids (or the chosen ``obj_id``) for new objects; passed
+        back as prompts' ``obj_id``, they are the ids the objects get."""
+        ...
+
+    def take_prompt_failures(self) -> list[PromptFailure]:
+        """Prompts that failed when applied during the last frames (dropped, never retried)."""
+        ...
+
+    @property
+    def object_labels(self) -> dict[int, str | None]:
+        """Tracked objects (as of the prompts given so far) and the concept that found each."""
+        ...
+
+    @property
+    def text_prompts(self) -> list[str]:
+        """Concepts in effect, as of the prompts given so far."""
+        ...
+
+    @property
+    def frame_index(self) -> int:
+        """Index the next tracked frame gets."""
+        ...
 
 
 TrackerFactory = Callable[[], Tracker]
@@ -62,7 +92,7 @@ class PassThroughTracker:
         self.delay_s = delay_s
         self.synthetic_object = synthetic_object
         self._frame_index = 0
-        self._next_obj_id = 1 if synthetic_object else 0  # id 0 is the synthetic object's
+        self._ids = ObjectIds(first=1 if synthetic_object else 0)  # id 0 is the synthetic object's
         self._objects: set[int] = set()
         self._texts: list[str] = []
         self._mask_cache: tuple[tuple[int, int], np.ndarray] | None = None
@@ -76,13 +106,10 @@ class PassThroughTracker:
             self._texts.append(prompt.text)
         if not prompt.has_geometry:
             return []
-        if prompt.obj_id is not None:
-            ids = [prompt.obj_id]
-        else:
-            count = 1 if prompt.points else len(prompt.bounding_boxes)  # one object per box without points
-            ids = list(range(self._next_obj_id, self._next_obj_id + count))
+        if prompt.obj_id is not None and prompt.obj_id in self._objects:
+            return [prompt.obj_id]
+        ids = self.new_object_ids(prompt.object_count, obj_id=prompt.obj_id)
         self._objects.update(ids)
-        self._next_obj_id = max(self._next_obj_id, max(ids) + 1)
         return ids
 
     def remove_object(self, obj_id: int) -> None:
@@ -90,6 +117,7 @@ class PassThroughTracker:
         if obj_id not in self._objects:
             raise ValueError(f"obj_id: no object {obj_id} is tracked (tracked: {sorted(self._objects)})")
         self._objects.discard(obj_id)
+        self._ids.release(obj_id)
 
     def remove_prompt(self, text: str) -> list[int]:
         """Forget a text concept (it never found anything); ``ValueError`` if it is not active."""
@@ -100,8 +128,39 @@ class PassThroughTracker:
 
     def reset(self) -> None:
         """Forget every prompt and object id."""
+        for obj_id in self._objects:
+            self._ids.release(obj_id)
         self._objects.clear()
         self._texts.clear()
+
+    def check_text(self, text: str) -> None:
+        """No tokenizer: any text ``models.Prompt`` accepts is fine."""
+
+    def new_object_ids(self, count: int = 1, *, obj_id: int | None = None) -> list[int]:
+        """Ids for new objects, as :class:`Tracker` says (thread-safe)."""
+        if obj_id is not None:
+            self._ids.claim(obj_id)
+            return [obj_id]
+        return self._ids.take(count)
+
+    def take_prompt_failures(self) -> list[PromptFailure]:
+        """Nothing is applied later than :meth:`add_prompt`, so nothing fails then."""
+        return []
+
+    @property
+    def object_labels(self) -> dict[int, str | None]:
+        """The objects prompted (never found: the synthetic one is not listed)."""
+        return dict.fromkeys(sorted(self._objects))
+
+    @property
+    def text_prompts(self) -> list[str]:
+        """Concepts given (they never find anything)."""
+        return list(self._texts)
+
+    @property
+    def frame_index(self) -> int:
+        """Index the next tracked frame gets."""
+        return self._frame_index
 
     def track(self, frame: np.ndarray, timestamp: float | None = None) -> FrameResult:
         """Return the frame's (empty or synthetic) result, after ``delay_s``."""

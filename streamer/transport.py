@@ -18,10 +18,12 @@ Connecting sockets that must outlive hostile peers are wrapped in :class:`stream
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +56,11 @@ MAX_CONTROL_PART_BYTES = 16 * protocol.MAX_CONTROL_HEADER_BYTES
 # INITIATE (measured); 8 KiB leaves room for its metadata.
 MAX_SUBSCRIPTION_PART_BYTES = 8 * 1024
 IPC_PATH_MAX = 107  # sun_path on Linux, less its terminating NUL
-ANSWER_CACHE = 256  # answered requests remembered to answer a lazy-pirate retry again
+# A lazy-pirate client retries for timeout x tries (a few seconds); answers are remembered far longer so a
+# retry is answered again, never applied twice. Each costs ~250 bytes: 65536 of them ~16 MB at most.
+RETRY_WINDOW_S = 120.0
+MAX_REMEMBERED_ANSWERS = 65536
+_MAX_RETRY_ENVELOPES = 64  # copies of one waiting request answered; more are dropped (a flood, not a retry)
 
 Envelope = tuple[bytes, ...]
 """ROUTER routing frames of one request (the peer's identity, up to its empty delimiter)."""
@@ -355,7 +361,9 @@ class PromptClient:
 class AsyncPromptClient:
     """Lazy pirate client for asyncio (the gateway); same semantics as :class:`PromptClient`.
 
-    Each try uses its own REQ socket, so concurrent requests (several viewers) never wait on each other.
+    Each try uses its own REQ socket, so concurrent requests never wait on each other, and may reach the
+    tracker in any order: when order matters, await each answer before sending the next request (the
+    gateway's ``PromptForwarder`` does; the tracker answers within milliseconds).
     """
 
     def __init__(
@@ -410,76 +418,137 @@ def _split_envelope(frames: list[bytes]) -> tuple[Envelope, list[bytes]]:
     return (frames[0],), frames[1:]  # a DEALER peer without delimiter
 
 
+@dataclass
+class _Answered:
+    digest: bytes  # of the request's bytes: a retry is byte for byte the same request
+    answer: list[bytes]  # encoded, to send again as it is
+    t: float  # monotonic, when answered
+
+
+def _encode_bounded(answer: PromptAnswer) -> list[bytes]:
+    """The answer within the wire's bounds (a long error cut short, at most MAX_OBJECTS ids), so that every
+    request gets one whatever went into it."""
+    error = answer.error[: protocol.MAX_ERROR_CHARS] if answer.error else answer.error
+    bounded = replace(answer, error=error, obj_ids=list(answer.obj_ids)[: protocol.MAX_OBJECTS])
+    try:
+        return protocol.encode_answer(bounded)
+    except ProtocolError as exc:
+        return protocol.encode_answer(
+            PromptAnswer(answer.request_id, False, f"tracker: cannot encode the answer ({exc})"[:1000])
+        )
+
+
+def _digest(body: list[bytes]) -> bytes:
+    return hashlib.blake2b(b"\0".join(body), digest_size=16).digest()
+
+
 class ControlServer:
     """Tracker side of the control socket: a ROUTER that reads :class:`PromptRequest`\\ s and sends
     :class:`PromptAnswer`\\ s (the guide's reliable request-reply, server half of lazy pirate).
 
-    - A malformed request is answered here at once (``ok=False``, the error naming the field) and also
+    - A malformed request is answered here at once (``ok=False``, the error naming the field, with the
+      request's id when it can be read, even from a message too large or too nested to parse) and also
       returned, as a ``ProtocolError``, so the caller can log or count it: do not reply to it.
-    - A lazy-pirate retry of a request that is still waiting is not returned again: its answer goes to
-      the retrying socket. A retry of an answered request gets the same answer again. So a slow tracker
-      never applies a prompt twice. A request id reused for a different request is refused.
+    - A lazy-pirate retry (same ``request_id``, same bytes) of a request that is still waiting is not
+      returned again: the answer goes to the retrying socket too (a dead one drops it). A retry of an
+      answered request gets the same answer again, for ``retry_window_s`` after the answer; so a prompt
+      is never applied twice, and each copy sent gets one answer.
+      A request id reused for a different request is refused.
+    - Memory is bounded: at most ``max_remembered`` answers are kept; when that many were given within
+      the window, new requests are refused ("retry later") rather than forgetting answers a client may
+      still ask for again.
     """
 
     def __init__(
-        self, endpoint: str, *, context: zmq.Context | None = None, security: SocketSecurity | None = None
+        self,
+        endpoint: str,
+        *,
+        context: zmq.Context | None = None,
+        security: SocketSecurity | None = None,
+        retry_window_s: float = RETRY_WINDOW_S,
+        max_remembered: int = MAX_REMEMBERED_ANSWERS,
     ) -> None:
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
         self.socket = control_router(endpoint, context=self._context, security=security)
         self.endpoint = bound_endpoint(self.socket)
-        self._waiting: dict[str, tuple[Envelope, PromptRequest]] = {}
-        self._answered: OrderedDict[str, tuple[PromptRequest, PromptAnswer]] = OrderedDict()
+        self.retry_window_s = retry_window_s
+        self.max_remembered = max_remembered
+        # Requests handed out and not yet answered: every envelope that sent one (the original and its
+        # retries; a dead lazy-pirate socket's answer is dropped by the ROUTER) and the request's digest.
+        self._waiting: dict[str, tuple[list[Envelope], bytes]] = {}
+        self._answered: OrderedDict[str, _Answered] = OrderedDict()
 
     def poll_requests(
         self, timeout_ms: int | None = 0
     ) -> list[tuple[Envelope, PromptRequest | ProtocolError, str | None]]:
         """Requests received within ``timeout_ms``, in arrival order: ``(envelope, request or error,
         request id if known)``. Answer each :class:`PromptRequest` with :meth:`reply`."""
-        out: list[tuple[Envelope, PromptRequest | ProtocolError, str | None]] = []
+        return list(self.requests(timeout_ms))
+
+    def requests(
+        self, timeout_ms: int | None = 0
+    ) -> Iterator[tuple[Envelope, PromptRequest | ProtocolError, str | None]]:
+        """:meth:`poll_requests`, one request at a time: reply to each before taking the next, and the
+        answers leave in the order the requests arrived (a pipelining client can match them by order)."""
         for frames in drain(self.socket, timeout_ms):
             envelope, body = _split_envelope([f.bytes for f in frames])
             request_id = protocol.peek_request_id(body) if body else None
             try:
                 req = protocol.decode_prompt_request(body)
-                if self._handled_as_retry(envelope, req):
+                digest = _digest(body)
+                if self._handled_as_retry(envelope, req.request_id, digest):
                     continue
+                self._check_room()
             except ProtocolError as exc:
                 self._send(envelope, PromptAnswer(request_id or "", ok=False, error=str(exc)))
-                out.append((envelope, exc, request_id))
+                yield envelope, exc, request_id
                 continue
-            self._waiting[req.request_id] = (envelope, req)
-            out.append((envelope, req, req.request_id))
-        return out
+            self._waiting[req.request_id] = ([envelope], digest)
+            yield envelope, req, req.request_id
 
-    def _handled_as_retry(self, envelope: Envelope, req: PromptRequest) -> bool:
+    def _handled_as_retry(self, envelope: Envelope, request_id: str, digest: bytes) -> bool:
         """True for a retry of a request seen before (now handled); ``ProtocolError`` for a reused id."""
-        if req.request_id in self._waiting:
-            if self._waiting[req.request_id][1] == req:
-                self._waiting[req.request_id] = (envelope, req)  # answer the retrying socket, not the dead one
+        if request_id in self._waiting:
+            envelopes, first = self._waiting[request_id]
+            if first == digest:
+                if len(envelopes) < _MAX_RETRY_ENVELOPES:  # each copy gets the answer once it is known
+                    envelopes.append(envelope)
                 return True
-        elif req.request_id in self._answered:
-            first, answer = self._answered[req.request_id]
-            if first == req:
-                self._send(envelope, answer)
+        elif request_id in self._answered:
+            answered = self._answered[request_id]
+            if answered.digest == digest:
+                self.socket.send_multipart([*envelope, *answered.answer])
                 return True
         else:
             return False
-        raise ProtocolError(f"prompt.request_id: {req.request_id!r} was already used for a different request")
+        raise ProtocolError(f"prompt.request_id: {request_id!r} was already used for a different request")
+
+    def _check_room(self) -> None:
+        """Forget answers past the retry window; refuse a request when too many are still in it."""
+        expired_before = time.monotonic() - self.retry_window_s
+        while self._answered and next(iter(self._answered.values())).t < expired_before:
+            self._answered.popitem(last=False)
+        if len(self._answered) + len(self._waiting) >= self.max_remembered:
+            raise ProtocolError(
+                f"control: {self.max_remembered} requests within {self.retry_window_s:g} s, the most this tracker "
+                "remembers for retries; retry later"
+            )
 
     def reply(self, identity: Envelope, answer: PromptAnswer) -> None:
-        """Send ``answer`` to the request it answers: to ``identity``, or to the socket of a newer retry."""
+        """Send ``answer`` to the request it answers (``identity``) and to every retry of it meanwhile."""
         waiting = self._waiting.pop(answer.request_id, None)
+        encoded = _encode_bounded(answer)
+        envelopes = [identity]
         if waiting is not None:
-            identity = waiting[0]
-            self._answered[answer.request_id] = (waiting[1], answer)
-            while len(self._answered) > ANSWER_CACHE:
-                self._answered.popitem(last=False)
-        self._send(identity, answer)
+            envelopes = waiting[0]
+            self._answered[answer.request_id] = _Answered(waiting[1], encoded, time.monotonic())
+        for envelope in envelopes:
+            self.socket.send_multipart([*envelope, *encoded])
 
     def _send(self, envelope: Envelope, answer: PromptAnswer) -> None:
         # A peer gone since is silently dropped by the ROUTER: its client has given up on this answer.
-        self.socket.send_multipart([*envelope, *protocol.encode_answer(answer)])
+        self.socket.send_multipart([*envelope, *_encode_bounded(answer)])
 
     def close(self) -> None:
         """Close the socket (and the context, when this server made it)."""

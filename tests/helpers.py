@@ -41,11 +41,13 @@ from streamer.compositor import BANNER_BACKGROUND, color_for
 from streamer.gateway import GatewayConfig, create_app
 from streamer.gateway.ice import gather_on
 from streamer.protocol import (
+    EventMessage,
     PromptAnswer,
     PromptRequest,
     ResultMessage,
     StatusMessage,
     WireObject,
+    encode_event,
     encode_result,
     encode_status,
 )
@@ -73,8 +75,10 @@ class FakeTracker:
 
     Objects are discs: a click makes (or moves) one of radius 20 centred on the click, a box one
     inscribed in the box.
-    ``publishing`` / ``heartbeats`` switch the two kinds of traffic off and on; with ``moving`` a bright bar
-    crosses the frames, so that every frame's picture differs.
+    ``publishing`` / ``heartbeats`` switch the two kinds of traffic off and on; the heartbeats say frames
+    reach the tracker while ``receiving`` (``None``: while publishing); ``instance`` is the process id
+    its heartbeats carry (change it to play a restart); :meth:`send_event` publishes an event. With
+    ``moving`` a bright bar crosses the frames, so that every frame's picture differs.
     """
 
     def __init__(self, stream: str = "cam0", fps: float = 30.0, heartbeat_s: float = 0.25) -> None:
@@ -91,6 +95,10 @@ class FakeTracker:
         self.publishing = True
         self.heartbeats = True
         self.moving = False
+        self.receiving: bool | None = None
+        self.instance = "fake-1"
+        self.frames_received = 0
+        self.last_received_t: float | None = None
         self.seq = 0
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -141,10 +149,23 @@ class FakeTracker:
 
     async def _heartbeat(self) -> None:
         while True:
+            if self.receiving or (self.receiving is None and self.publishing):
+                self.frames_received += 1
+                self.last_received_t = time.time()
             if self.heartbeats:
-                info = {"last_seq": self.seq, "last_frame_t": time.time(), "fps": self.fps}
-                await self.pub.send_multipart(encode_status(StatusMessage("fake", time.time(), {self.stream: info})))
+                info = {
+                    "last_seq": self.seq,
+                    "last_frame_t": time.time(),
+                    "fps": self.fps,
+                    "frames_received": self.frames_received,
+                    "last_received_t": self.last_received_t,
+                }
+                status = StatusMessage("fake", time.time(), {self.stream: info}, self.instance)
+                await self.pub.send_multipart(encode_status(status))
             await asyncio.sleep(self.heartbeat_s)
+
+    async def send_event(self, event: EventMessage) -> None:
+        await self.pub.send_multipart(encode_event(event))
 
     async def _answer(self) -> None:
         while True:
@@ -182,7 +203,7 @@ class FakeTracker:
             self.objects[obj_id] = (cx * WIDTH, cy * HEIGHT, min(w * WIDTH, h * HEIGHT) / 2)
         else:
             return PromptAnswer(request.request_id, False, "text: the fake tracker takes clicks and boxes only")
-        return PromptAnswer(request.request_id, True, obj_ids=[obj_id])
+        return PromptAnswer(request.request_id, True, obj_ids=[obj_id], frame_index=self.seq)
 
 
 @contextlib.asynccontextmanager
@@ -208,6 +229,19 @@ async def gateway(tracker: FakeTracker, port: int = 0, **overrides: Any) -> Asyn
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def live_viewer(tracker: FakeTracker, **overrides: Any) -> AsyncIterator[Viewer]:
+    """A viewer connected to a gateway in front of ``tracker`` (see :func:`gateway`), once the feed is live."""
+    async with gateway(tracker, **overrides) as url:
+        viewer = Viewer()
+        try:
+            await viewer.connect(url)
+            await viewer.wait_status("live")
+            yield viewer
+        finally:
+            await viewer.close()
+
+
 class Viewer:
     """A real aiortc client of the gateway: receives the video and talks on the prompts channel.
 
@@ -218,6 +252,7 @@ class Viewer:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("prompts")
         self.statuses: list[str] = []
+        self.events: list[dict[str, Any]] = []
         self.objects: dict[str, Any] | None = None
         self._track: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._answers: dict[str | None, asyncio.Future[dict[str, Any]]] = {}
@@ -306,6 +341,18 @@ class Viewer:
             self.statuses.append(message["state"])
         elif message["type"] == "objects":
             self.objects = message
+        elif message["type"] == "event":
+            self.events.append(message)
+
+    async def wait_event(self, event: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The first event of that type received (waiting up to ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events if e["event"] == event]
+            if found:
+                return found[0]
+            assert time.monotonic() < deadline, f"no {event!r} event; saw {self.events}"
+            await asyncio.sleep(0.05)
 
 
 async def post_json(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:

@@ -305,7 +305,9 @@ def test_run_hands_the_encoder_choice_to_its_tracker(tmp_path: Path) -> None:
 
     def tracker_argv(*extra: str) -> list[str]:
         args = build_parser().parse_args(["run", "--model", "tiny-random", "--source", "synthetic", *extra])
-        (tracker,) = [c for c in pipeline_children(args, Endpoints.ipc_in(str(tmp_path))) if c.name == "tracker"]
+        (tracker,) = [
+            c for c in pipeline_children(args, Endpoints.ipc_in(str(tmp_path)), tmp_path) if c.name == "tracker"
+        ]
         return tracker.argv
 
     argv = tracker_argv("--encoder", "tensorrt", "--encoder-precision", "bf16")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -18,11 +19,13 @@ from helpers import (
     fetch_json,
     gateway,
     is_banner,
+    live_viewer,
     run,
     shows_object,
 )
 
 from streamer.gateway.feed import FeedState, ResultFeed
+from streamer.protocol import EventMessage
 
 
 def test_viewer_receives_composited_frames_and_metadata() -> None:
@@ -61,7 +64,9 @@ def test_prompts_forwarded_and_malformed_ones_answered() -> None:
                 await viewer.wait_status("live")
                 click = {"op": "add_prompt", "prompt": {"points": [[250, 60]], "point_labels": [1]}}
                 answer = await viewer.request(click)
+                frame_index = answer.pop("frame_index")
                 assert answer == {"type": "answer", "id": "t1", "ok": True, "error": None, "obj_ids": [2]}
+                assert isinstance(frame_index, int) and frame_index > 0, "the frame it applies before"
                 request = tracker.requests[-1]
                 assert request.stream == "cam0" and request.op == "add_prompt"
                 assert request.prompt is not None and request.prompt.points == ((250.0, 60.0),)
@@ -152,27 +157,102 @@ def test_banners_when_results_or_tracker_stop_and_recovery() -> None:
     run(body())
 
 
-def test_slow_tracker_stays_live_until_results_stop() -> None:
+def test_state_follows_heartbeats_not_result_age() -> None:
+    """A tracker slower than no_signal_after_s is live while frames reach it; when it dies it is offline
+    at once, however recent its last result (regression: a dead slow tracker stayed "live")."""
+
     async def body() -> None:
-        async with FakeTracker(fps=4) as tracker:  # a result every 0.25 s, slower than no_signal_after_s
-            feed = ResultFeed(tracker.results_endpoint, tracker.stream, no_signal_after_s=0.15)
+        async with FakeTracker(fps=0.5) as tracker:  # a result every 2 s, slower than no_signal_after_s
+            feed = ResultFeed(tracker.results_endpoint, tracker.stream, no_signal_after_s=1.0, offline_after_s=1.0)
             changes: list[FeedState] = []
             feed.add_listener(changes.append)
             await feed.start()
             try:
                 deadline = time.monotonic() + 5
-                while feed.results_received < 3:
+                while feed.results_received < 1:
                     assert time.monotonic() < deadline, "no results"
                     await asyncio.sleep(0.05)
                 changes.clear()
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(3.0)
                 assert feed.state is FeedState.LIVE and changes == [], changes
-                assert 3 < feed.fps < 5
-                tracker.publishing = False
-                await asyncio.sleep(1.0)
-                assert changes == [FeedState.NO_SIGNAL]
+                assert feed.stream_status is not None and feed.stream_status["frames_received"] > 0
+
+                tracker.receiving = False  # the camera is gone: heartbeats go on, no frame reaches the tracker
+                await asyncio.sleep(1.8)
+                assert changes == [FeedState.NO_SIGNAL], changes
+                tracker.receiving = None
+                await asyncio.sleep(0.8)
+                assert changes[-1] is FeedState.LIVE, changes
+
+                await asyncio.sleep(1.0)  # right after a result ...
+                tracker.publishing = tracker.heartbeats = False  # ... the tracker dies
+                started = time.monotonic()
+                while feed.state is not FeedState.TRACKER_OFFLINE:
+                    assert time.monotonic() - started < 2.0, f"still {feed.state} after the tracker died"
+                    await asyncio.sleep(0.05)
             finally:
                 await feed.close()
+
+    run(body())
+
+
+def test_data_channel_prompts_reach_the_tracker_in_the_order_sent() -> None:
+    """Regression: one REQ socket per request let add-then-reset arrive as reset-then-add."""
+
+    async def body() -> None:
+        async with FakeTracker() as tracker, live_viewer(tracker) as viewer:
+            click = {"op": "add_prompt", "prompt": {"points": [[250, 60]], "point_labels": [1]}}
+            sent = [click if i % 2 == 0 else {"op": "reset_session"} for i in range(40)]
+            before = len(tracker.requests)
+            answers = await asyncio.gather(  # all sent before the first answer comes back
+                *(viewer.send_raw(json.dumps({**m, "id": f"o{i}"}), f"o{i}") for i, m in enumerate(sent))
+            )
+            assert all(a["ok"] for a in answers), answers
+            assert [r.op for r in tracker.requests[before:]] == [m["op"] for m in sent]
+
+    run(body())
+
+
+def test_nested_and_oversized_data_channel_messages_are_answered_with_their_id() -> None:
+    """Regression: nested JSON got no answer at all; a 100 KB message was answered with id null."""
+
+    async def body() -> None:
+        async with FakeTracker() as tracker, live_viewer(tracker) as viewer:
+            nested = '{"id": "deep", "op": ' + "[" * 5000 + "]" * 5000 + "}"
+            answer = await viewer.send_raw(nested, "deep")
+            assert not answer["ok"] and answer["error"] == "message: nested too deeply", answer
+            big = '{"op": "add_prompt", "prompt": {"text": "' + "x" * 100_000 + '"}, "id": "big"}'
+            answer = await viewer.send_raw(big, "big")
+            assert not answer["ok"] and answer["error"].startswith("message: longer than 65536"), answer
+            answer = await viewer.send_raw(r'{"op": "reset_session", "id": "\ud800"}', None)
+            assert not answer["ok"] and answer["error"].startswith("id:"), answer
+            answer = await viewer.request({"op": "remove_object", "obj_id": 2**63 - 1})
+            assert answer["error"].startswith("obj_id: remove_object needs an integer between 0 and 2147483647")
+            assert (await viewer.request({"op": "reset_session"}))["ok"], "the channel still works"
+
+    run(body())
+
+
+def test_tracker_events_reach_viewers_naming_their_prompt() -> None:
+    async def body() -> None:
+        async with FakeTracker() as tracker, live_viewer(tracker) as viewer:
+            click = {"op": "add_prompt", "prompt": {"points": [[250, 60]], "point_labels": [1]}}
+            answer = await viewer.request(click)
+            request_id = tracker.requests[-1].request_id
+            failed = EventMessage(
+                "cam0", "prompt_failed", "it failed", time.time(), request_id, "add_prompt", answer["obj_ids"]
+            )
+            await tracker.send_event(failed)
+            event = await viewer.wait_event("prompt_failed")
+            assert event["id"] == answer["id"] and event["message"] == "it failed", event
+            assert event["obj_ids"] == answer["obj_ids"] and event["op"] == "add_prompt"
+            await tracker.send_event(EventMessage("cam9", "prompt_failed", "another stream's", time.time()))
+
+            await asyncio.sleep(4 * tracker.heartbeat_s)  # the gateway has heard the first instance's heartbeats
+            tracker.instance = "fake-2"  # the tracker restarted
+            event = await viewer.wait_event("tracker_restarted")
+            assert "restarted" in event["message"]
+            assert [e["message"] for e in viewer.events if e["event"] == "prompt_failed"] == ["it failed"]
 
     run(body())
 

@@ -188,7 +188,8 @@ def test_prompt_round_trips() -> None:
         ({"op": "add_prompt", "prompt": {"point_labels": [10**30]}}, "integer"),
         ({"op": "add_prompt", "prompt": [1]}, "prompt.prompt: expected an object"),
         ({"op": "remove_object"}, "prompt.obj_id: missing"),
-        ({"op": "remove_object", "obj_id": -2}, "prompt.obj_id: must be >= 0"),
+        ({"op": "remove_object", "obj_id": -2}, "prompt.obj_id: must be between 0 and 2147483647"),
+        ({"op": "remove_object", "obj_id": 2**63 - 1}, "prompt.obj_id: must be between 0 and 2147483647"),
         ({"op": "remove_object", "obj_id": True}, "prompt.obj_id: expected an integer"),
         ({"op": "reset_session", "obj_id": 3}, "prompt.obj_id: only remove_object"),
         ({"op": "remove_prompt"}, "prompt.text: missing"),
@@ -330,7 +331,7 @@ def test_decoders_refuse_other_kinds_versions_and_part_counts() -> None:
     with pytest.raises(ProtocolError, match="status: expected 1 message parts, got 2"):
         decode_status(messages["status"] + [b""])
     header = json.loads(messages["status"][0])
-    for version in (2, "1", 1.0, None, True):
+    for version in (0, 3, "1", 1.0, None, True):
         with pytest.raises(ProtocolError, match="header.v: unsupported protocol version"):
             decode_status([json.dumps({**header, "v": version}).encode()])
     with pytest.raises(ProtocolError, match="header.kind: unknown kind 'video'"):

@@ -117,7 +117,8 @@ def test_point_and_box_tracker_matches_unbounded_reference(tiny_models, tiny_fol
         200: [
             ("add", Prompt(bounding_boxes=((0.25, 0.5, 0.3, 0.4), (0.7, 0.7, 0.2, 0.2)), bounding_box_labels=(1, 1)))
         ],
-        250: [("remove", 0), ("refine", Prompt(points=((20.0, 100.0),), point_labels=(0,), obj_id=8))],
+        # A chosen id (7) does not move the id counter: the two boxes of frame 200 became objects 2 and 3.
+        250: [("remove", 0), ("refine", Prompt(points=((20.0, 100.0),), point_labels=(0,), obj_id=2))],
     }
     ours.track(moving_shapes(0))
     for frame in range(1, FRAMES):

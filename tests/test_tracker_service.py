@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import shutil
+import signal
+import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +27,14 @@ from models import Prompt
 from models.tiny import moving_shapes
 from streamer.config import Endpoints
 from streamer.protocol import (
+    EventMessage,
     FrameHeader,
     PromptAnswer,
     PromptRequest,
     ResultMessage,
     StatusMessage,
+    decode_answer,
+    decode_event,
     decode_result,
     decode_status,
     encode_frame,
@@ -38,7 +43,7 @@ from streamer.protocol import (
 )
 from streamer.tracking import PassThroughTracker, make_tracker
 from streamer.tracking import Tracker as TrackerInterface
-from streamer.transport import PromptClient, frames_publisher, results_subscriber
+from streamer.transport import PromptClient, control_requester, frames_publisher, results_subscriber
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,6 +60,14 @@ class Tracker:
     sub: zmq.Socket
     control: PromptClient
     sent: dict[tuple[str, int], np.ndarray]
+    proc: subprocess.Popen | None = None
+    events: list[EventMessage] = field(default_factory=list)  # every event received so far
+
+    def kill(self) -> None:
+        """SIGKILL the tracker process (a crash); the block then ends without asking it to stop."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
 
     def send(self, stream: str, seq: int, pixels: np.ndarray | None = None, t_capture: float | None = None) -> None:
         pixels = moving_shapes(seq, WIDTH, HEIGHT) if pixels is None else pixels
@@ -67,6 +80,25 @@ class Tracker:
     def request(self, stream: str, op: str, **fields: object) -> PromptAnswer:
         return self.control.request(PromptRequest(new_request_id(), stream, op, **fields))  # type: ignore[arg-type]
 
+    def raw(self, body: bytes, timeout: float = 5.0) -> PromptAnswer:
+        """Send ``body`` as it is on a fresh REQ socket and return the answer."""
+        sock = control_requester(self.endpoints.control, context=self.pub.context)
+        try:
+            sock.send(body)
+            assert sock.poll(int(timeout * 1000)), "no answer"
+            return decode_answer([sock.recv()])
+        finally:
+            sock.close(linger=0)
+
+    def status(self, stream: str, timeout: float = 3.0) -> dict:
+        """The stream's fields of the newest heartbeat that lists it (older ones queued meanwhile are skipped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            listing = [s for s in self.receive(0.6)[1] if stream in s.streams]
+            if listing:
+                return listing[-1].streams[stream]
+        pytest.fail(f"no heartbeat lists {stream}")
+
     def receive(self, timeout: float) -> tuple[list[tuple[ResultMessage, np.ndarray | None]], list[StatusMessage]]:
         """Everything published within ``timeout`` seconds."""
         results, statuses = [], []
@@ -74,8 +106,11 @@ class Tracker:
         while (left := deadline - time.monotonic()) > 0:
             if self.sub.poll(int(left * 1000)):
                 parts = self.sub.recv_multipart()
-                if peek_kind(parts) == "result":
+                kind = peek_kind(parts)
+                if kind == "result":
                     results.append(decode_result(parts))
+                elif kind == "event":
+                    self.events.append(decode_event(parts))
                 else:
                     statuses.append(decode_status(parts))
         return results, statuses
@@ -129,13 +164,15 @@ def running_tracker(*options: str, log_path: Path) -> Iterator[Tracker]:
         with launched(args, log_path) as proc:
             sub = results_subscriber(endpoints.results, context=ctx)
             control = PromptClient(endpoints.control, timeout_s=5.0, retries=2, context=ctx)
-            tracker = Tracker(endpoints, log_path, pub, sub, control, {})
+            tracker = Tracker(endpoints, log_path, pub, sub, control, {}, proc)
             try:
                 # The first heartbeat says the model is loaded and the sockets are up.
                 wait_for(lambda: proc.poll() is not None or tracker.receive(0.3)[1], 90, "a heartbeat", log_path)
                 assert proc.poll() is None, log_path.read_text()
                 yield tracker
-                assert proc.poll() is None, f"the tracker died:\n{log_path.read_text()[-3000:]}"
+                assert proc.poll() is None or proc.returncode == -signal.SIGKILL, (
+                    f"the tracker died:\n{log_path.read_text()[-3000:]}"
+                )
             finally:
                 control.close()
                 sub.close()
@@ -175,13 +212,13 @@ def test_prompts_are_answered_and_results_carry_their_frame_and_masks(tiny: Trac
     clicked = answer.obj_ids[0]
     # Refused by the tracker itself (well-formed on the wire), each naming the field.
     outside = Prompt.from_dict({"points": [[900, 10]], "point_labels": [1]})
-    for op, fields, field in [
+    for op, fields, name in [
         ("add_prompt", {"prompt": outside}, "points:"),
         ("remove_object", {"obj_id": 999}, "obj_id:"),
         ("remove_prompt", {"text": "cat"}, "text:"),
     ]:
         answer = tiny.request("cam0", op, **fields)
-        assert not answer.ok and answer.error.startswith(field), answer
+        assert not answer.ok and answer.error.startswith(name), answer
 
     results = tiny.stream_results({"cam0": 1}, frames=6)["cam0"]
     assert results, tiny.log_path.read_text()[-3000:]
@@ -230,7 +267,7 @@ def test_a_frame_the_tracker_cannot_take_is_skipped(tiny: Tracker) -> None:
     tiny.until_result("odd", 0)
     tiny.send("odd", 1, np.zeros((1, 9000, 3), np.uint8))  # fine on the wire, too wide for the model
     results, _ = tiny.receive(1.0)
-    assert not [m for m, _ in results if m.stream == "odd"]
+    assert not [m for m, _ in results if m.stream == "odd" and m.seq == 1]
     tiny.until_result("odd", 2)
     assert "frame 1 failed" in tiny.log_path.read_text()
 

@@ -364,6 +364,50 @@ def test_server_answers_a_retry_once_and_never_applies_it_twice(context: zmq.Con
         server.close()
 
 
+def test_server_remembers_answers_for_a_time_window_within_a_memory_bound(context: zmq.Context) -> None:
+    """Retries are recognised for retry_window_s, not for the last N requests; when more answers than
+    max_remembered are in the window, new requests are refused rather than old answers forgotten."""
+    server = ControlServer("tcp://127.0.0.1:*", context=context, retry_window_s=1.5, max_remembered=3)
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(server.endpoint)
+
+    def ask(request: PromptRequest) -> list[PromptAnswer]:
+        """Send twice on one socket (a duplicate in flight): each copy gets its own answer."""
+        body = protocol.encode_prompt_request(request)
+        for _ in range(2):
+            dealer.send_multipart([b"", *body])
+        answers: list[PromptAnswer] = []
+        deadline = time.monotonic() + 3
+        while len(answers) < 2 and time.monotonic() < deadline:
+            for envelope, req, _ in server.poll_requests(10):
+                if isinstance(req, PromptRequest):
+                    server.reply(envelope, PromptAnswer(req.request_id, True, obj_ids=[len(req.request_id)]))
+            while dealer.poll(10):
+                answers.append(protocol.decode_answer(dealer.recv_multipart()[1:]))
+        assert not dealer.poll(100), "one answer per copy, no more"
+        return answers
+
+    try:
+        for i in range(3):
+            assert [a.ok for a in ask(add_prompt(f"r{i}"))] == [True, True]
+        full = ask(add_prompt("r3"))
+        assert len(full) == 2 and all(not a.ok and a.error.startswith("control: 3 requests within 1.5 s") for a in full)
+        assert ask(add_prompt("r0")) == [PromptAnswer("r0", True, obj_ids=[2])] * 2, "a retry: the same answer"
+        time.sleep(1.6)
+        assert [a.ok for a in ask(add_prompt("r3"))] == [True, True], "answers past the window are forgotten"
+    finally:
+        dealer.close(linger=0)
+        server.close()
+
+
+def test_an_answer_too_large_for_the_wire_is_cut_to_fit_not_lost(context: zmq.Context) -> None:
+    huge = PromptAnswer("r1", False, "stream: unknown stream; known: " + "x" * 10_000, obj_ids=list(range(300)))
+    with serving(context, answer=lambda req: huge) as server, PromptClient(server.endpoint, context=context) as client:
+        answer = client.request(add_prompt("r1"))
+    assert not answer.ok and answer.error.startswith("stream: unknown stream") and len(answer.error) <= 4096
+    assert answer.obj_ids == list(range(protocol.MAX_OBJECTS))
+
+
 def test_async_prompt_client(context: zmq.Context) -> None:
     async def main(endpoint: str) -> list[PromptAnswer]:
         async with AsyncPromptClient(endpoint, timeout_s=2) as client:

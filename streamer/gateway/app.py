@@ -175,6 +175,8 @@ def _snapshot(app: web.Application) -> dict[str, Any]:
         "frames_sent": broadcaster.frames_sent,
         "video": broadcaster.video.stats(),  # per codec in use: viewers, frames encoded, keyframes
         "prompts": dict(app[PROMPTS].outcomes),
+        "tracker_restarts": feed.tracker_restarts,
+        "tracker_stream": feed.stream_status,  # the tracker's own view of the stream (its heartbeat)
         "viewers_expired": broadcaster.expired,
         "peer_connections": len(broadcaster.peer_connections),
         "tasks": len(asyncio.all_tasks()),

@@ -1,13 +1,21 @@
-"""The gateway's subscription to the tracker's results endpoint (results + status heartbeats).
+"""The gateway's subscription to the tracker's results endpoint (results, events, status heartbeats).
 
 A SUB socket drains everything that arrived after each poll and keeps only the newest result of
 the stream it follows (the ZeroMQ guide's latest-value pattern), so a gateway that falls behind
-skips results instead of showing old ones.
+skips results instead of showing old ones. Events are never skipped: each goes to the listeners.
 
-Status heartbeats tell a silent stream ("no signal": the tracker is up, no results) from a silent
-tracker ("tracker offline": not even heartbeats). "No results" means none for
-``no_signal_after_s``, or for a few typical gaps between results when the tracker is slower than
-that (a model at 0.5 fps is slow, not without signal).
+The feed's state follows the tracker's heartbeats, not the age of the last result:
+
+- ``tracker_offline``: nothing from the tracker (heartbeat, result or event) for ``offline_after_s``.
+  A slow tracker that dies is offline 1.5 s later, however long its frames take.
+- ``no_signal``: the tracker is up but its heartbeats say no frame of this stream reached it for
+  ``no_signal_after_s`` (the camera or its link is down).
+- ``live``: frames reach the tracker. A slow model (one result every few seconds) is live: slow, not
+  without signal.
+
+A tracker that does not report when frames arrive (protocol version 1) is judged by its results.
+Heartbeats carry the tracker process's ``instance`` id: when it changes, the tracker restarted, and
+listeners get a ``tracker_restarted`` event (the tracker itself says which prompts it re-applied).
 """
 
 from __future__ import annotations
@@ -24,7 +32,16 @@ import numpy as np
 import zmq.asyncio
 
 from streamer.healing import CHECK_INTERVAL_S, HealingSocket
-from streamer.protocol import ProtocolError, ResultMessage, decode_result, peek_kind
+from streamer.protocol import (
+    EventMessage,
+    ProtocolError,
+    ResultMessage,
+    StatusMessage,
+    decode_event,
+    decode_result,
+    decode_status,
+    peek_kind,
+)
 from streamer.security import SocketSecurity
 from streamer.transport import drain_async, results_subscriber
 
@@ -32,11 +49,6 @@ log = logging.getLogger(__name__)
 
 FPS_WINDOW_S = 5.0  # long enough to see a slow tracker's rate
 STATE_CHECK_S = 0.1
-# A tracker slower than 1 fps is slow, not silent: "no signal" waits this many typical gaps between
-# results (an average of recent gaps, each counted as at most GAP_CAP_S so one outage fades fast).
-GAP_SLACK = 2.5
-GAP_CAP_S = 10.0
-GAP_WEIGHT = 0.3
 
 
 class FeedState(str, Enum):
@@ -63,6 +75,7 @@ class FeedItem:
 
 
 StateListener = Callable[[FeedState], None]
+EventListener = Callable[[EventMessage], None]
 
 
 class ResultFeed:
@@ -87,11 +100,15 @@ class ResultFeed:
         self._socket: HealingSocket[zmq.asyncio.Socket] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._listeners: list[StateListener] = []
+        self._event_listeners: list[EventListener] = []
         self._new_item = asyncio.Condition()
         self._arrivals: deque[float] = deque()
         self._last_result: float | None = None  # monotonic
-        self._typical_gap = 0.0  # seconds between results, a moving average
-        self._last_sign_of_life: float | None = None  # monotonic; results count as heartbeats
+        self._last_sign_of_life: float | None = None  # monotonic: any message from the tracker
+        self._status: StatusMessage | None = None  # the newest heartbeat
+        self._status_received = 0.0  # monotonic, when it arrived
+        self.instance: str | None = None  # the tracker process's, from its heartbeats
+        self.tracker_restarts = 0
         self.state = FeedState.TRACKER_OFFLINE
         self.latest: FeedItem | None = None
         self.results_received = 0
@@ -122,6 +139,18 @@ class ResultFeed:
         """Call ``listener(state)`` on every state change; returns a function that unsubscribes."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def add_event_listener(self, listener: EventListener) -> Callable[[], None]:
+        """Call ``listener(event)`` for every event of the followed stream; returns the unsubscriber."""
+        self._event_listeners.append(listener)
+        return lambda: self._event_listeners.remove(listener) if listener in self._event_listeners else None
+
+    @property
+    def stream_status(self) -> dict | None:
+        """The followed stream's fields of the newest heartbeat (``protocol.STREAM_STATUS_FIELDS``)."""
+        if self._status is None or self.stream is None:
+            return None
+        return self._status.streams.get(self.stream)
 
     @property
     def fps(self) -> float:
@@ -158,10 +187,14 @@ class ResultFeed:
             for parts in await drain_async(self._socket.socket, timeout_ms=int(CHECK_INTERVAL_S * 1000)):
                 try:
                     kind = peek_kind(parts)
+                    if kind == "status":
+                        self._on_status(decode_status(parts))
+                    elif kind == "event":
+                        self._on_event(decode_event(parts))
                 except ProtocolError as exc:
                     log.warning("results %s: dropped a malformed message: %s", self.endpoint, exc)
                     continue
-                self._last_sign_of_life = time.monotonic()  # a heartbeat, or a result of any stream
+                self._last_sign_of_life = time.monotonic()  # a heartbeat, a result or an event
                 if kind == "result":
                     results.append(parts)
             # Newest first, decoding (masks cost milliseconds: off the event loop) until one is ours.
@@ -176,13 +209,37 @@ class ResultFeed:
                     break
             self._update_state()
 
+    def _on_status(self, status: StatusMessage) -> None:
+        if status.instance and self.instance is not None and status.instance != self.instance:
+            self.tracker_restarts += 1
+            log.warning("feed %s: the tracker restarted (instance %s)", self.endpoint, status.instance)
+            self._emit(
+                EventMessage(
+                    self.stream or "",
+                    "tracker_restarted",
+                    f"the tracker {status.tracker} restarted; it re-applies this stream's prompts on its next frame",
+                    status.t,
+                )
+            )
+        self.instance = status.instance or self.instance
+        self._status, self._status_received = status, time.monotonic()
+        if self.stream is None:  # follow the first stream whose frames reach the tracker
+            receiving = [name for name, info in sorted(status.streams.items()) if info.get("frames_received")]
+            self.stream = receiving[0] if receiving else None
+
+    def _on_event(self, event: EventMessage) -> None:
+        if self.stream is None or event.stream == self.stream:
+            self._emit(event)
+
+    def _emit(self, event: EventMessage) -> None:
+        for listener in list(self._event_listeners):
+            try:
+                listener(event)
+            except Exception:  # one viewer's trouble must not stop the feed
+                log.exception("feed %s: an event listener failed", self.endpoint)
+
     async def _accept(self, message: ResultMessage, frame: np.ndarray | None) -> None:
         now = time.monotonic()
-        if self._last_result is not None:
-            gap = min(now - self._last_result, GAP_CAP_S)
-            self._typical_gap = (
-                gap if self.results_received == 1 else ((1 - GAP_WEIGHT) * self._typical_gap + GAP_WEIGHT * gap)
-            )
         self.stream = message.stream
         self._last_result = now
         self._arrivals.append(now)
@@ -199,18 +256,29 @@ class ResultFeed:
 
     def _update_state(self) -> None:
         now = time.monotonic()
-        no_signal_after = max(self._no_signal_after, GAP_SLACK * self._typical_gap)
-        if self._last_result is not None and now - self._last_result <= no_signal_after:
-            state = FeedState.LIVE
-        elif self._last_sign_of_life is not None and now - self._last_sign_of_life <= self._offline_after:
-            state = FeedState.NO_SIGNAL
-        else:
+        if self._last_sign_of_life is None or now - self._last_sign_of_life > self._offline_after:
             state = FeedState.TRACKER_OFFLINE
+        elif self._frames_reach_tracker(now):
+            state = FeedState.LIVE
+        else:
+            state = FeedState.NO_SIGNAL
         if state != self.state:
             log.info("feed %s: %s -> %s", self.endpoint, self.state.value, state.value)
             self.state = state
             for listener in list(self._listeners):
                 listener(state)
+
+    def _frames_reach_tracker(self, now: float) -> bool:
+        """Whether the heartbeats say a frame of our stream reached the tracker within ``no_signal_after_s``."""
+        info = self.stream_status
+        if self._status is None or info is None or "frames_received" not in info:
+            # A tracker that does not say (protocol 1) is judged by its results.
+            return self._last_result is not None and now - self._last_result <= self._no_signal_after
+        received_t = info.get("last_received_t")
+        if received_t is None:
+            return False
+        age = (self._status.t - received_t) + (now - self._status_received)
+        return age <= self._no_signal_after
 
     def _forget_old_arrivals(self, now: float) -> None:
         while self._arrivals and now - self._arrivals[0] > FPS_WINDOW_S:

@@ -224,6 +224,10 @@ class ViewerSession:
         self.connected = asyncio.Event()
         self.video = PacketTrack(self.on_frame)
         self._unsubscribe = feed.add_listener(self._on_state)
+        # Tracker events (a prompt failed when applied, objects re-acquired after a restart) reach every viewer.
+        self._unsubscribe_events = feed.add_event_listener(
+            lambda event: self._send(prompts.event_message(event), always=True)
+        )
         pc.on("datachannel", self._on_datachannel)
 
     def on_frame(self, item: FeedItem | None) -> None:
@@ -238,6 +242,7 @@ class ViewerSession:
             return
         self._closed = True
         self._unsubscribe()
+        self._unsubscribe_events()
         for task in list(self._tasks):
             if task is not asyncio.current_task():  # the watchdog closes its own session
                 task.cancel()

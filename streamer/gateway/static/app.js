@@ -124,6 +124,10 @@ function onMessage(message) {
     if (onAccepted && message.ok) onAccepted(message);
     const ids = message.obj_ids && message.obj_ids.length ? ` → objects ${message.obj_ids.join(", ")}` : "";
     note(message.ok ? `${message.id}: ok${ids}` : `${message.id ?? "?"}: ${message.error}`, !message.ok);
+  } else if (message.type === "event") {
+    // A prompt that failed when applied, objects re-acquired after a tracker restart, objects left out.
+    const about = message.id !== null && message.id !== undefined ? `${message.id}: ` : "";
+    note(`${about}${message.event.replaceAll("_", " ")}: ${message.message}`, message.event === "prompt_failed");
   }
 }
 
