@@ -31,6 +31,7 @@ _LAZY = {
     "TrackerConfig": "models.streaming_tracker",
     "FrameOutputs": "models.predictor",
     "PredictorError": "models.predictor",
+    "PromptCoordinatesWarning": "models.predictor",
     "Sam3VideoPredictor": "models.predictor",
     "UnknownSessionError": "models.predictor",
 }
@@ -46,7 +47,13 @@ if TYPE_CHECKING:
         tensorrt_problem,
     )
     from models.loading import DEFAULT_MODEL, ModelLoadError, Sam3Models, load_models
-    from models.predictor import FrameOutputs, PredictorError, Sam3VideoPredictor, UnknownSessionError
+    from models.predictor import (
+        FrameOutputs,
+        PredictorError,
+        PromptCoordinatesWarning,
+        Sam3VideoPredictor,
+        UnknownSessionError,
+    )
     from models.streaming_tracker import StreamingTracker, TrackerConfig
 
 
@@ -70,6 +77,7 @@ __all__ = [
     "ObjectResult",
     "PredictorError",
     "Prompt",
+    "PromptCoordinatesWarning",
     "PromptFailure",
     "Sam3Models",
     "Sam3VideoPredictor",

@@ -5,30 +5,25 @@
 
 Both are fed the image features of one shared encoder pass. Each session numbers its frames from
 its own start (transformers assumes a session begins at frame 0), and is dropped when it holds
-nothing, so an idle engine costs nothing.
+nothing, so an idle engine costs nothing. With ``batch_objects`` (the default) the tracker's
+per-object work runs batched (``models.batching``); without, it is transformers' own per-object loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
 from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
 
+from models import hf_internals as hf
+from models.batching import track_objects
 from models.loading import Sam3Models
-from models.memory import FrameWindow, MemoryWindow, prune_session, state_bytes
-from models.sessions import (
-    add_object_inputs,
-    add_text_prompt,
-    concat_inputs,
-    drop_text_prompt,
-    refine_objects,
-    remove_tracker_object,
-)
+from models.memory import MemoryWindow, prune_session, state_bytes
+from models.sessions import add_object_inputs, add_text_prompt, concat_inputs, drop_text_prompt, refine_objects
 
 
 @dataclass
@@ -52,9 +47,10 @@ class _Engine:
     # Whether transformers runs this session's tracker in streaming mode (object-pointer lookback rule).
     streaming_tracker_calls = True
 
-    def __init__(self, models: Sam3Models, window: MemoryWindow) -> None:
+    def __init__(self, models: Sam3Models, window: MemoryWindow, batch_objects: bool = True) -> None:
         self.models = models
         self.window = window
+        self.batch_objects = batch_objects
         self.session: Any = None
         self.start = 0
 
@@ -64,7 +60,7 @@ class _Engine:
     def _open(self, frame_index: int) -> None:
         if self.session is None:
             self.session = self._new_session()
-            self.session.processed_frames = FrameWindow()
+            hf.install_frame_window(self.session)
             self.start = frame_index
 
     def local(self, frame_index: int) -> int:
@@ -72,7 +68,7 @@ class _Engine:
 
     @property
     def obj_ids(self) -> list[int]:
-        return list(self.session.obj_ids) if self.session is not None else []
+        return hf.object_ids(self.session) if self.session is not None else []
 
     def refine(
         self, frame_index: int, inputs_by_obj: dict[int, dict[str, torch.Tensor]]
@@ -82,7 +78,8 @@ class _Engine:
             self.session,
             self.local(frame_index),
             inputs_by_obj,
-            self.streaming_tracker_calls,
+            streaming=self.streaming_tracker_calls,
+            batched=self.batch_objects,
         )
 
     def prune(self, frame_index: int) -> None:
@@ -105,8 +102,8 @@ class _Engine:
 class GeometryEngine(_Engine):
     """Objects prompted with clicks and boxes."""
 
-    def __init__(self, models: Sam3Models, window: MemoryWindow) -> None:
-        super().__init__(models, window)
+    def __init__(self, models: Sam3Models, window: MemoryWindow, batch_objects: bool = True) -> None:
+        super().__init__(models, window, batch_objects)
         self.pending: dict[int, dict[str, torch.Tensor]] = {}
 
     def _new_session(self) -> Sam3TrackerVideoInferenceSession:
@@ -128,8 +125,8 @@ class GeometryEngine(_Engine):
 
     def remove(self, obj_id: int) -> None:
         self.pending.pop(obj_id, None)
-        if self.session is not None and obj_id in self.session.obj_ids:
-            remove_tracker_object(self.session, obj_id)
+        if self.session is not None and obj_id in self.obj_ids:
+            hf.remove_tracker_object(self.session, obj_id)
         if not self.has_work():
             self.session = None
 
@@ -140,8 +137,10 @@ class GeometryEngine(_Engine):
         if self.pending:
             add_object_inputs(self.session, local, self.pending)
             self.pending = {}
-        self.session.cache.cache_vision_features(local, tracker_features)
-        out = self.models.tracker_model(inference_session=self.session, frame=pixels, frame_idx=local)
+        hf.cache_tracker_features(self.session, local, tracker_features)
+        tracker = self.models.tracker_model
+        step = partial(track_objects, tracker) if self.batch_objects else tracker
+        out = step(inference_session=self.session, frame=pixels, frame_idx=local)
         return EngineOutput(
             obj_ids=list(out.object_ids),
             mask_logits=out.pred_masks[:, 0],
@@ -161,7 +160,7 @@ class TextEngine(_Engine):
 
     @property
     def prompts(self) -> list[str]:
-        return list(self.session.prompts.values()) if self.session is not None else []
+        return list(hf.text_prompts(self.session).values()) if self.session is not None else []
 
     def owns(self, obj_id: int) -> bool:
         return obj_id in self.obj_ids
@@ -172,7 +171,7 @@ class TextEngine(_Engine):
 
     def drop_text(self, text: str) -> list[int]:
         removed = drop_text_prompt(self.session, text)
-        if not self.session.prompts:
+        if not hf.text_prompts(self.session):
             self.session = None
         return removed
 
@@ -180,8 +179,8 @@ class TextEngine(_Engine):
         self.session.remove_object(obj_id, strict=True)
 
     def label_of(self, obj_id: int) -> str | None:
-        prompt_id = self.session.obj_id_to_prompt_id.get(obj_id)
-        return self.session.prompts.get(prompt_id) if prompt_id is not None else None
+        prompt_id = hf.prompt_of_object(self.session, obj_id)
+        return hf.text_prompts(self.session).get(prompt_id) if prompt_id is not None else None
 
     def step(
         self, frame_index: int, pixels: torch.Tensor, vision_embeds: Any, next_obj_id: int
@@ -193,14 +192,17 @@ class TextEngine(_Engine):
         if self.session is None:
             return EngineOutput.empty(self.models.device), next_obj_id
         session = self.session
-        session.max_obj_id = max(session.max_obj_id, next_obj_id - 1)
-        with _precomputed_vision_features(self.models.video_model.detector_model, vision_embeds):
-            out = self.models.video_model(inference_session=session, frame=pixels, frame_idx=self.local(frame_index))
+        hf.reserve_object_ids(session, next_obj_id)
+        video = self.models.video_model
+        batched = partial(track_objects, video.tracker_model) if self.batch_objects else None
+        with hf.precomputed_vision_features(video, vision_embeds), hf.tracker_forward(video, batched):
+            out = video(inference_session=session, frame=pixels, frame_idx=self.local(frame_index))
         hidden = set(out.suppressed_obj_ids or ())
-        obj_ids = [i for i in sorted(out.obj_id_to_mask) if i not in hidden and i in session.obj_ids]
+        live = set(hf.object_ids(session))
+        obj_ids = [i for i in sorted(out.obj_id_to_mask) if i not in hidden and i in live]
         device = self.models.device
         if not obj_ids:
-            return EngineOutput.empty(device), session.max_obj_id + 1
+            return EngineOutput.empty(device), hf.next_object_id(session)
         tracker_scores = out.obj_id_to_tracker_score or {}
         return (
             EngineOutput(
@@ -210,21 +212,11 @@ class TextEngine(_Engine):
                 labels=[self.label_of(i) for i in obj_ids],
                 overlap_scores=torch.tensor([float(tracker_scores.get(i, 0.0)) for i in obj_ids], device=device),
             ),
-            session.max_obj_id + 1,
+            hf.next_object_id(session),
         )
 
     def tracker_features(self, frame_index: int) -> dict[str, Any] | None:
         """The tracker-side features the video model computed for this frame, for the geometry engine."""
         if self.session is None:
             return None
-        return self.session.cache.get_vision_features(self.local(frame_index))
-
-
-@contextmanager
-def _precomputed_vision_features(detector: Any, vision_embeds: Any) -> Iterator[None]:
-    """Make the detector return this frame's already computed encoder output instead of re-encoding."""
-    detector.get_vision_features = lambda *args, **kwargs: vision_embeds
-    try:
-        yield
-    finally:
-        del detector.get_vision_features
+        return hf.cached_tracker_features(self.session, self.local(frame_index))

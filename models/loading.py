@@ -8,6 +8,7 @@ encoder pass however many objects and prompt kinds there are.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -17,11 +18,18 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Sam3TrackerVideoModel, Sam3VideoModel
 
+from models import hf_internals
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "facebook/sam3"
 TINY_RANDOM = "tiny-random"
 FULL_RANDOM = "full-random"
+DEMO = "demo"
+# The small trained demo model ships inside the package (scripts/train_demo.py makes it).
+DEMO_FOLDER = Path(__file__).parent / "weights" / "demo"
+# Which training stages the shipped demo weights went through ({"stages": ["point", "clip", "text"]}).
+DEMO_CARD = "demo_card.json"
 
 
 class ModelLoadError(RuntimeError):
@@ -37,6 +45,8 @@ class Sam3Models:
     device: torch.device
     dtype: torch.dtype
     source: str
+    # False for weights whose text detector was never trained (an early demo model): text prompts are refused.
+    text_detector: bool = True
 
     @property
     def tracker_model(self) -> Sam3TrackerVideoModel:
@@ -62,7 +72,11 @@ def load_models(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> Sam3Models:
-    """Load SAM 3 from a hub id (default ``facebook/sam3``), a local folder, ``tiny-random`` or ``full-random``.
+    """Load SAM 3 from a hub id (default ``facebook/sam3``), a local folder, ``demo``, ``tiny-random`` or
+    ``full-random``.
+
+    ``demo`` is the small model trained on generated shape scenes that ships with the package (no
+    download; a demonstration of the pipeline, not SAM 3).
 
     ``tiny-random`` builds the seeded tiny test model in code, saves it to a temporary folder and
     loads it back through the same path as real weights. ``full-random`` is the full-size default
@@ -78,6 +92,17 @@ def load_models(
             return _from_pretrained(folder, device, dtype, source_name=TINY_RANDOM)
     if model == FULL_RANDOM:
         return _full_random(device, dtype)
+    if model == DEMO:
+        if not (DEMO_FOLDER / "config.json").is_file():
+            raise ModelLoadError(
+                f"the demo model is missing from this install ({DEMO_FOLDER}); reinstall sam3-stream, "
+                "or train it with scripts/train_demo.py"
+            )
+        bundle = _from_pretrained(str(DEMO_FOLDER), device, dtype, source_name=DEMO)
+        card = DEMO_FOLDER / DEMO_CARD
+        stages = json.loads(card.read_text()).get("stages", []) if card.is_file() else []
+        bundle.text_detector = "text" in stages
+        return bundle
     return _from_pretrained(model, device, dtype, source_name=model)
 
 
@@ -98,7 +123,7 @@ def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, sour
     except Exception as error:  # the hub client raises many types; all become one actionable message
         raise ModelLoadError(_explain_load_failure(source, error)) from error
     video_model.to(device).eval()
-    cache_constant_embeddings(video_model)
+    _prepare(video_model)
     log.info("loaded SAM 3 from %s on %s (%s)", source_name, device, dtype)
     return Sam3Models(video_model=video_model, tokenizer=tokenizer, device=device, dtype=dtype, source=source_name)
 
@@ -111,24 +136,17 @@ def _full_random(device: torch.device, dtype: torch.dtype) -> Sam3Models:
     with torch.device(device):
         video_model = Sam3VideoModel(Sam3VideoConfig())
     video_model.to(dtype).eval()
-    cache_constant_embeddings(video_model)
+    _prepare(video_model)
     # The tiny tokenizer's ids fit the full text encoder's vocabulary; the weights are random anyway.
     return Sam3Models(
         video_model=video_model, tokenizer=tiny_tokenizer(), device=device, dtype=dtype, source=FULL_RANDOM
     )
 
 
-def cache_constant_embeddings(video_model: Sam3VideoModel) -> None:
-    """Compute the tracker's image-wide positional embedding once.
-
-    transformers recomputes this constant (it depends only on the weights) for every object on every
-    frame. Call again after moving the model to another device or dtype.
-    """
-    tracker = video_model.tracker_model
-    tracker.__dict__.pop("get_image_wide_positional_embeddings", None)
-    with torch.no_grad():  # a plain tensor, usable inside and outside inference mode
-        constant = tracker.get_image_wide_positional_embeddings()
-    tracker.get_image_wide_positional_embeddings = lambda: constant
+def _prepare(video_model: Sam3VideoModel) -> None:
+    """Check the internals the tracker relies on and cache the tracker's constant positional embedding."""
+    hf_internals.check_model(video_model)
+    hf_internals.cache_constant_embeddings(video_model)
 
 
 def _explain_load_failure(source: str, error: Exception) -> str:

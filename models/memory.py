@@ -16,39 +16,10 @@ from typing import Any
 
 import torch
 
-# Keys of a stored frame output that are still read once the frame has left the memory window
-# but is within the object-pointer window.
-POINTER_KEYS = ("object_pointer", "object_score_logits")
-# Written for the memory encoder of the same frame, never read afterwards.
-TRANSIENT_KEYS = ("high_res_masks",)
+from models import hf_internals as hf
+
 # Longer than any hotstart threshold SAM 3 ships with (8); only lengths up to the threshold are compared.
 _HOTSTART_KEEP = 32
-
-
-class FrameWindow(dict):
-    """Stand-in for a session's ``processed_frames``: holds the newest frames, counts them all.
-
-    transformers reads ``len(processed_frames)`` as "frames seen so far" (the text model's tracker
-    bounds its object-pointer lookback by it), so the count must keep growing while the pixels go.
-    """
-
-    def __init__(self, keep: int = 1) -> None:
-        super().__init__()
-        self._keep = keep
-        self._seen = 0
-
-    def __setitem__(self, frame_idx: int, pixels: torch.Tensor) -> None:
-        super().__setitem__(frame_idx, pixels)
-        self._seen = max(self._seen, frame_idx + 1)
-        while dict.__len__(self) > self._keep:
-            del self[min(self.keys())]
-
-    def __len__(self) -> int:
-        return self._seen
-
-    def stored(self) -> int:
-        """How many frames' pixels are actually held."""
-        return dict.__len__(self)
 
 
 @dataclass(frozen=True)
@@ -83,7 +54,7 @@ def prune_session(session: Any, frame_idx: int, window: MemoryWindow) -> None:
     next_frame = frame_idx + 1
     oldest_memory = next_frame - window.memory_frames
     oldest_pointer = next_frame - window.pointer_frames
-    for outputs in session.output_dict_per_obj.values():
+    for outputs in hf.all_object_outputs(session):
         cond = outputs["cond_frame_outputs"]
         if window.max_conditioning_frames is not None and len(cond) > window.max_conditioning_frames:
             for old in sorted(cond)[: len(cond) - window.max_conditioning_frames]:
@@ -93,17 +64,16 @@ def prune_session(session: Any, frame_idx: int, window: MemoryWindow) -> None:
             del non_cond[t]
         for t, out in non_cond.items():
             if t < oldest_memory:
-                for key in [k for k in out if k not in POINTER_KEYS]:
+                for key in [k for k in out if k not in hf.POINTER_KEYS]:
                     del out[key]
         for out in list(cond.values()) + list(non_cond.values()):
-            for key in TRANSIENT_KEYS:
+            for key in hf.TRANSIENT_KEYS:
                 out.pop(key, None)
-    for per_obj in (session.frames_tracked_per_obj, session.point_inputs_per_obj, session.mask_inputs_per_obj):
-        for per_frame in per_obj.values():
-            for t in [t for t in per_frame if t < frame_idx]:
-                del per_frame[t]
-    if hasattr(session, "obj_id_to_tracker_score_frame_wise"):
-        trim_video_bookkeeping(session, frame_idx, set(session.obj_ids))
+    for per_frame in hf.per_frame_object_records(session):
+        for t in [t for t in per_frame if t < frame_idx]:
+            del per_frame[t]
+    if hf.is_text_session(session):
+        trim_video_bookkeeping(session, frame_idx, set(hf.object_ids(session)))
 
 
 def trim_video_bookkeeping(session: Any, frame_idx: int, live_ids: set[int]) -> None:
@@ -111,26 +81,20 @@ def trim_video_bookkeeping(session: Any, frame_idx: int, live_ids: set[int]) -> 
 
     Only ``frame_idx``'s entries of the per-frame tables are read again, whichever way frames are walked.
     """
-    for per_frame in (session.obj_id_to_tracker_score_frame_wise, session.suppressed_obj_ids):
+    books = hf.text_bookkeeping(session)
+    for per_frame in books.per_frame:
         for t in [t for t in per_frame if t != frame_idx]:
             del per_frame[t]
     # In streaming mode only the length of these lists matters (hotstart removal is off), and only up
     # to the hotstart thresholds; keep that many of the most recent entries.
-    for per_key in (session.unmatched_frame_inds, session.overlap_pair_to_frame_inds):
+    for per_key in books.hotstart_lists:
         for frames in per_key.values():
             del frames[: max(len(frames) - _HOTSTART_KEEP, 0)]
-    for per_obj in (
-        session.unmatched_frame_inds,
-        session.trk_keep_alive,
-        session.obj_first_frame_idx,
-        session.obj_id_to_score,
-        session.obj_id_to_last_occluded,
-        session.obj_id_to_prompt_id,
-    ):
+    for per_obj in books.per_object:
         for obj_id in [k for k in per_obj if k not in live_ids]:
             del per_obj[obj_id]
-    for pair in [p for p in session.overlap_pair_to_frame_inds if not set(p) <= live_ids]:
-        del session.overlap_pair_to_frame_inds[pair]
+    for pair in [p for p in books.overlap_pairs if not set(p) <= live_ids]:
+        del books.overlap_pairs[pair]
 
 
 def state_bytes(*roots: Any) -> int:

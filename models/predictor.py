@@ -19,8 +19,10 @@ Where this project's contract differs from Meta's predictor (see the class docst
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -36,6 +38,8 @@ from models.video_session import BOTH, SessionChanged, VideoSession
 
 MAX_SESSION_ID_CHARS = 128
 PROMPT_COORDINATES = ("pixels", "meta")
+# Points all within [0, 1] on a frame with sides above this look like Meta's normalized points.
+_WARN_ABOVE_SIDE = 4
 _PROMPT_ARRAYS = ("points", "point_labels", "bounding_boxes", "bounding_box_labels")
 _REQUEST_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # type -> (required, optional)
     "start_session": (("resource_path",), ("session_id",)),
@@ -54,6 +58,11 @@ class PredictorError(RuntimeError):
 
 class UnknownSessionError(PredictorError):
     """The request names a session that is not open (never started, or closed)."""
+
+
+class PromptCoordinatesWarning(UserWarning):
+    """Pixel points that all lie within [0, 1]: probably Meta's normalized points sent to a predictor reading
+    pixels (every click would land in the top-left pixel). ``prompt_coordinates="meta"`` reads them as meant."""
 
 
 class FrameOutputs(dict):
@@ -100,14 +109,19 @@ class Sam3VideoPredictor:
     :class:`PredictorError` (a ``RuntimeError``) whose message names the field and what is wrong.
     Requests are served one at a time (a lock), so one predictor may be shared by threads.
 
-    Differences from Meta's predictor, all deliberate:
+    **Prompt coordinates differ from Meta's predictor by default.** This predictor reads this project's
+    one prompt vocabulary: ``points`` in *pixels* and ``bounding_boxes`` normalized ``[cx, cy, w, h]``
+    (box centre). Meta's reads points normalized to 0..1 (``rel_points = [[x / width, y / height]]`` in
+    its examples) and boxes normalized ``[x, y, w, h]`` (top-left corner). A script written for Meta's
+    predictor must build it with ``Sam3VideoPredictor(prompt_coordinates="meta")``; otherwise its clicks
+    all land in the top-left pixel. Points that all lie within [0, 1] on a frame larger than a few pixels
+    raise a :class:`PromptCoordinatesWarning` (once per session) saying so.
+
+    Other differences from Meta's predictor, all deliberate:
 
     - ``outputs`` maps each object id to ``{"mask", "score", "bbox"}`` (pixels); Meta's
       ``out_obj_ids`` / ``out_probs`` / ``out_boxes_xywh`` / ``out_binary_masks`` keys still answer.
-    - Prompt geometry uses this project's one vocabulary: ``points`` in pixels, ``bounding_boxes``
-      normalized ``[cx, cy, w, h]`` (Meta: points normalized to 0..1, boxes normalized ``[x, y, w, h]``;
-      ``prompt_coordinates="meta"`` reads them Meta's way, for scripts written for Meta's predictor).
-      ``obj_id`` may be omitted with points (a new id is given), text may be combined with clicks,
+    - ``obj_id`` may be omitted with points (a new id is given), text may be combined with clicks,
       and several text prompts may be active at once (Meta keeps one and resets on a new one).
     - A box given with text and negative boxes are SAM 3's visual exemplars; transformers'
       ``Sam3VideoModel`` runs its detector on text only, so they are refused with a message saying so.
@@ -143,6 +157,7 @@ class Sam3VideoPredictor:
         self.cache_frames = cache_frames
         self.prompt_coordinates = prompt_coordinates
         self._sessions: dict[str, VideoSession] = {}
+        self._warned: set[str] = set()  # sessions told about their [0, 1] points
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------------------ request API
@@ -224,6 +239,8 @@ class Sam3VideoPredictor:
             if self.prompt_coordinates == "meta":
                 fields = _from_meta_coordinates(fields, session.width, session.height)
             prompt = self._call(Prompt.from_dict, fields)
+            if self.prompt_coordinates == "pixels":
+                self._warn_if_normalized(session_id, prompt, session.width, session.height)
             objects = self._call(session.add_prompt, prompt, prompt.frame_index)
             return {"frame_index": prompt.frame_index, "outputs": FrameOutputs(objects, session.width, session.height)}
 
@@ -271,6 +288,7 @@ class Sam3VideoPredictor:
             session = self._sessions.pop(session_id, None) if isinstance(session_id, str) else None
             if session is None:
                 return {"is_success": False}
+            self._warned.discard(session_id)
             session.close()  # drops the sessions' tensors and the decoded frames now, not at the next gc
         if self.models.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -317,6 +335,21 @@ class Sam3VideoPredictor:
             )
         return session
 
+    def _warn_if_normalized(self, session_id: str, prompt: Prompt, width: int, height: int) -> None:
+        """Warn (once per session) when pixel points all lie within [0, 1]: Meta's normalized points, most likely."""
+        if session_id in self._warned or not prompt.points or min(width, height) <= _WARN_ABOVE_SIDE:
+            return
+        if all(0 <= v <= 1 for point in prompt.points for v in point):
+            self._warned.add(session_id)
+            warnings.warn(
+                f"session {session_id}: every point of this add_prompt lies within [0, 1], but this predictor reads "
+                f"points in pixels of the {width}x{height} frame (and boxes as normalized [cx, cy, w, h]), so they "
+                "all fall in its top-left corner. For points normalized as Meta's SAM 3 predictor takes them (and "
+                'its [x, y, w, h] boxes), build it with Sam3VideoPredictor(prompt_coordinates="meta").',
+                PromptCoordinatesWarning,
+                stacklevel=_caller_outside_this_module(),
+            )
+
     @staticmethod
     def _call(function: Callable[..., Any], *args: Any) -> Any:
         """Run a session operation; its ``ValueError`` (message names the field) becomes a ``PredictorError``."""
@@ -337,6 +370,14 @@ class Sam3VideoPredictor:
                 except VideoReadError as exc:
                     raise PredictorError(f"resource_path: {exc}") from exc
             yield {"frame_index": frame_index, "outputs": FrameOutputs(objects, session.width, session.height)}
+
+
+def _caller_outside_this_module() -> int:
+    """The ``stacklevel`` of the first caller outside this module (``warnings.warn`` points at the user's line)."""
+    level, frame = 2, sys._getframe(2)  # 1: this function's caller (the one warning), 2: its caller
+    while frame.f_back is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _parse_request(request: object, stream: bool) -> tuple[str, dict[str, Any]]:

@@ -95,25 +95,28 @@ def resolve_overlaps_per_label(masks: torch.Tensor, scores: torch.Tensor, labels
 
 def prompt_to_model_points(
     prompt: Prompt, width: int, height: int, image_size: int
-) -> list[tuple[list[list[float]], list[int]]]:
-    """Prompt geometry -> one ``(coords, labels)`` per object, in model input coordinates.
+) -> list[tuple[torch.Tensor, list[int]]]:
+    """Prompt geometry -> one ``(coords n x 2, labels)`` per object, in model input coordinates.
 
-    A box becomes its two corners with labels 2 and 3 placed before the clicks, as SAM's prompt
+    Pixels are scaled to the model's square input exactly as transformers' SAM 3 processor scales
+    them: float32 coordinates times ``image_size / side``, in float32. A box becomes its two pixel
+    corners, scaled the same way, with labels 2 and 3 placed before the clicks, as SAM's prompt
     encoder expects. Several boxes without clicks make one object each.
     """
-    sx, sy = image_size / width, image_size / height
-    clicks = [[x * sx, y * sy] for x, y in prompt.points]
-    labels = list(prompt.point_labels)
 
-    def corners(box: tuple[float, float, float, float]) -> list[list[float]]:
+    def to_model(pixel_xy: list[tuple[float, float]]) -> torch.Tensor:
+        coords = torch.tensor(pixel_xy, dtype=torch.float32).reshape(-1, 2)
+        coords[:, 0] = coords[:, 0] * (image_size / width)
+        coords[:, 1] = coords[:, 1] * (image_size / height)
+        return coords
+
+    def corners(box: tuple[float, float, float, float]) -> torch.Tensor:
         cx, cy, w, h = box
-        return [
-            [(cx - w / 2) * image_size, (cy - h / 2) * image_size],
-            [(cx + w / 2) * image_size, (cy + h / 2) * image_size],
-        ]
+        return to_model([((cx - w / 2) * width, (cy - h / 2) * height), ((cx + w / 2) * width, (cy + h / 2) * height)])
 
     if prompt.points:
-        box_points = corners(prompt.bounding_boxes[0]) if prompt.bounding_boxes else []
-        box_labels = [2, 3] if prompt.bounding_boxes else []
-        return [(box_points + clicks, box_labels + labels)]
+        clicks = to_model(list(prompt.points))
+        if not prompt.bounding_boxes:
+            return [(clicks, list(prompt.point_labels))]
+        return [(torch.cat([corners(prompt.bounding_boxes[0]), clicks]), [2, 3, *prompt.point_labels])]
     return [(corners(box), [2, 3]) for box in prompt.bounding_boxes]

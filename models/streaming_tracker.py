@@ -58,11 +58,16 @@ class TrackerConfig:
     - ``retire_after_frames``: an object unseen for this many frames is dropped (``None``: never).
       Short occlusions keep their id; objects that left for good stop costing compute.
     - ``sync_timings``: synchronize CUDA at stage boundaries so stage timings are true.
+    - ``batch_objects``: run the tracker's per-object work (memory attention, mask decoder) once per
+      frame for all objects as a batch (``models.batching``). ``False`` runs transformers' own
+      per-object loop: with ``max_conditioning_frames=None, retire_after_frames=None`` too, masks
+      and scores equal transformers' unbounded session bit for bit.
     """
 
     max_conditioning_frames: int | None = 4
     retire_after_frames: int | None = 150
     sync_timings: bool = True
+    batch_objects: bool = True
 
 
 class StreamingTracker:
@@ -82,8 +87,8 @@ class StreamingTracker:
             raise ValueError("retire_after_frames: must be >= 1 (or None to never retire)")
         window = MemoryWindow.for_tracker(models.tracker_model.config, self.config.max_conditioning_frames)
         self.encoder = encoder or TorchImageEncoder(models)
-        self.geometry = GeometryEngine(models, window)
-        self.text = TextEngine(models, window)
+        self.geometry = GeometryEngine(models, window, self.config.batch_objects)
+        self.text = TextEngine(models, window, self.config.batch_objects)
         self._frame_index = 0
         self._frame_size: tuple[int, int] | None = None  # (width, height) of the last frame
         self._pending: list[_Step] = []
@@ -104,6 +109,8 @@ class StreamingTracker:
         last frame's size is used. Raises ``ValueError`` naming the bad field; nothing is queued then.
         """
         prompt = prompt if isinstance(prompt, Prompt) else Prompt.from_dict(prompt)
+        if prompt.text is not None and not self.models.text_detector:
+            raise ValueError(f"text: the {self.models.source} model has no trained text detector; click or draw a box")
         if prompt.has_geometry:
             size = frame_size or self._frame_size
             if size is None:
@@ -155,8 +162,8 @@ class StreamingTracker:
         self._pending.clear()  # what they would have done is wiped anyway
 
         def reset_now() -> None:
-            self.geometry = GeometryEngine(self.models, self.geometry.window)
-            self.text = TextEngine(self.models, self.text.window)
+            self.geometry = GeometryEngine(self.models, self.geometry.window, self.config.batch_objects)
+            self.text = TextEngine(self.models, self.text.window, self.config.batch_objects)
             self._refinements.clear()
 
         self._queue(reset_now)
@@ -334,9 +341,15 @@ class StreamingTracker:
             if not mine:
                 continue
             refined = engine.refine(index, mine)
-            for obj_id, (logits, _score) in refined.items():
+            for obj_id, (logits, score_logit) in refined.items():
                 if obj_id in out.obj_ids:
-                    out.mask_logits[out.obj_ids.index(obj_id)] = logits[0].to(out.mask_logits.dtype)
+                    # The frame reports the corrected pass: its mask and its score.
+                    row = out.obj_ids.index(obj_id)
+                    out.mask_logits[row] = logits[0].to(out.mask_logits.dtype)
+                    score = score_logit.float().sigmoid().to(out.scores.dtype)
+                    out.scores[row] = score[0]
+                    if out.overlap_scores is not None:
+                        out.overlap_scores[row] = score[0].to(out.overlap_scores.dtype)
         self._refinements.clear()
 
     def _postprocess(self, outputs: list[EngineOutput], width: int, height: int) -> list[ObjectResult]:

@@ -26,9 +26,10 @@ from transformers.models.sam3_video.modeling_sam3_video import (
     Sam3VideoSegmentationOutput,
 )
 
+from models import hf_internals as hf
 from models.encoder import FrameFeatures, ImageEncoder, TorchImageEncoder
 from models.loading import Sam3Models
-from models.memory import TRANSIENT_KEYS, MemoryWindow, trim_video_bookkeeping
+from models.memory import MemoryWindow, trim_video_bookkeeping
 from models.preprocess import (
     boxes_from_masks,
     frame_to_pixels,
@@ -38,7 +39,7 @@ from models.preprocess import (
 )
 from models.prompts import Prompt
 from models.results import ObjectResult
-from models.sessions import add_object_inputs, add_text_prompt, point_inputs, refine_objects, remove_tracker_object
+from models.sessions import add_object_inputs, add_text_prompt, point_inputs, refine_objects
 from models.video_frames import VideoFrames
 
 FORWARD, BACKWARD, BOTH = "forward", "backward", "both"
@@ -123,13 +124,13 @@ class VideoSession:
     @property
     def object_ids(self) -> list[int]:
         """Objects currently tracked (and not removed by the user)."""
-        text = [i for i in self.text.obj_ids if i not in self.hidden] if self.text is not None else []
-        geometry = list(self.geometry.obj_ids) if self.geometry is not None else []
+        text = [i for i in hf.object_ids(self.text) if i not in self.hidden] if self.text is not None else []
+        geometry = hf.object_ids(self.geometry) if self.geometry is not None else []
         return sorted(text + geometry)
 
     @property
     def text_prompts(self) -> list[str]:
-        return list(self.text.prompts.values()) if self.text is not None else []
+        return list(hf.text_prompts(self.text).values()) if self.text is not None else []
 
     @property
     def first_prompted_frame(self) -> int | None:
@@ -167,11 +168,11 @@ class VideoSession:
         A text-found object stays in SAM 3's tracker, hidden, so that the detector matches it there
         instead of finding the same thing again as a new object.
         """
-        if self.geometry is not None and obj_id in self.geometry.obj_ids:
-            remove_tracker_object(self.geometry, obj_id)
-            if not self.geometry.obj_ids:
+        if self.geometry is not None and obj_id in hf.object_ids(self.geometry):
+            hf.remove_tracker_object(self.geometry, obj_id)
+            if not hf.object_ids(self.geometry):
                 self.geometry = None
-        elif self.text is not None and obj_id in self.text.obj_ids and obj_id not in self.hidden:
+        elif self.text is not None and obj_id in hf.object_ids(self.text) and obj_id not in self.hidden:
             self.hidden.add(obj_id)
         else:
             raise ValueError(f"obj_id: no object {obj_id} in this session (objects: {self.object_ids})")
@@ -281,7 +282,7 @@ class VideoSession:
             video_storage_device=device,
             dtype=self.models.dtype,
         )
-        session.processed_frames = self.pixels
+        hf.use_frames(session, self.pixels)
         return session
 
     def _register_geometry(self, prompt: Prompt, frame_index: int) -> dict[int, dict[str, torch.Tensor]]:
@@ -293,12 +294,12 @@ class VideoSession:
         device = self.models.device
         per_object = prompt_to_model_points(prompt, self.width, self.height, self.models.image_size)
         obj_id = prompt.obj_id
-        if obj_id is not None and self.text is not None and obj_id in self.text.obj_ids:
+        if obj_id is not None and self.text is not None and obj_id in hf.object_ids(self.text):
             self.hidden.discard(obj_id)  # clicking a removed text-found object brings it back
             return {obj_id: point_inputs(*per_object[0], device)}
-        if obj_id is not None and self.geometry is not None and obj_id in self.geometry.obj_ids:
-            tracked = self.geometry.frames_tracked_per_obj[self.geometry.obj_id_to_idx(obj_id)]
-            if frame_index in tracked:  # a tracked frame: correct the mask with the memory (SAM's refinement)
+        if obj_id is not None and self.geometry is not None and obj_id in hf.object_ids(self.geometry):
+            # A tracked frame: correct the mask with the memory (SAM's refinement).
+            if hf.was_tracked(self.geometry, self.geometry.obj_id_to_idx(obj_id), frame_index):
                 return {obj_id: point_inputs(*per_object[0], device)}
             new = {obj_id: point_inputs(*per_object[0], device)}  # its first prompted frame, prompted afresh
         else:
@@ -327,16 +328,16 @@ class VideoSession:
         models = self.models
         if self.text is not None:
             # New detections take ids after every id given so far (the two sessions share one id space).
-            self.text.max_obj_id = max(self.text.max_obj_id, self.next_obj_id - 1)
+            hf.reserve_object_ids(self.text, self.next_obj_id)
             raw.text = models.video_model(inference_session=self.text, frame_idx=frame_index, reverse=reverse)
-            self.text.hotstart_removed_obj_ids.update(raw.text.removed_obj_ids or ())
-            self.next_obj_id = max(self.next_obj_id, self.text.max_obj_id + 1)
+            hf.hotstart_removed(self.text).update(raw.text.removed_obj_ids or ())
+            self.next_obj_id = max(self.next_obj_id, hf.next_object_id(self.text))
         if self.geometry is not None:
-            features = self.text.cache.get_vision_features(frame_index) if self.text is not None else None
+            features = hf.cached_tracker_features(self.text, frame_index) if self.text is not None else None
             if features is None:
                 tokens = self.encoder.encode(self.pixels[frame_index].unsqueeze(0))
                 features = FrameFeatures(models, tokens).tracker()
-            self.geometry.cache.cache_vision_features(frame_index, features)
+            hf.cache_tracker_features(self.geometry, frame_index, features)
             out = models.tracker_model(inference_session=self.geometry, frame_idx=frame_index, reverse=reverse)
             raw.geometry_ids = tuple(out.object_ids)
             raw.geometry_logits = out.pred_masks[:, 0]
@@ -386,7 +387,7 @@ def text_objects(
     them: suppressed and hot-start-removed objects hidden (and ``hidden`` ones), masks at ``height`` x
     ``width``, overlaps settled per prompt by tracker score, empty masks left out; ``score`` is the
     detection score."""
-    hide = set(out.suppressed_obj_ids or ()) | session.hotstart_removed_obj_ids | set(hidden)
+    hide = set(out.suppressed_obj_ids or ()) | hf.hotstart_removed(session) | set(hidden)
     ids = [i for i in sorted(out.obj_id_to_mask) if i not in hide]
     if not ids:
         return []
@@ -395,7 +396,7 @@ def text_objects(
     scores = torch.tensor([float(out.obj_id_to_score[i]) for i in ids], device=device)
     tracker_scores = out.obj_id_to_tracker_score or {}
     overlap = torch.tensor([float(tracker_scores.get(i, 0.0)) for i in ids], device=device)
-    labels = [session.prompts.get(session.obj_id_to_prompt_id.get(i)) for i in ids]
+    labels = [hf.text_prompts(session).get(hf.prompt_of_object(session, i)) for i in ids]
     return objects_from_logits(ids, logits, scores, height, width, labels, overlap)
 
 
@@ -438,12 +439,12 @@ def prune_for_next_frame(session: Any, frame_idx: int, reverse: bool, window: Me
     """
     step = -1 if reverse else 1
     reach = {frame_idx - step * back for back in range(window.pointer_frames)}
-    for outputs in session.output_dict_per_obj.values():
+    for outputs in hf.all_object_outputs(session):
         non_cond = outputs["non_cond_frame_outputs"]
         for t in [t for t in non_cond if t not in reach and t not in keep]:
             del non_cond[t]
         for out in list(outputs["cond_frame_outputs"].values()) + list(non_cond.values()):
-            for key in TRANSIENT_KEYS:
+            for key in hf.TRANSIENT_KEYS:
                 out.pop(key, None)
-    if hasattr(session, "obj_id_to_tracker_score_frame_wise"):
-        trim_video_bookkeeping(session, frame_idx, set(session.obj_ids))
+    if hf.is_text_session(session):
+        trim_video_bookkeeping(session, frame_idx, set(hf.object_ids(session)))

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from models import StreamingTracker, TrackerConfig, load_models, make_encoder
-from models.loading import Sam3Models, cache_constant_embeddings
+from models.hf_internals import cache_constant_embeddings
+from models.loading import Sam3Models
 from models.preprocess import frame_to_pixels
 from models.results import FrameResult, MaskAgreement
 from models.tiny import click_prompts, liven_weights, moving_shapes

@@ -7,14 +7,18 @@ One generated H.264 video (moving shapes), a text prompt on frame 0, forward thr
   will not read again dropped) vs ``Sam3VideoModel.propagate_in_video_iterator`` on a session that holds
   the whole preprocessed video (transformers' documented offline flow; same preprocessing), both with
   masks brought to the video's size. The baseline's up-front decode and preprocessing is timed apart.
-- ``end_to_end``: decode, track, draw, encode H.264: ``streamer.segment.segment_video`` vs the same
-  pipeline written on transformers' session (decode all, preprocess all, propagate, draw, encode).
+- ``end_to_end``: decode, track, draw, encode H.264, three ways: ``streamer.segment.segment_video`` in
+  this process (what ``sam3-stream segment-video`` runs); a queued video job through the real HTTP
+  service (``sam3-stream api`` started on loopback with a temporary data directory: POST
+  /api/ai/queue with the video as a data: URI, poll GET /api/ai/queue/{id}, download the result);
+  and the same pipeline written on transformers' session (decode all, preprocess all, propagate,
+  draw, encode), the baseline.
 - state bytes held when propagation ends (sessions, cached frames; the baseline's preprocessed video),
   and whether both sides show the same objects and masks on every frame.
 - ``memory``: the predictor alone on a longer 1080p video: growth of the process's resident memory while
   it propagates, against what holding the decoded video would take.
 
-Rounds alternate the order of the two sides (shared machines are noisy); medians are reported.
+Rounds alternate the order of the sides (shared machines are noisy); medians are reported.
 Progress goes to stderr, one JSON object to the last line of stdout.
 
     python scripts/bench_files.py --model tiny-random --frames 60
@@ -24,12 +28,17 @@ Progress goes to stderr, one JSON object to the last line of stdout.
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +55,7 @@ from models.sessions import add_text_prompt
 from models.tiny import moving_shapes
 from models.video_session import text_objects
 from streamer.compositor import composite
-from streamer.segment import FilePrompt, segment_video
+from streamer.segment import FilePrompt, encode_image, segment_video
 from streamer.video_writer import Mp4Writer
 
 Masks = list[dict[int, bytes]]  # per frame: obj_id -> packed mask bits
@@ -168,6 +177,73 @@ def baseline_end_to_end(models: Sam3Models, video: Path, text: str, out: Path) -
     return {"seconds": elapsed, "fps": len(frames) / elapsed}
 
 
+# ------------------------------------------------------------------------------------- HTTP service
+
+POLL_S = 0.02  # how often the queued job's status is asked for
+SERVER_START_S = 600.0
+
+
+@contextlib.contextmanager
+def api_server(model: str, device: str | None, threads: int, data_dir: Path) -> Iterator[str]:
+    """``sam3-stream api`` on a free loopback port, as a separate process; yields its base URL."""
+    argv = [sys.executable, "-m", "streamer.cli", "api", "--log-level", "WARNING", "--model", model]
+    argv += ["--http-port", "0", "--data-dir", str(data_dir)] + (["--device", device] if device else [])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}  # torch threads as here
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env)
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        assert proc.stdout is not None
+        for line in proc.stdout:  # it prints one line, once it listens
+            if "serving on " in line:
+                yield line.split("serving on ", 1)[1].split()[0].rstrip("/")
+                return
+            if time.monotonic() > deadline:
+                break
+        raise SystemExit(f"sam3-stream api did not start (exit status {proc.poll()}); its log is above")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _http(method: str, url: str, body: dict[str, Any] | None = None) -> bytes:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return response.read()
+
+
+def queued_job(base: str, video: Path, text: str, frames: int, out: Path) -> dict[str, Any]:
+    """One video job end to end through the service: queue it, poll until it ends, download the result."""
+    start = time.perf_counter()
+    uri = "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode("ascii")
+    body = {"model": "sam-3-video", "input_video": uri, "prompt": text}
+    generation_id = json.loads(_http("POST", f"{base}/api/ai/queue", body))["generations"][0]["generation_id"]
+    polls = 0
+    while True:
+        view = json.loads(_http("GET", f"{base}/api/ai/queue/{generation_id}"))
+        polls += 1
+        if view["status"] not in ("queued", "running"):
+            break
+        time.sleep(POLL_S)
+    if view["status"] != "succeeded":
+        raise SystemExit(f"queued job {generation_id} {view['status']}: {view['error_message']}")
+    out.write_bytes(_http("GET", view["result_url"]))
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "fps": frames / elapsed, "polls": polls, "result_bytes": out.stat().st_size}
+
+
+def warm_up(base: str, video: Path, text: str) -> None:
+    """One synchronous image job, untimed: the server's first model calls are slower than the rest."""
+    with av.open(str(video)) as container:
+        first = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    png = base64.b64encode(encode_image(first, ".png")).decode("ascii")
+    _http("POST", f"{base}/api/ai/images/edit", {"model": "sam-3-image", "input_image": png, "prompt": text})
+
+
 # --------------------------------------------------------------------------------------------- memory
 
 
@@ -258,14 +334,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "transformers": propagate_with("transformers", lambda: baseline_propagate(models, video, args.text)),
             },
         )
-        print("end to end: decode, track, draw, encode", file=sys.stderr)
-        end_to_end = alternate(
-            args.rounds,
-            {
-                "predictor": lambda: predictor_end_to_end(predictor, video, args.text, Path(folder) / "ours.mp4"),
-                "transformers": lambda: baseline_end_to_end(models, video, args.text, Path(folder) / "theirs.mp4"),
-            },
-        )
+        print("end to end: decode, track, draw, encode (starting sam3-stream api)", file=sys.stderr)
+        with api_server(args.model, args.device, args.threads, Path(folder) / "api-data") as base:
+            warm_up(base, video, args.text)
+            end_to_end = alternate(
+                args.rounds,
+                {
+                    "predictor": lambda: predictor_end_to_end(predictor, video, args.text, Path(folder) / "ours.mp4"),
+                    "api_queued_job": lambda: queued_job(base, video, args.text, args.frames, Path(folder) / "api.mp4"),
+                    "transformers": lambda: baseline_end_to_end(models, video, args.text, Path(folder) / "theirs.mp4"),
+                },
+            )
         if args.memory_frames > 0:
             print(f"memory: {args.memory_frames} frames at 1920x1080", file=sys.stderr)
             long_video = Path(folder) / "long.mp4"
@@ -280,6 +359,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "propagate_fps_vs_baseline_including_decode": propagate["predictor"]["fps"]
         / propagate["transformers"]["fps_including_decode"],
         "end_to_end_fps": end_to_end["predictor"]["fps"] / end_to_end["transformers"]["fps"],
+        "api_queued_job_fps": end_to_end["api_queued_job"]["fps"] / end_to_end["transformers"]["fps"],
+        "api_queued_job_vs_in_process": end_to_end["api_queued_job"]["fps"] / end_to_end["predictor"]["fps"],
         "state_bytes": propagate["predictor"]["state_bytes"] / propagate["transformers"]["state_bytes"],
     }
     report["same_outputs"] = masks["predictor"] == masks["transformers"]

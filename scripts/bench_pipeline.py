@@ -31,6 +31,7 @@ passthrough) when a model is measured, and with a baseline both trees' figures s
     python scripts/bench_pipeline.py --sizes 1920x1080 --objects 10 --viewers 4 --baseline-tree /tmp/base
     python scripts/bench_pipeline.py --sizes 1280x720 --objects 10 --viewers 1,8
     python scripts/bench_pipeline.py --models passthrough,tiny-random --sizes 640x480 --objects 0 --viewers 1
+    python scripts/bench_pipeline.py --models demo --prompt '' --clicks 3 --sizes 640x480 --viewers 1  # demo's live fps
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,6 +170,12 @@ class Client:
         await self.pc.setRemoteDescription(RTCSessionDescription(**answer))
         await asyncio.wait_for(self.opened, 20)
 
+    def click(self, clicks: Sequence[tuple[int, int]]) -> None:
+        """One object per click, as an operator would add them."""
+        for k, (x, y) in enumerate(clicks):
+            prompt = {"points": [[x, y]], "point_labels": [1]}
+            self.channel.send(json.dumps({"op": "add_prompt", "id": f"click{k}", "prompt": prompt}))
+
     async def watch(self, stop: asyncio.Event) -> None:
         """Decode frames until ``stop``; while :attr:`counting`, read each one's barcode."""
         track = await asyncio.wait_for(self.track, 20)
@@ -195,13 +203,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
 
 
-async def measure(url: str, viewers: int, pids: dict[str, int], warmup_s: float, seconds: float) -> dict[str, Any]:
-    """Connect ``viewers`` clients, let them settle, then measure for ``seconds``."""
+async def measure(
+    url: str,
+    viewers: int,
+    pids: dict[str, int],
+    warmup_s: float,
+    seconds: float,
+    clicks: Sequence[tuple[int, int]] = (),
+) -> dict[str, Any]:
+    """Connect ``viewers`` clients (the first sends ``clicks``), let them settle, then measure for ``seconds``."""
     clients = [Client() for _ in range(viewers)]
     stop = asyncio.Event()
     watching: list[asyncio.Task[None]] = []
     try:
         await asyncio.gather(*(c.connect(url) for c in clients))
+        clients[0].click(clicks)
         watching = [asyncio.ensure_future(c.watch(stop)) for c in clients]
         await asyncio.sleep(warmup_s)
         for task in watching:
@@ -309,7 +325,14 @@ def pipeline_commands(
 
 
 def run_configuration(
-    tree: Tree, folder: Path, model: str, prompt: str | None, viewers: int, args: argparse.Namespace, log_dir: Path
+    tree: Tree,
+    folder: Path,
+    model: str,
+    prompt: str | None,
+    viewers: int,
+    args: argparse.Namespace,
+    log_dir: Path,
+    clicks: Sequence[tuple[int, int]] = (),
 ) -> dict[str, Any]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -330,7 +353,7 @@ def run_configuration(
                 raise RuntimeError(f"{tree.name} {model} at {folder.name} did not go live ({dead} exited): {log_path}")
             time.sleep(0.2)
         pids = {name: p.pid for name, p in procs.items()}
-        return asyncio.run(measure(url, viewers, pids, args.warmup, args.seconds))
+        return asyncio.run(measure(url, viewers, pids, args.warmup, args.seconds, clicks))
     except BaseException:
         sys.stderr.write(log_path.read_text(errors="replace")[-4000:])  # the folder goes with the run
         raise
@@ -422,6 +445,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="passthrough", help="comma-separated: passthrough, tiny-random, ...")
     parser.add_argument("--prompt", default="person", help="text prompt for a real model ('' for none)")
+    parser.add_argument(
+        "--clicks", type=int, default=0, help="click this many of the scene's objects (largest first) on a real model"
+    )
     parser.add_argument("--device", default="auto", help="tracker device (default: cuda if any)")
     parser.add_argument("--sizes", default="1920x1080", help="comma-separated WxH list (default %(default)s)")
     parser.add_argument("--objects", type=int, default=10, help="moving masks the pass-through tracker reports")
@@ -461,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         "objects": args.objects,
         "models": args.model_list,
         "prompt": args.prompt or None,
+        "clicks": args.clicks,
         "cpus": os.cpu_count(),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "trees": {tree.name: str(tree.path) for tree in trees},
@@ -474,14 +501,17 @@ def main(argv: list[str] | None = None) -> None:
             folder = Path(tmp) / f"{width}x{height}"
             folder.mkdir()
             make_pictures(folder, width, height)
+            shot = SyntheticSource(width, height, 30.0).scene_frame(0)
+            largest = sorted(shot.instances, key=lambda inst: -inst.area)[: args.clicks]
             for model in args.model_list:
                 prompt = None if model == "passthrough" else (args.prompt or None)
+                clicks = [] if model == "passthrough" else [inst.interior_point() for inst in largest]
                 for viewers in args.viewer_counts:
                     pair = f"{width}x{height}/{model}/{viewers}v"
                     for tree in trees:  # the trees alternate, so that both see the same load
                         name = f"{tree.name}/{pair}"
                         print(f"{name}: running ...", file=sys.stderr, flush=True)
-                        run = run_configuration(tree, folder, model, prompt, viewers, args, Path(tmp))
+                        run = run_configuration(tree, folder, model, prompt, viewers, args, Path(tmp), clicks)
                         report["configurations"][name] = run
                         print(f"{name}: {run}", file=sys.stderr, flush=True)
                     if len(trees) > 1:

@@ -1,16 +1,25 @@
 #!/usr/bin/env python
-"""Benchmark: transformers' unmodified streaming session vs ``StreamingTracker``, same model and frames.
+"""Benchmark: ``StreamingTracker`` with objects batched, unbatched, and transformers' own session.
 
-Both stream N synthetic frames with moving objects, prompted the same way on frame 0:
-- ``points`` workload: click objects on ``Sam3TrackerVideoModel`` (baseline: its own session and
-  image encoder; ours: the shared encoder and the rolling memory bank);
-- ``text`` workload: a concept on ``Sam3VideoModel``.
+Streams N synthetic frames with moving objects, prompted the same way on frame 0, through:
+- ``batched``: ``StreamingTracker`` as shipped (the shared encoder, the rolling memory bank and the
+  tracker's per-object work batched);
+- ``unbatched``: the same with ``TrackerConfig(batch_objects=False)`` (transformers' per-object loop);
+- ``baseline``: transformers' unmodified streaming session (``--skip-baseline`` leaves it out): for
+  clicks, ``Sam3TrackerVideoModel`` with its own image encoder, prompted through transformers'
+  processor code; for text, ``Sam3VideoModel``.
+Every frame goes to each contender in turn, order rotating, so machine noise hits all alike.
+``StreamingTracker``'s runs also report the median of its stage timings (preprocess, encode, track,
+postprocess).
 
-Prints progress to stderr and one JSON object as the last line of stdout: fps, per-frame latency
-p50/p95/p99, state bytes at frames 100, 1000 and N for each, and ours-to-baseline ratios.
+``--objects`` takes one or more counts of clicked objects; all counts race in the same run, and the
+JSON's ``curve`` gives median frame time and fps per count for each contender, plus the
+8-to-1-object ratio of median frame time when both counts ran. Prints progress to stderr and one
+JSON object as the last line of stdout.
 
-    python scripts/bench_tracker.py --model tiny-random --frames 5000
-    python scripts/bench_tracker.py --model full-random --device cuda --frames 300   # realistic cost
+    python scripts/bench_tracker.py --objects 1 2 4 8 16 32 --frames 300 --skip-baseline  # object curve
+    python scripts/bench_tracker.py --model tiny-random --frames 5000                      # memory vs baseline
+    python scripts/bench_tracker.py --model full-random --device cuda --dtype bf16 --objects 1 4 16 32
 """
 
 from __future__ import annotations
@@ -26,10 +35,11 @@ import numpy as np
 import torch
 
 from models import Prompt, StreamingTracker, TrackerConfig, load_models
+from models.hf_internals import points_processor
 from models.loading import Sam3Models
 from models.memory import state_bytes
-from models.preprocess import boxes_from_masks, frame_to_pixels, masks_to_frame, prompt_to_model_points
-from models.sessions import add_object_inputs, add_text_prompt, point_inputs
+from models.preprocess import boxes_from_masks, frame_to_pixels, masks_to_frame
+from models.sessions import add_text_prompt
 from models.tiny import click_prompts, moving_shapes
 
 
@@ -37,14 +47,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-random", help="tiny-random, full-random, a hub id or a local folder")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--frames", type=int, default=2000)
+    parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--frames", type=int, default=2000, help="frames per run")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--workload", choices=("points", "text"), default="points")
-    parser.add_argument("--objects", type=int, default=2, help="click objects in the points workload")
+    parser.add_argument(
+        "--objects", type=int, nargs="+", default=[2], help="click objects in the points workload; several: a curve"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny models)")
-    parser.add_argument("--skip-baseline", action="store_true", help="only run StreamingTracker")
-    return parser.parse_args(argv)
+    parser.add_argument("--skip-baseline", action="store_true", help="leave out transformers' own session")
+    parser.add_argument("--skip-unbatched", action="store_true", help="leave out the unbatched StreamingTracker")
+    args = parser.parse_args(argv)
+    if args.frames < 1:
+        parser.error("--frames must be >= 1")
+    if any(n < 1 for n in args.objects):
+        parser.error("--objects: every count must be >= 1")
+    return args
 
 
 def checkpoints(frames: int) -> list[int]:
@@ -54,38 +73,45 @@ def checkpoints(frames: int) -> list[int]:
 class Contender:
     """One side of the comparison: a per-frame step, a state probe, and what was measured."""
 
-    def __init__(self, name: str, step: Callable[[int, np.ndarray], Any], measure_state: Callable[[], int]) -> None:
+    def __init__(
+        self, name: str, step: Callable[[int, np.ndarray], dict[str, float] | None], measure_state: Callable[[], int]
+    ) -> None:
         self.name, self.step, self.measure_state = name, step, measure_state
         self.latencies: list[float] = []
+        self.stages: dict[str, list[float]] = {}  # the tracker's own stage timings, where it reports them
         self.states: dict[str, int] = {}
 
     def summary(self, frames: int) -> dict[str, Any]:
         ms = np.array(self.latencies) * 1e3
         tenth = max(len(ms) // 10, 1)
-        return {
+        out = {
             "fps": frames / (ms.sum() / 1e3),
             "latency_ms": {f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)},
             "latency_ms_first_10pct_p50": float(np.median(ms[:tenth])),
             "latency_ms_last_10pct_p50": float(np.median(ms[-tenth:])),
             "state_bytes": self.states,
         }
+        if self.stages:
+            out["stage_ms_p50"] = {k: round(float(np.median(v)) * 1e3, 3) for k, v in self.stages.items()}
+        return out
 
 
-def race(contenders: list[Contender], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def race(contenders: list[Contender], args: argparse.Namespace, sync: Callable[[], None]) -> dict[str, Any]:
     """Feed every frame to each contender in turn, so machine noise hits all of them alike.
 
     The order rotates every frame: whoever runs second finds the weights warm in the CPU caches.
     """
-    sync = torch.cuda.synchronize if torch.cuda.is_available() and args.device != "cpu" else (lambda: None)
     marks = checkpoints(args.frames)
     for index in range(args.frames):
         frame = moving_shapes(index, args.width, args.height)
         shift = index % len(contenders)
         for contender in contenders[shift:] + contenders[:shift]:
             start = time.perf_counter()
-            contender.step(index, frame)
+            stages = contender.step(index, frame)
             sync()
             contender.latencies.append(time.perf_counter() - start)
+            for stage, seconds in (stages or {}).items():
+                contender.stages.setdefault(stage, []).append(seconds)
             if index + 1 in marks:
                 contender.states[str(index + 1)] = contender.measure_state()
         if (index + 1) % 500 == 0:
@@ -94,24 +120,26 @@ def race(contenders: list[Contender], args: argparse.Namespace) -> dict[str, dic
     return {c.name: c.summary(args.frames) for c in contenders}
 
 
-def streaming_contender(models: Sam3Models, args: argparse.Namespace) -> Contender:
-    tracker = StreamingTracker(models, TrackerConfig())
-    prompts = (
-        click_prompts(args.objects, args.width, args.height) if args.workload == "points" else [Prompt(text="person")]
-    )
+def prompts_for(args: argparse.Namespace, objects: int) -> list[Prompt]:
+    return click_prompts(objects, args.width, args.height) if args.workload == "points" else [Prompt(text="person")]
 
-    def step(index: int, frame: np.ndarray) -> None:
+
+def streaming_contender(name: str, models: Sam3Models, config: TrackerConfig, prompts: list[Prompt]) -> Contender:
+    tracker = StreamingTracker(models, config)
+
+    def step(index: int, frame: np.ndarray) -> dict[str, float]:
         if index == 0:
+            height, width = frame.shape[:2]
             for prompt in prompts:
-                tracker.add_prompt(prompt, frame_size=(args.width, args.height))
-        tracker.track(frame, timestamp=float(index))
+                tracker.add_prompt(prompt, frame_size=(width, height))
+        return tracker.track(frame, timestamp=float(index)).timings
 
-    return Contender("streaming", step, tracker.state_bytes)
+    return Contender(name, step, tracker.state_bytes)
 
 
-def baseline_contender(models: Sam3Models, source: str, args: argparse.Namespace) -> Contender:
+def baseline_contender(models: Sam3Models, source: str, args: argparse.Namespace, prompts: list[Prompt]) -> Contender:
     """transformers' own session as its docs show for streaming, with our pre/post-processing
-    (transformers' processors need torchvision), producing the same masks and boxes as ours."""
+    (transformers' image processors need torchvision), producing the same masks and boxes as ours."""
     from transformers import Sam3TrackerVideoModel
     from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
     from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
@@ -131,10 +159,6 @@ def baseline_contender(models: Sam3Models, source: str, args: argparse.Namespace
         else:
             model = Sam3TrackerVideoModel.from_pretrained(source, dtype=dtype).to(device).eval()
         session = Sam3TrackerVideoInferenceSession(**kwargs)
-        inputs = {}
-        for obj_id, prompt in enumerate(click_prompts(args.objects, args.width, args.height)):
-            coords, labels = prompt_to_model_points(prompt, args.width, args.height, size)[0]
-            inputs[obj_id] = point_inputs(coords, labels, device)
     else:
         model = models.video_model
         session = Sam3VideoInferenceSession(**kwargs)
@@ -144,7 +168,15 @@ def baseline_contender(models: Sam3Models, source: str, args: argparse.Namespace
     def step(index: int, frame: np.ndarray) -> None:
         pixels = frame_to_pixels(frame, size, device, dtype)
         if index == 0 and args.workload == "points":
-            add_object_inputs(session, 0, inputs)
+            # One click per object, all in one call (transformers replaces the set of prompted objects).
+            points_processor(size).add_inputs_to_inference_session(
+                session,
+                frame_idx=0,
+                obj_ids=list(range(len(prompts))),
+                input_points=[[[list(p.points[0])] for p in prompts]],
+                input_labels=[[[1] for _ in prompts]],
+                original_size=frame.shape[:2],
+            )
         out = model(inference_session=session, frame=pixels, frame_idx=index)
         logits = out.pred_masks[:, 0] if args.workload == "points" else _stack(out.obj_id_to_mask, device)
         # The same outputs StreamingTracker gives: masks and boxes at frame resolution, on the host.
@@ -191,32 +223,70 @@ def ratios(ours: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def contenders_for(models: Sam3Models, args: argparse.Namespace, objects: int) -> list[Contender]:
+    """Batched, unbatched and baseline (as asked) at one object count, named ``<kind>@<objects>``."""
+    prompts = prompts_for(args, objects)
+    contenders = [streaming_contender("batched", models, TrackerConfig(), prompts)]
+    if not args.skip_unbatched:
+        contenders.append(streaming_contender("unbatched", models, TrackerConfig(batch_objects=False), prompts))
+    if not args.skip_baseline:
+        contenders.append(baseline_contender(models, args.model, args, prompts))
+    for contender in contenders:
+        contender.name = f"{contender.name}@{objects}"
+    return contenders
+
+
+def report_run(results: dict[str, Any], objects: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One object count's results, with ours-to-others ratios."""
+    run: dict[str, Any] = {"objects": objects if args.workload == "points" else "text: person"}
+    for kind in ("batched", "unbatched", "baseline"):
+        if f"{kind}@{objects}" in results:
+            run[kind] = results[f"{kind}@{objects}"]
+    for other in ("unbatched", "baseline"):
+        if other in run:
+            run[f"batched_vs_{other}"] = ratios(run["batched"], run[other])
+    states = run["batched"]["state_bytes"]
+    if "1000" in states:
+        run["batched_state_flat_from_1000"] = abs(states[str(args.frames)] - states["1000"]) <= 0.05 * states["1000"]
+    return run
+
+
+def curve(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median frame time and fps per object count, per contender; and the 8-to-1-object ratio."""
+    names = [n for n in ("batched", "unbatched", "baseline") if n in runs[0]]
+    out: dict[str, Any] = {"objects": [r["objects"] for r in runs]}
+    for name in names:
+        out[f"{name}_p50_ms"] = [round(r[name]["latency_ms"]["p50"], 3) for r in runs]
+        out[f"{name}_fps"] = [round(r[name]["fps"], 2) for r in runs]
+    by_count = {r["objects"]: r for r in runs}
+    if 1 in by_count and 8 in by_count:
+        for name in names:
+            p50 = by_count[8][name]["latency_ms"]["p50"] / by_count[1][name]["latency_ms"]["p50"]
+            out[f"{name}_p50_8_over_1"] = round(p50, 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.frames < 1:
-        raise SystemExit("--frames must be >= 1")
     torch.set_num_threads(args.threads)
-    models = load_models(args.model, device=args.device)
+    models = load_models(args.model, device=args.device, dtype=args.dtype)
+    sync = torch.cuda.synchronize if models.device.type == "cuda" else (lambda: None)
+    counts = args.objects if args.workload == "points" else [1]
     report: dict[str, Any] = {
         "model": args.model,
         "device": str(models.device),
         "dtype": str(models.dtype).replace("torch.", ""),
+        "threads": args.threads,
         "workload": args.workload,
-        "objects": args.objects if args.workload == "points" else "text: person",
         "frames": args.frames,
         "frame_size": [args.width, args.height],
     }
-    contenders = [streaming_contender(models, args)]
-    if not args.skip_baseline:
-        contenders.append(baseline_contender(models, args.model, args))
-    report.update(race(contenders, args))
-    if not args.skip_baseline:
-        report["ratios"] = ratios(report["streaming"], report["baseline"])
-    states = report["streaming"]["state_bytes"]
-    if "1000" in states:
-        report["streaming_state_flat_from_1000"] = (
-            abs(states[str(args.frames)] - states["1000"]) <= 0.05 * states["1000"]
-        )
+    # Every object count races in the same run, frame by frame, so the curve compares like with like.
+    contenders = [c for objects in counts for c in contenders_for(models, args, objects)]
+    results = race(contenders, args, sync)
+    runs = [report_run(results, objects, args) for objects in counts]
+    report["runs"] = runs
+    report["curve"] = curve(runs)
     print(json.dumps(report))
     return report
 

@@ -315,7 +315,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="facebook/sam3",
-        help="hub id, local folder, 'tiny-random' (tests) or 'passthrough' (no model) (default %(default)s)",
+        help="hub id, local folder, 'demo' (small trained model, shapes only), 'tiny-random' (tests) or 'passthrough' "
+        "(no model) (default %(default)s)",
     )
     parser.add_argument("--device", default="auto", help="torch device for the tracker (default: cuda if any)")
     tracker_service.add_encoder_arguments(parser)

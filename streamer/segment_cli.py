@@ -5,7 +5,7 @@
     sam3-stream segment-image photo.jpg --prompt dog -o dog.png
 
 Problems (unreadable input, bad prompt, unwritable output, model that cannot load) end the command
-with one line on stderr and exit status 1; bad arguments exit with status 2.
+with one line on stderr and exit status 1; bad arguments exit with status 2; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -15,10 +15,15 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models import Sam3VideoPredictor
 
 log = logging.getLogger("sam3-stream")
 
 FAILED = 1
+INTERRUPTED = 130
 DEFAULT_MODEL = "facebook/sam3"  # models.DEFAULT_MODEL, without importing torch to build the parser
 
 
@@ -40,6 +45,26 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common_arguments(parser, "write the mask (white on black) instead of drawing it on the input")
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device``, ``--encoder`` and ``--encoder-precision``: the predictor to load
+    (``segment-video``, ``segment-image`` and ``api``; see :func:`streamer.segment.load_predictor`)."""
+    from streamer.tracker_service import add_encoder_arguments
+
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="hub id, local folder or 'tiny-random' (tests) (default %(default)s)"
+    )
+    parser.add_argument("--device", default="auto", help="torch device, e.g. cuda, cpu (default: cuda if any)")
+    add_encoder_arguments(parser)
+
+
+def predictor_from_args(args: argparse.Namespace) -> Sam3VideoPredictor:
+    """The predictor :func:`add_model_arguments`' options name; ``ModelLoadError`` or ``ValueError`` says why not."""
+    from streamer.segment import load_predictor
+
+    device = None if args.device in (None, "auto") else args.device
+    return load_predictor(args.model, device, args.encoder, args.encoder_precision)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``segment-video`` or ``segment-image`` (by ``args.command``); returns the exit status."""
     try:
@@ -47,10 +72,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (ValueError, OSError, RuntimeError) as error:  # RuntimeError: PredictorError, ModelLoadError
         print(f"sam3-stream {args.command}: error: {error}", file=sys.stderr)
         return FAILED
+    except KeyboardInterrupt:
+        print(f"sam3-stream {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 def _run(args: argparse.Namespace) -> int:
-    from models import Sam3VideoPredictor
     from streamer.segment import (
         IMAGE_OUTPUTS,
         VIDEO_OUTPUTS,
@@ -70,8 +97,7 @@ def _run(args: argparse.Namespace) -> int:
     prompt = FilePrompt(texts=tuple(args.prompts), objects=tuple(objects))
     if not (prompt.texts or prompt.objects):
         raise ValueError("prompt: give --prompt TEXT, --points or --box")
-    device = None if args.device == "auto" else args.device
-    predictor = Sam3VideoPredictor(model=args.model, device=device)
+    predictor = predictor_from_args(args)
     overlay = not args.no_overlay
     if args.command == "segment-image":
         summary = segment_image(predictor, args.input, args.output, prompt, masks_path=args.masks, overlay=overlay)
@@ -151,7 +177,4 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_common_arguments(parser: argparse.ArgumentParser, no_overlay_help: str) -> None:
     parser.add_argument("--masks", metavar="OUT.json", help="also write every frame's masks (COCO RLE) as JSON")
     parser.add_argument("--no-overlay", action="store_true", help=no_overlay_help)
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help="hub id, local folder or 'tiny-random' (default %(default)s)"
-    )
-    parser.add_argument("--device", default="auto", help="torch device (default: cuda if any)")
+    add_model_arguments(parser)

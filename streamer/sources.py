@@ -1,4 +1,4 @@
-"""Frame sources: cameras, video files, network streams, image folders and a synthetic test pattern.
+"""Frame sources: cameras, video files, network streams, image folders and a synthetic test scene.
 
 Every source hands out RGB ``uint8`` ``H x W x 3`` C-contiguous frames, one per :meth:`FrameSource.read`,
 and knows its nominal frame rate. :func:`open_source` turns the user's ``--source`` string into one.
@@ -6,16 +6,16 @@ and knows its nominal frame rate. :func:`open_source` turns the user's ``--sourc
 
 from __future__ import annotations
 
-import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import cv2
 import numpy as np
+
+from models.demo_scenes import DemoScene, SceneFrame, random_spec
 
 __all__ = [
     "SourceError",
@@ -24,7 +24,6 @@ __all__ = [
     "VideoSource",
     "ImageFolderSource",
     "SyntheticSource",
-    "Shape",
     "open_source",
     "IMAGE_EXTENSIONS",
     "NETWORK_SCHEMES",
@@ -274,37 +273,20 @@ class ImageFolderSource(FrameSource):
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-@dataclass(frozen=True)
-class Shape:
-    """One shape of the synthetic pattern on one frame: centre and half-extent in pixels, RGB colour.
-
-    A ``circle`` has radius ``half_w`` (``half_h`` equal); a ``rect`` spans ``centre +- (half_w, half_h)``.
-    """
-
-    kind: str
-    center: tuple[int, int]
-    half_w: int
-    half_h: int
-    color: tuple[int, int, int]
-
-
-# kind, colour, size as a fraction of min(w, h), then the path: x and y amplitude (fraction of the frame),
-# x and y frequency (Hz), x and y phase. Frequencies differ so the shapes cross and overlap now and then.
-_SHAPE_TABLE = (
-    ("circle", (230, 40, 40), 0.10, 0.35, 0.30, 0.13, 0.21, 0.0, 1.0),
-    ("rect", (40, 200, 60), 0.09, 0.30, 0.32, 0.17, 0.11, 2.0, 0.3),
-    ("circle", (50, 90, 240), 0.07, 0.38, 0.25, 0.23, 0.19, 4.0, 2.5),
-    ("rect", (240, 210, 40), 0.06, 0.25, 0.36, 0.09, 0.27, 1.0, 4.0),
-    ("circle", (220, 60, 220), 0.05, 0.40, 0.20, 0.29, 0.07, 3.0, 5.0),
-)
+# The shapes of the synthetic scene: every kind once, plus a second circle crossing the first.
+SYNTHETIC_KINDS = ("circle", "circle", "square", "triangle", "star", "ring")
+SYNTHETIC_SEED = 10
 
 
 class SyntheticSource(FrameSource):
-    """A deterministic test pattern: coloured circles and rectangles gliding on smooth (Lissajous)
-    paths over a textured grey background, with the frame number printed top left.
+    """A deterministic test scene: the generated shapes the ``demo`` model knows (circle, square,
+    triangle, star, ring) moving, spinning, crossing, passing behind panels and leaving and
+    re-entering the frame over a drifting textured background, with changing light and camera
+    shake; the frame number is printed top left.
 
-    :meth:`frame` is a pure function of the frame index, so tests can predict every pixel; shapes
-    move at the same speed in seconds whatever the rate (their position depends on ``i / fps``).
+    :meth:`frame` is a pure function of the frame index, and :meth:`scene_frame` also gives every
+    object's mask, id and words, so tests can predict every pixel and measure a tracker. Shapes move
+    at the same speed in seconds whatever the rate (their positions depend on ``i / fps``).
     """
 
     def __init__(self, width: int = 640, height: int = 480, fps: float = DEFAULT_FPS) -> None:
@@ -314,50 +296,34 @@ class SyntheticSource(FrameSource):
         self.width, self.height = int(width), int(height)
         self._fps = float(fps)
         self._index = 0
-        self._background = self._make_background()
+        spec = random_spec(SYNTHETIC_SEED, self.width, self.height, kinds=SYNTHETIC_KINDS)
+        self.scene = DemoScene(spec, self._fps)
 
     @property
     def fps(self) -> float:
         return self._fps
 
-    def _make_background(self) -> np.ndarray:
-        # Low-contrast checker plus soft waves: texture for an image encoder, yet far from the shapes' colours.
-        y, x = np.mgrid[0 : self.height, 0 : self.width].astype(np.float32)
-        cell = max(8, min(self.width, self.height) // 12)
-        checker = ((x // cell + y // cell) % 2) * 18.0
-        waves = 12.0 * np.sin(x / 23.0) * np.cos(y / 31.0)
-        grey = 96.0 + checker + waves
-        tint = np.stack([grey, grey + 6.0 * np.sin(y / 57.0), grey + 10.0 * x / self.width], axis=-1)
-        return np.clip(tint, 0, 255).astype(np.uint8)
-
-    def shapes_at(self, i: int) -> list[Shape]:
-        """The shapes of frame ``i``, in drawing order (later ones cover earlier ones)."""
-        t = i / self._fps
-        w, h, unit = self.width, self.height, min(self.width, self.height)
-        shapes = []
-        for kind, color, size, ax, ay, fx, fy, px, py in _SHAPE_TABLE:
-            cx = round(w * (0.5 + ax * math.sin(2 * math.pi * fx * t + px)))
-            cy = round(h * (0.5 + ay * math.sin(2 * math.pi * fy * t + py)))
-            half = max(2, round(size * unit))
-            # Rectangles are wider than tall so a box prompt differs from a circle's.
-            shapes.append(Shape(kind, (cx, cy), half if kind == "circle" else round(half * 1.4), half, color))
-        return shapes
+    def scene_frame(self, i: int, with_masks: bool = True) -> SceneFrame:
+        """Frame ``i`` with its ground truth (the masks leave out the frame counter's box)."""
+        shot = self.scene.frame(i, with_masks=with_masks)
+        x1, y1 = self._draw_counter(shot.image, i)
+        for instance in shot.instances:
+            instance.mask[:y1, :x1] = False
+        shot.instances = [inst for inst in shot.instances if inst.mask.any()]
+        return shot
 
     def frame(self, i: int) -> np.ndarray:
-        """Frame ``i`` of the pattern (a new array each call)."""
-        img = self._background.copy()
-        for s in self.shapes_at(i):
-            if s.kind == "circle":
-                cv2.circle(img, s.center, s.half_w, s.color, thickness=-1, lineType=cv2.LINE_8)
-            else:
-                x, y = s.center
-                cv2.rectangle(img, (x - s.half_w, y - s.half_h), (x + s.half_w, y + s.half_h), s.color, thickness=-1)
+        """Frame ``i`` of the scene (a new array each call)."""
+        return self.scene_frame(i, with_masks=False).image
+
+    def _draw_counter(self, img: np.ndarray, i: int) -> tuple[int, int]:
+        """Print ``#000123`` top left on a black box; returns the box's right and bottom edges."""
         scale = max(0.3, self.height / 480)
         label = f"#{i:06d}"
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         cv2.rectangle(img, (0, 0), (tw + 8, th + base + 8), (0, 0, 0), thickness=-1)
         cv2.putText(img, label, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_8)
-        return img
+        return tw + 9, th + base + 9
 
     def _read_frame(self) -> np.ndarray:
         img = self.frame(self._index)
@@ -396,7 +362,7 @@ def open_source(
       http(s) URL of a file with a known duration is paced and looped like a local file);
     - a folder: its images in name order at ``fps`` (default 30);
     - any other existing file: a video file (PyAV); ``loop`` restarts files and folders at the end;
-    - ``synthetic`` or ``synthetic:WxH@FPS``: the moving-shapes test pattern.
+    - ``synthetic`` or ``synthetic:WxH@FPS``: the generated shapes scene (with ground truth).
 
     ``width``/``height`` set the output size (one alone keeps the aspect ratio); ``fps`` sets the
     nominal rate (asked of a camera). Raises ``ValueError`` for a spec that names nothing usable

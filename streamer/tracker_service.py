@@ -665,7 +665,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="facebook/sam3",
-        help="hub id, local folder, 'tiny-random' (tests), or 'passthrough' (no model: "
+        help="hub id, local folder, 'demo' (small trained model), 'tiny-random' (tests), or 'passthrough' (no model: "
         "measures the pipeline alone) (default %(default)s)",
     )
     parser.add_argument("--device", default="auto", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if any)")

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny random SAM 3 saved to disk per test session, and synthetic frames."""
+"""Shared fixtures: one tiny random SAM 3 saved to disk per test session, the shipped demo model, and
+synthetic frames."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ def tiny_models(tiny_folder: Path):
     return load_models(str(tiny_folder), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def demo_models():
+    """The trained demo model shipped in the package, loaded through the same path as real weights."""
+    from models import load_models
+
+    return load_models("demo", device="cpu")
+
+
 @pytest.fixture
 def frames() -> Callable[[int], np.ndarray]:
     from models.tiny import moving_shapes
@@ -39,15 +48,12 @@ CLIP_FRAMES = 24
 
 @pytest.fixture(scope="session")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 24-frame 160x120 H.264 clip of moving shapes at 10 fps, written with the project's Mp4Writer."""
-    from models.tiny import moving_shapes
-    from streamer.video_writer import Mp4Writer
+    """A 24-frame 160x120 H.264 clip of moving shapes at 10 fps."""
+    from helpers import write_video
 
-    path = tmp_path_factory.mktemp("clip") / "shapes.mp4"
-    with Mp4Writer(path, 160, 120, fps=10) as writer:
-        for i in range(CLIP_FRAMES):
-            writer.write(moving_shapes(i))
-    return path
+    from models.tiny import moving_shapes
+
+    return write_video(tmp_path_factory.mktemp("clip") / "shapes.mp4", (moving_shapes(i) for i in range(CLIP_FRAMES)))
 
 
 @pytest.fixture(scope="session")
@@ -70,14 +76,14 @@ API_MAX_UPLOAD_MB = 1  # the session server's --max-upload-mb; big.bin is 1.2 MB
 def api_media(tmp_path_factory: pytest.TempPathFactory):
     """A folder of test inputs served over HTTP on loopback; yields (folder, base URL)."""
     import cv2
-    from helpers import serve_folder, write_mp4
+    from helpers import serve_folder, write_video
 
     from models.tiny import moving_shapes
 
     folder = tmp_path_factory.mktemp("api-media")
-    write_mp4(folder / "clip.mp4", (moving_shapes(i, 64, 48) for i in range(API_CLIP_FRAMES)))
-    write_mp4(folder / "long.mp4", (moving_shapes(i, 64, 48) for i in range(API_LONG_FRAMES)))
-    write_mp4(folder / "overlong.mp4", (moving_shapes(i, 32, 32) for i in range(10 * (API_MAX_VIDEO_S + 2))))
+    write_video(folder / "clip.mp4", (moving_shapes(i, 64, 48) for i in range(API_CLIP_FRAMES)))
+    write_video(folder / "long.mp4", (moving_shapes(i, 64, 48) for i in range(API_LONG_FRAMES)))
+    write_video(folder / "overlong.mp4", (moving_shapes(i, 32, 32) for i in range(10 * (API_MAX_VIDEO_S + 2))))
     still = cv2.cvtColor(moving_shapes(0, 64, 48), cv2.COLOR_RGB2BGR)
     for ext in ("png", "jpg", "gif", "webp"):
         cv2.imwrite(str(folder / f"still.{ext}"), still)

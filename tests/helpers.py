@@ -581,20 +581,6 @@ def serve_folder(folder: Path) -> Iterator[str]:
         thread.join(5)
 
 
-def write_mp4(path: Path, frames: Iterable[np.ndarray], fps: int = 10) -> Path:
-    """An H.264 mp4 of RGB ``frames`` (all of one even size) at ``fps``."""
-    with av.open(str(path), "w") as container:
-        stream = None
-        for pixels in frames:
-            if stream is None:
-                stream = container.add_stream("libx264", rate=fps)
-                stream.width, stream.height, stream.pix_fmt = pixels.shape[1], pixels.shape[0], "yuv420p"
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        assert stream is not None, "no frames"
-        container.mux(stream.encode())
-    return path
-
-
 def decode_video(data: bytes, path: Path) -> tuple[str, list[np.ndarray]]:
     """The codec name and RGB frames of a video given as bytes (written to ``path`` to decode)."""
     path.write_bytes(data)

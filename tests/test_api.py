@@ -94,9 +94,12 @@ def test_video_generate_gives_h264_and_rle_masks_per_frame(api_server, api_media
     masks = requests.get(data["masks_url"], timeout=10).json()
     assert (masks["width"], masks["height"]) == (64, 48) and masks["fps"] == pytest.approx(10)
     assert [f["frame_index"] for f in masks["frames"]] == list(range(API_CLIP_FRAMES))
+    # Shorter than SAM 3's hot-start hold-back (15 frames), the clip still gets the objects the tiny model finds.
+    assert all(frame["objects"] for frame in masks["frames"])
     for frame in masks["frames"]:
         for obj in frame["objects"]:
-            assert rle_to_mask(obj["mask"], (48, 64)).shape == (48, 64) and len(obj["bbox"]) == 4
+            assert rle_to_mask(obj["mask"], (48, 64)).any() and len(obj["bbox"]) == 4
+            assert obj["label"] == "red shape"
 
 
 def test_segmind_sam3_video_answers_with_the_mask_video_from_string_fields(api_server, api_media, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
 import sys
 import uuid
@@ -20,10 +21,10 @@ TOKEN = "s3cret-key"
 
 
 @pytest.fixture(scope="module")
-def token_server(tmp_path_factory):
+def token_server(tmp_path_factory, tiny_folder):
     """A server with an API key, a queue of one, one event stream, and no fetching from private addresses."""
     args = ("--token", TOKEN, "--max-queue", "1", "--max-event-clients", "1")
-    with ApiServer(tmp_path_factory.mktemp("api-token"), *args) as server:
+    with ApiServer(tmp_path_factory.mktemp("api-token"), *args, model=str(tiny_folder)) as server:
         yield server
 
 
@@ -288,14 +289,24 @@ def test_full_queue_is_429_and_event_streams_are_bounded(token_server, api_media
         wait_for_generation(token_server.url, job, {"cancelled", "succeeded", "failed"}, headers=auth)
 
 
-def test_serving_beyond_loopback_without_a_key_is_refused(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "streamer.cli", "api", "--http-host", "0.0.0.0", "--data-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2 and "--token" in result.stderr
+def test_refused_options_exit_with_one_line_before_loading_the_model(tmp_path):
+    def api(*args: str) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "streamer.cli", "api", "--model", "tiny-random", "--data-dir", str(tmp_path)]
+        return subprocess.Popen([*argv, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        running = {  # at once: each only imports and refuses
+            "--token": api("--http-host", "0.0.0.0"),  # serving beyond loopback without a key
+            f"--http-port {port}: cannot listen": api("--http-port", str(port)),
+            "encoder_precision:": api("--encoder", "onnxruntime", "--encoder-precision", "fp8"),
+        }
+        results = {expected: (proc.communicate(timeout=120)[1], proc.returncode) for expected, proc in running.items()}
+    for expected, (stderr, code) in results.items():
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and expected in lines[0] and "Traceback" not in stderr, stderr
 
 
 # -- fuzz --------------------------------------------------------------------------------------------

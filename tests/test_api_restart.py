@@ -17,10 +17,11 @@ from streamer.api.store import QUEUED, RUNNING, SUCCEEDED, Job, JobStore, new_jo
 ENDED = {"succeeded", "failed", "cancelled"}
 
 
-def test_killed_server_runs_the_interrupted_and_queued_jobs_after_a_restart(tmp_path, api_media):
+def test_killed_server_runs_the_interrupted_and_queued_jobs_after_a_restart(tmp_path, api_media, tiny_folder):
     folder, media = api_media
     data_dir = tmp_path / "data"
-    server = ApiServer(data_dir, "--allow-private-urls").start()
+    model = str(tiny_folder)  # loads faster than building tiny-random in each server
+    server = ApiServer(data_dir, "--allow-private-urls", model=model).start()
     try:
         first_job = {"model": "sam-3-video", "input_video": f"{media}/clip.mp4", "prompt": "shape"}
         running = requests.post(f"{server.url}/api/ai/queue", json=first_job, timeout=60).json()
@@ -45,7 +46,7 @@ def test_killed_server_runs_the_interrupted_and_queued_jobs_after_a_restart(tmp_
         left = dict(db.execute("SELECT id, status FROM jobs").fetchall())
     assert left[running_id] == RUNNING and {left[i] for i in queued_ids} == {QUEUED}
 
-    with ApiServer(data_dir, "--allow-private-urls") as again:
+    with ApiServer(data_dir, "--allow-private-urls", model=model) as again:
         assert any("1 queued again" in line for line in again.output)
         second = subprocess.run(again.argv, capture_output=True, text=True, timeout=120)  # same data directory
         assert second.returncode == 2 and "another sam3-stream api server" in second.stderr

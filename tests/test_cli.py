@@ -141,6 +141,7 @@ def test_top_level_help_lists_every_command() -> None:
         "build-engine",
         "segment-video",
         "segment-image",
+        "api",
     ):
         assert re.search(rf"^\s+{command}\s+\S", text, re.MULTILINE), f"{command} missing from:\n{text}"
 
@@ -170,8 +171,12 @@ def test_top_level_help_lists_every_command() -> None:
         ("keys", ["DIR", "--client"]),
         ("export-encoder", ["--model", "--out", "--precision", "--external-data"]),
         ("build-engine", ["--model", "--precision", "--cache-dir"]),
-        ("segment-video", ["IN", "--prompt", "--points", "--negative-points", "--box", "--frame", "-o", "--masks"]),
+        (
+            "segment-video",
+            ["IN", "--prompt", "--points", "--negative-points", "--box", "--frame", "-o", "--masks", "--encoder"],
+        ),
         ("segment-image", ["IN", "--prompt", "--points", "--box", "-o", "--masks", "--no-overlay", "--model"]),
+        ("api", ["--model", "--device", "--encoder", "--http-port", "--data-dir", "--token", "--max-video-seconds"]),
     ],
 )
 def test_each_command_has_help(command: str, options: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import CLIP_FRAMES
+from helpers import index_frames
 
-from models import FrameOutputs, PredictorError, UnknownSessionError
-from tests.conftest import CLIP_FRAMES
-from tests.helpers import index_frames
+from models import FrameOutputs, PredictorError, PromptCoordinatesWarning, UnknownSessionError
 
 W, H = 160, 120
 
@@ -103,6 +104,42 @@ def test_meta_coordinates_read_prompts_as_metas_predictor_does(predictor, tiny_m
             meta.add_prompt(session_id, 0, points=[[40, 60]], point_labels=[1])
         finally:
             meta.close_session(session_id)
+
+
+def test_points_within_0_1_warn_once_per_session_naming_meta_coordinates(
+    predictor, tiny_models, clip: Path, tmp_path: Path
+) -> None:
+    """A script written for Meta's predictor sends normalized points: said once per session, at the script's line."""
+    from models import Sam3VideoPredictor
+
+    first, second = _start(predictor, clip), _start(predictor, clip)
+    try:
+        with pytest.warns(PromptCoordinatesWarning, match=r'prompt_coordinates="meta"') as caught:
+            predictor.handle_request(
+                {"type": "add_prompt", "session_id": first, "frame_index": 0, "points": [[0.25, 0.5]]}
+                | {"point_labels": [1]}
+            )
+            predictor.add_prompt(first, 0, points=[[0.5, 0.5], [1, 1]], point_labels=[1, 0], obj_id=5)
+            predictor.add_prompt(second, 0, points=[[0.75, 0.25]], point_labels=[1])
+        assert [w.message.args[0].split(":")[0] for w in caught] == [f"session {first}", f"session {second}"]
+        assert all(w.filename == __file__ for w in caught), "points at the caller's line"
+        assert "160x120 frame" in str(caught[0].message)
+    finally:
+        predictor.close_session(first)
+        predictor.close_session(second)
+
+    cv2.imwrite(str(tmp_path / "tiny.png"), np.full((4, 4, 3), 90, np.uint8))
+    meta = Sam3VideoPredictor(models=tiny_models, prompt_coordinates="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PromptCoordinatesWarning)
+        for which, path, points in [
+            (predictor, clip, [[0.5, 0.5], [40, 50]]),  # one point beyond 1: pixels
+            (predictor, tmp_path / "tiny.png", [[1, 1]]),  # a 4x4 frame: [0, 1] are real pixels
+            (meta, clip, [[0.5, 0.5]]),  # read as normalized, as meant
+        ]:
+            session_id = _start(which, path)
+            which.add_prompt(session_id, 0, points=points, point_labels=[1] * len(points))
+            which.close_session(session_id)
 
 
 def test_prompt_on_a_middle_frame_and_the_directions(predictor, clip: Path) -> None:
@@ -293,10 +330,11 @@ def test_every_bad_request_says_what_is_wrong(predictor, clip: Path) -> None:
 
 
 def test_long_video_is_decoded_on_demand_and_state_stays_flat(tiny_models, tmp_path: Path) -> None:
+    from helpers import write_video
+
     from models import Sam3VideoPredictor
     from models.memory import state_bytes
     from models.tiny import moving_shapes
-    from tests.helpers import write_video
 
     count, cache = 80, 8
     path = write_video(tmp_path / "long.mp4", (moving_shapes(i, 96, 72) for i in range(count)), gop=24)

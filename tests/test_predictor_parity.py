@@ -11,11 +11,13 @@ happens on both legs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
 import pytest
 import torch
+from helpers import write_video
 from transformers import Sam3TrackerVideoModel
 from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
 from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
@@ -25,7 +27,6 @@ from models.preprocess import frame_to_pixels, prompt_to_model_points
 from models.sessions import add_object_inputs, add_text_prompt, point_inputs
 from models.tiny import moving_shapes
 from models.video_session import objects_from_logits, text_objects
-from streamer.video_writer import Mp4Writer
 
 FRAMES, START = 40, 20
 W, H = 160, 120
@@ -34,11 +35,7 @@ Frame = dict[int, tuple[np.ndarray, float]]
 
 @pytest.fixture(scope="module")
 def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("parity") / "long.mp4"
-    with Mp4Writer(path, W, H, fps=10) as writer:
-        for i in range(FRAMES):
-            writer.write(moving_shapes(i, W, H))
-    return path
+    return write_video(tmp_path_factory.mktemp("parity") / "long.mp4", (moving_shapes(i, W, H) for i in range(FRAMES)))
 
 
 def _video_tensor(path: Path, size: int) -> torch.Tensor:
@@ -52,13 +49,13 @@ def _shown(objects) -> Frame:
     return {o.obj_id: (o.mask, o.score) for o in objects}
 
 
-def _text_reference(models, video: torch.Tensor, text: str) -> list[tuple[int, Frame]]:
+def _text_reference(models, video: torch.Tensor, text: str, start: int = START) -> list[tuple[int, Frame]]:
     model = models.video_model
     session = Sam3VideoInferenceSession(video=video, video_height=H, video_width=W, dtype=torch.float32)
     add_text_prompt(session, models.tokenizer, text)
     frames = []
     for reverse in (False, True):
-        for out in model.propagate_in_video_iterator(session, start_frame_idx=START, reverse=reverse):
+        for out in model.propagate_in_video_iterator(session, start_frame_idx=start, reverse=reverse):
             # shown as transformers' video processor shows them, at the moment the iterator yields
             frames.append((out.frame_idx, _shown(text_objects(out, session, H, W))))
     return frames
@@ -109,6 +106,33 @@ def test_bounded_propagation_equals_transformers_own_session(
         [i for i, _ in ours] == [i for i, _ in reference] == list(range(START, FRAMES)) + list(range(START - 1, -1, -1))
     )
     assert held and max(held) <= session.window.pointer_frames  # bounded, yet nothing the model read was lost
+    _assert_same(ours, reference)
+
+
+def test_text_prompt_on_a_clip_shorter_than_the_hot_start_hold_back(predictor, tiny_models, tmp_path: Path) -> None:
+    """SAM 3 holds text-found objects back ``hotstart_delay`` (15) frames and flushes the held frames when the
+    propagation ends: a 6-frame clip still gets every frame, each with the objects the model found there.
+    ``add_prompt`` answers with the prompted frame's detections at once (as Meta's predictor does)."""
+    count = 6
+    assert count < tiny_models.video_model.hotstart_delay
+    path = write_video(tmp_path / "short.mp4", (moving_shapes(i, W, H) for i in range(count)))
+    with torch.inference_mode():
+        reference = _text_reference(tiny_models, _video_tensor(path, tiny_models.image_size), "person", start=0)
+
+    session_id = predictor.start_session(path)["session_id"]
+    prompted = predictor.add_prompt(session_id, 0, text="person")["outputs"]
+    ours = [(r["frame_index"], r["outputs"]) for r in predictor.propagate_in_video(session_id, "forward")]
+    predictor.close_session(session_id)
+
+    assert prompted, "the prompted frame's detections, before any propagation"
+    assert set(ours[0][1]) <= set(prompted)  # propagation may hide some (SAM 3's hot-start heuristics)
+    assert [i for i, _ in ours] == [i for i, _ in reference] == list(range(count))
+    assert all(expected for _, expected in reference), "the tiny model finds an object on every frame of this clip"
+    _assert_same(ours, reference)
+
+
+def _assert_same(ours: list[tuple[int, Any]], reference: list[tuple[int, Frame]]) -> None:
+    """Frame by frame, the same objects with the same masks and scores."""
     for (frame, got), (_, expected) in zip(ours, reference, strict=True):
         assert sorted(got) == sorted(expected), f"frame {frame}: objects {sorted(got)} != {sorted(expected)}"
         for obj_id, (mask, score) in expected.items():

@@ -62,6 +62,40 @@ def test_prompt_geometry_in_model_coordinates() -> None:
     )
     [(coords, labels)] = prompt_to_model_points(prompt, 160, 120, 112)
     assert labels == [2, 3, 0]
-    assert coords == [[28.0, 42.0], [84.0, 70.0], [56.0, 56.0]]
+    assert coords.tolist() == [[28.0, 42.0], [84.0, 70.0], [56.0, 56.0]]
     two_boxes = Prompt(bounding_boxes=((0.25, 0.25, 0.5, 0.5), (0.75, 0.75, 0.5, 0.5)), bounding_box_labels=(1, 1))
     assert [labels for _, labels in prompt_to_model_points(two_boxes, 160, 120, 112)] == [[2, 3], [2, 3]]
+
+
+def test_clicks_and_boxes_are_scaled_exactly_as_transformers_processor_scales_them() -> None:
+    """At 1280x720 most clicks land one float32 ulp apart unless scaled as the processor does (float32)."""
+    from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
+
+    from models.hf_internals import points_processor
+
+    width, height, size = 1280, 720, 1008
+    rng = np.random.default_rng(0)
+    clicks = [(float(x), float(y)) for x, y in zip(rng.uniform(0, width, 50), rng.uniform(0, height, 50), strict=True)]
+    box_pixels = [137.3, 91.7, 1011.9, 655.1]  # x0, y0, x1, y1
+    box = ((box_pixels[0] + box_pixels[2]) / 2 / width, (box_pixels[1] + box_pixels[3]) / 2 / height)
+    box += ((box_pixels[2] - box_pixels[0]) / width, (box_pixels[3] - box_pixels[1]) / height)
+    prompt = Prompt(
+        points=tuple(clicks), point_labels=(1,) * len(clicks), bounding_boxes=(box,), bounding_box_labels=(1,)
+    )
+    [(ours, labels)] = prompt_to_model_points(prompt, width, height, size)
+
+    session = Sam3TrackerVideoInferenceSession(dtype=torch.float32)
+    points_processor(size).add_inputs_to_inference_session(
+        session,
+        frame_idx=0,
+        obj_ids=[0],
+        input_points=[[[list(c) for c in clicks]]],
+        input_labels=[[[1] * len(clicks)]],
+        input_boxes=[[box_pixels]],
+        original_size=(height, width),
+    )
+    theirs = session.point_inputs_per_obj[0][0]
+    assert torch.equal(ours[2:], theirs["point_coords"][0, 0, 2:]), "clicks differ"
+    assert labels == theirs["point_labels"].flatten().tolist()
+    # The box arrives normalized, so its pixel corners are rounded once more than the processor's input.
+    assert torch.allclose(ours[:2], theirs["point_coords"][0, 0, :2], rtol=0, atol=1e-3)

@@ -13,10 +13,10 @@ import av
 import cv2
 import numpy as np
 import pytest
+from conftest import CLIP_FRAMES
 
 from streamer.cli import main
 from streamer.protocol import rle_to_mask
-from tests.conftest import CLIP_FRAMES
 
 W, H = 160, 120
 

@@ -1,4 +1,4 @@
-"""Frame sources read back real files (written with PyAV and OpenCV) and the synthetic pattern."""
+"""Frame sources read back real files (written with PyAV and OpenCV) and the synthetic scene."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import serve_folder, write_mp4
+from helpers import serve_folder, write_video
 
+from models.demo_scenes import COLOURS
 from streamer.sources import (
     ImageFolderSource,
     SourceError,
@@ -18,9 +19,9 @@ from streamer.sources import (
 )
 
 
-def write_video(path: Path, n: int, width: int = 64, height: int = 48, fps: int = 10) -> None:
+def write_greys(path: Path, n: int, width: int = 64, height: int = 48, fps: int = 10) -> None:
     """An mp4 whose frame k is a flat grey of level 20 * k (well apart after H.264 rounding)."""
-    write_mp4(path, (np.full((height, width, 3), 20 * k, np.uint8) for k in range(n)), fps)
+    write_video(path, (np.full((height, width, 3), 20 * k, np.uint8) for k in range(n)), fps)
 
 
 def grey_level(frame: np.ndarray) -> int:
@@ -45,26 +46,39 @@ def test_synthetic_is_a_pure_function_of_the_index():
     assert frames[0].shape == (120, 160, 3) and frames[0].dtype == np.uint8 and frames[0].flags.c_contiguous
 
 
-def test_synthetic_shapes_move_and_are_drawn_where_predicted():
+def test_synthetic_shapes_move_and_are_drawn_where_the_ground_truth_says():
     src = SyntheticSource(320, 240, fps=30)
-    first, later = src.shapes_at(0), src.shapes_at(15)
-    assert len(first) >= 4 and {s.kind for s in first} == {"circle", "rect"}
-    assert all(s0.center != s1.center for s0, s1 in zip(first, later, strict=True))
+    first, later = src.scene_frame(0), src.scene_frame(15)
+    assert len(first.instances) >= 4 and {i.kind for i in first.instances} >= {"circle", "square", "triangle"}
     assert not np.array_equal(src.frame(0), src.frame(15))
-    # The last-drawn shape is on top: its centre pixel has its colour (unless under the frame counter).
+    moved = [
+        np.abs(np.subtract(a.centroid(), b.centroid())).max() > 1
+        for a, b in zip(first.instances, later.instances, strict=False)
+        if a.obj_id == b.obj_id
+    ]
+    assert moved and all(moved)
+    # Under each mask the pixels are the object's colour (up to lighting): nearest palette colour wins.
+    palette = {name: np.array(rgb, float) for name, rgb in COLOURS.items()}
     checked = 0
     for i in (0, 7, 40, 300):
-        top = src.shapes_at(i)[-1]
-        x, y = top.center
-        if y > 40:
-            assert tuple(src.frame(i)[y, x]) == top.color
+        shot = src.scene_frame(i)
+        assert np.array_equal(shot.image, src.frame(i))
+        for inst in shot.instances:
+            if inst.area < 30:
+                continue
+            mean = shot.image[inst.mask].astype(float).mean(axis=0)
+            hue = mean / max(mean.max(), 1)
+            nearest = min(palette, key=lambda n: np.abs(hue - palette[n] / palette[n].max()).sum())
+            assert nearest == inst.colour, (i, inst.obj_id, mean)
             checked += 1
-    assert checked >= 2
+    assert checked >= 12
 
 
 def test_synthetic_motion_is_in_seconds_not_frames():
     slow, fast = SyntheticSource(160, 120, fps=10), SyntheticSource(160, 120, fps=40)
-    assert slow.shapes_at(5) == fast.shapes_at(20)
+    a, b = slow.scene_frame(5), fast.scene_frame(20)
+    assert [i.obj_id for i in a.instances] == [i.obj_id for i in b.instances]
+    assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.instances, b.instances, strict=True))
 
 
 @pytest.mark.parametrize(
@@ -91,7 +105,7 @@ def test_explicit_size_and_fps_override_the_synthetic_spec():
 
 def test_video_file_is_read_with_its_count_size_and_rate(tmp_path):
     path = tmp_path / "clip.mp4"
-    write_video(path, 7)
+    write_greys(path, 7)
     with open_source(str(path)) as src:
         assert isinstance(src, VideoSource) and not src.live
         frames = list(src)
@@ -102,7 +116,7 @@ def test_video_file_is_read_with_its_count_size_and_rate(tmp_path):
 
 def test_video_file_loops(tmp_path):
     path = tmp_path / "clip.mp4"
-    write_video(path, 4)
+    write_greys(path, 4)
     with open_source(str(path), loop=True) as src:
         levels = [grey_level(src.read()) for _ in range(10)]
     assert levels == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
@@ -110,7 +124,7 @@ def test_video_file_loops(tmp_path):
 
 def test_video_file_resized_on_request(tmp_path):
     path = tmp_path / "clip.mp4"
-    write_video(path, 2)
+    write_greys(path, 2)
     with open_source(str(path), width=32) as src:
         assert src.read().shape == (24, 32, 3)
 
@@ -124,7 +138,7 @@ def test_garbage_video_raises_source_error(tmp_path):
 
 def test_looping_video_deleted_on_disk_raises_source_error_at_restart(tmp_path):
     path = tmp_path / "clip.mp4"
-    write_video(path, 2)
+    write_greys(path, 2)
     src = open_source(str(path), loop=True)
     src.read(), src.read()
     path.unlink()
@@ -141,7 +155,7 @@ def http_folder(tmp_path):
 
 def test_video_file_over_http_is_paced_and_looped_like_a_local_file(http_folder):
     folder, url = http_folder
-    write_video(folder / "clip.mp4", 3)
+    write_greys(folder / "clip.mp4", 3)
     with open_source(f"{url}/clip.mp4", loop=True) as src:
         assert isinstance(src, VideoSource) and not src.live and src.fps == pytest.approx(10)
         assert [grey_level(src.read()) for _ in range(5)] == [0, 1, 2, 0, 1]

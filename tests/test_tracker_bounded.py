@@ -6,6 +6,7 @@ import statistics
 import time
 
 from models import Prompt, StreamingTracker, TrackerConfig
+from models import hf_internals as hf
 from models.tiny import moving_shapes
 
 FRAMES = 3000
@@ -41,10 +42,10 @@ def test_state_and_frame_time_stay_flat_over_3000_frames(tiny_models) -> None:
 
     assert len(ids_seen) > 10, "the stream should have churned through many object ids"
     for engine in (tracker.geometry, tracker.text):
-        for outputs in engine.session.output_dict_per_obj.values():
+        for outputs in hf.all_object_outputs(engine.session):
             assert len(outputs["cond_frame_outputs"]) <= 4
             assert len(outputs["non_cond_frame_outputs"]) <= 15
-        assert engine.session.processed_frames.stored() == 1
+        assert hf.frame_window(engine.session).stored() == 1
     assert abs(state_at[FRAMES] - state_at[300]) <= 0.05 * state_at[300], state_at
     early = statistics.median(frame_times[300:800])
     late = statistics.median(frame_times[-500:])

@@ -7,9 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import frame_index_of, index_frames, write_video
 
 from models.video_frames import VideoReadError, open_frames
-from tests.helpers import frame_index_of, index_frames, write_video
 
 COUNT = 60
 

@@ -4,8 +4,8 @@ Modules, one job each: ``config`` (settings), ``app`` (application, lifecycle, C
 (handlers), ``jobspec`` (each route's fields -> a job), ``body`` (reading bounded bodies),
 ``inputs`` (URL / data URI / base64 / upload -> a checked file), ``fetch`` (downloads that refuse
 private addresses), ``media`` (format sniffing, sizes, video probing), ``store`` (SQLite jobs and
-their folders), ``worker`` (runs queued jobs), ``runner`` (one job: segment, draw, encode),
-``segmenter`` (the predictor seam), ``outputs`` (PNG/JPEG, H.264 mp4, RLE JSON), ``events``
+their folders), ``worker`` (runs queued jobs), ``runner`` (one job through ``streamer.segment``, the
+code ``sam3-stream segment-video`` runs too: predictor, drawing, H.264 mp4 or PNG/JPEG, RLE JSON), ``events``
 (server-sent events and synchronous waits), ``views`` (response bodies), ``auth`` (API keys, signed
 result URLs), ``openapi`` (the OpenAPI document), ``errors`` (the error shape).
 """

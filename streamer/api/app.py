@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -26,10 +28,13 @@ from streamer.api.events import EventHub
 from streamer.api.fetch import UrlFetcher
 from streamer.api.inputs import InputReceiver
 from streamer.api.routes import CONTEXT, ApiContext, add_routes, json_errors
-from streamer.api.segmenter import Segmenter
 from streamer.api.store import DataDirInUse, JobStore, exclusive_data_dir
 from streamer.api.views import Views
 from streamer.api.worker import Worker
+from streamer.segment_cli import add_model_arguments, predictor_from_args
+
+if TYPE_CHECKING:  # the predictor pulls in torch: loaded when the server starts, not to build the CLI parser
+    from models import Sam3VideoPredictor
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +42,9 @@ MAX_ATTEMPTS = 2  # a job the server died running twice is failed rather than ru
 SHUTDOWN_TIMEOUT_S = 5.0
 
 
-def create_app(config: ApiConfig, segmenter: Segmenter) -> web.Application:
-    """The API as an aiohttp application; the store, worker and HTTP client open on startup."""
+def create_app(config: ApiConfig, predictor: Sam3VideoPredictor) -> web.Application:
+    """The API as an aiohttp application, running jobs on ``predictor``; the store, worker and HTTP client
+    open on startup."""
     auth = Auth(config.token)
     app = web.Application(
         middlewares=[json_errors, auth.middleware()], client_max_size=max_body_bytes(config.max_upload_bytes)
@@ -56,7 +62,7 @@ def create_app(config: ApiConfig, segmenter: Segmenter) -> web.Application:
                 len(failed),
             )
         hub = EventHub(config.max_event_clients)
-        worker = Worker(store, segmenter, hub)
+        worker = Worker(store, predictor, hub)
         fetcher = UrlFetcher(
             allow_private=config.allow_private_urls,
             timeout_s=config.download_timeout_s,
@@ -99,9 +105,9 @@ async def _clean_up(store: JobStore, config: ApiConfig) -> None:
         await asyncio.sleep(config.cleanup_interval_s)
 
 
-async def serve(config: ApiConfig, segmenter: Segmenter) -> None:
+async def serve(config: ApiConfig, predictor: Sam3VideoPredictor) -> None:
     """Serve until SIGINT/SIGTERM; prints the URL (with the real port when ``http_port`` is 0)."""
-    runner = web.AppRunner(create_app(config, segmenter), shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
+    runner = web.AppRunner(create_app(config, predictor), shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -122,10 +128,7 @@ async def serve(config: ApiConfig, segmenter: Segmenter) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``api`` command's options."""
     defaults = ApiConfig(data_dir=Path())
-    parser.add_argument(
-        "--model", default="facebook/sam3", help="hub id, local folder or 'tiny-random' (tests) (default %(default)s)"
-    )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if any, else cpu)")
+    add_model_arguments(parser)
     parser.add_argument("--http-host", default=API_HTTP_HOST, help="listen address (default %(default)s)")
     parser.add_argument(
         "--http-port", type=int, default=API_HTTP_PORT, help="HTTP port; 0 picks a free one (default %(default)s)"
@@ -203,26 +206,55 @@ def config_from_args(args: argparse.Namespace) -> ApiConfig:
     )
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """``ValueError`` naming the option when nothing could listen on ``host:port`` now (the port is taken, or
+    the address is not this machine's). Port 0 (any free one) always can."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"--http-host {host}: {exc.strerror}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise ValueError(f"--http-port {port}: cannot listen on {host}: {exc.strerror or exc}") from None
+
+
 def run_from_args(args: argparse.Namespace) -> int:
-    """Entry point for ``sam3-stream api``; returns the exit status (2: refused options, 1: no model)."""
+    """Entry point for ``sam3-stream api``; returns the exit status (2: refused options or a data directory
+    in use; 1: the model cannot load, or the server cannot start). Every failure is one log line."""
+    from models import check_encoder_choice
+
     try:
         config = config_from_args(args)
+        check_encoder_choice(args.encoder, args.encoder_precision)
+        check_can_listen(config.http_host, config.http_port)  # now, not after minutes of loading the model
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    from models import ModelLoadError
-
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(exclusive_data_dir(config.data_dir))
         except DataDirInUse as exc:
             log.error("%s", exc)
             return 2
+        except OSError as exc:
+            log.error("--data-dir %s: %s", config.data_dir, exc.strerror or exc)
+            return 2
         try:
-            segmenter = Segmenter.load(args.model, args.device)
-        except ModelLoadError as exc:
-            log.error("%s", exc)
+            predictor = predictor_from_args(args)
+        except (RuntimeError, ValueError, OSError) as exc:  # RuntimeError: ModelLoadError
+            log.error("cannot load the model: %s", exc)
             return 1
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(config, segmenter))
+        try:
+            asyncio.run(serve(config, predictor))
+        except KeyboardInterrupt:
+            pass
+        except OSError as exc:  # the port is taken, the address is not this machine's, ...
+            log.error("cannot serve on %s:%d: %s", config.http_host, config.http_port, exc.strerror or exc)
+            return 1
     return 0

@@ -23,25 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models import Prompt
-from models.prompts import MAX_POINTS, MAX_TEXT_CHARS
+from models.prompts import MAX_POINTS, MAX_TEXT_CHARS, PROMPT_FIELDS
 from streamer.api.config import MODEL_IMAGE, MODEL_VIDEO
 from streamer.api.errors import bad_request
 from streamer.api.media import ImageInfo, VideoInfo
+from streamer.segment import ObjectPrompt
 
 MAX_OBJECTS = 64
 MAX_GENERATIONS = 4  # per queue request, as the hosted queue allows
 MAX_COORDINATE = 1e6
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-@dataclass(frozen=True)
-class GeometryObject:
-    """One object given by pixel clicks and/or a pixel box ``(x0, y0, x1, y1)``."""
-
-    points: tuple[tuple[float, float], ...] = ()
-    labels: tuple[int, ...] = ()
-    box: tuple[float, float, float, float] | None = None
-    obj_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -53,7 +44,7 @@ class JobRequest:
     input_field: str
     input_value: Any
     text: str | None
-    objects: tuple[GeometryObject, ...] = ()
+    objects: tuple[ObjectPrompt, ...] = ()  # pixel clicks and boxes
     apply_mask: bool = True
     output_format: str = "png"  # png | jpeg (images), mp4 (videos)
     masks_rle: bool = False
@@ -68,35 +59,21 @@ class JobRequest:
         ``[cx, cy, w, h]``). Raises a 400 naming the field for clicks outside the frame or empty boxes."""
         prompts: list[dict[str, Any]] = [{"text": self.text}] if self.text else []
         for obj in self.objects:
-            prompt: dict[str, Any] = {}
-            for x, y in obj.points:
-                if not (0 <= x < width and 0 <= y < height):
-                    raise bad_request(f"{self.points_field}: ({x:g}, {y:g}) lies outside the {width}x{height} frame")
-            if obj.points:
-                prompt["points"] = [list(p) for p in obj.points]
-                prompt["point_labels"] = list(obj.labels)
-            if obj.box is not None:
-                prompt["bounding_boxes"] = [self._normalized_box(obj.box, width, height)]
-                prompt["bounding_box_labels"] = [1]
-            if obj.obj_id is not None:
-                prompt["obj_id"] = obj.obj_id
             try:
-                Prompt.from_dict(prompt)
+                prompt = obj.request(width, height)
+                Prompt.from_dict(prompt).check_inside(width, height)
             except ValueError as exc:
-                raise bad_request(f"{self.points_field if obj.points else self.boxes_field}: {exc}") from None
+                raise bad_request(self._renamed(str(exc), obj)) from None
             prompts.append(prompt)
         return prompts
 
-    def _normalized_box(self, box: tuple[float, float, float, float], width: int, height: int) -> list[float]:
-        # A box drawn a little past the edge is meant to reach it: clip, then it must keep an area.
-        x0, y0 = max(0.0, min(box[0], width)), max(0.0, min(box[1], height))
-        x1, y1 = max(0.0, min(box[2], width)), max(0.0, min(box[3], height))
-        if x1 <= x0 or y1 <= y0:
-            raise bad_request(
-                f"{self.boxes_field}: box {list(box)} covers no part of the {width}x{height} frame "
-                "(pixel [x0, y0, x1, y1] with x0 < x1, y0 < y1)"
-            )
-        return [(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height]
+    def _renamed(self, message: str, obj: ObjectPrompt) -> str:
+        """A prompt error (``points: ...``, ``bounding_boxes: ...``) named after this route's own field."""
+        head, sep, rest = message.partition(": ")
+        if not sep or head not in (*PROMPT_FIELDS, "prompt"):
+            head, rest = "", message
+        is_box = head.startswith("bounding_box") or (head in ("", "prompt") and not obj.points)
+        return f"{self.boxes_field if is_box else self.points_field}: {rest}"
 
     def spec(self, input_name: str, info: ImageInfo | VideoInfo) -> dict[str, Any]:
         """The worker's instructions (stored with the job, so a restarted server can run it)."""
@@ -324,9 +301,9 @@ def segmind_sam3_request(fields: Mapping[str, Any], query: Mapping[str, str]) ->
     if obj_ids is not None and count and len(obj_ids) != count:
         raise bad_request(f"obj_ids: {len(obj_ids)} ids for {count} objects; give one id per object")
     objects = tuple(
-        GeometryObject(
+        ObjectPrompt(
             points=tuple(point_groups[i]) if point_groups else (),  # type: ignore[arg-type]
-            labels=tuple(label_groups[i]) if point_groups else (),
+            point_labels=tuple(label_groups[i]) if point_groups else (),
             box=boxes[i] if boxes else None,  # type: ignore[arg-type]
             obj_id=obj_ids[i] if obj_ids is not None and count else None,
         )
@@ -352,7 +329,7 @@ def _video_request(
     query: Mapping[str, str],
     input_field: str,
     text: str | None,
-    objects: tuple[GeometryObject, ...],
+    objects: tuple[ObjectPrompt, ...],
     overlay: bool,
     geometry_fields: tuple[str, str],
     params: dict[str, Any],
@@ -416,7 +393,7 @@ def segmind_sam2_request(fields: Mapping[str, Any], query: Mapping[str, str]) ->
     if not _present(fields, "input_video"):
         raise bad_request("input_video: required (an http(s) URL, a data: URI, base64 content or a file upload)")
     text = read_text(fields, "prompt", required=False)
-    objects: tuple[GeometryObject, ...] = ()
+    objects: tuple[ObjectPrompt, ...] = ()
     if not text:  # coordinates count only without a prompt, as documented by the hosted service
         positive = [p for g in read_vectors(fields, "coordinates", 2) for p in g]
         negative = [p for g in read_vectors(fields, "remove_coordinates", 2) for p in g]
@@ -425,7 +402,7 @@ def segmind_sam2_request(fields: Mapping[str, Any], query: Mapping[str, str]) ->
         if len(positive) + len(negative) > MAX_POINTS:
             raise bad_request(f"coordinates: at most {MAX_POINTS} points with remove_coordinates")
         clicks = tuple(positive + negative)
-        objects = (GeometryObject(points=clicks, labels=(1,) * len(positive) + (0,) * len(negative)),)  # type: ignore[arg-type]
+        objects = (ObjectPrompt(points=clicks, point_labels=(1,) * len(positive) + (0,) * len(negative)),)  # type: ignore[arg-type]
     overlay = read_bool(fields, "overlay_mask", True)
     return _video_request(
         fields,

@@ -29,7 +29,7 @@ from streamer.api.events import CLOSED, EventHub, ServerStopping, TooManySubscri
 from streamer.api.inputs import InputReceiver
 from streamer.api.jobspec import JobRequest, oxen_request, segmind_sam2_request, segmind_sam3_request
 from streamer.api.openapi import openapi_document
-from streamer.api.outputs import IMAGE_CONTENT_TYPES, JSON_CONTENT_TYPE, VIDEO_CONTENT_TYPE
+from streamer.api.runner import CONTENT_TYPES
 from streamer.api.store import ACTIVE, CANCELLED, RUNNING, STATUSES, SUCCEEDED, Job, JobStore, QueueFull, new_job_id
 from streamer.api.views import Views
 from streamer.api.worker import Worker
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 MAX_LIST = 1000
 MAX_CONCURRENT_INTAKE = 8
-_CONTENT_TYPES = {".png": IMAGE_CONTENT_TYPES["png"], ".jpg": IMAGE_CONTENT_TYPES["jpeg"], ".mp4": VIDEO_CONTENT_TYPE}
 
 
 @dataclass
@@ -279,7 +278,7 @@ async def _events(request: web.Request) -> web.StreamResponse:
 
 def _file_response(ctx: ApiContext, job: Job, name: str, headers: dict[str, str]) -> web.FileResponse:
     suffix = name[name.rfind(".") :]
-    content_type = _CONTENT_TYPES.get(suffix, JSON_CONTENT_TYPE)
+    content_type = CONTENT_TYPES.get(suffix, CONTENT_TYPES[".json"])
     return web.FileResponse(
         ctx.store.job_dir(job.id) / name,
         headers={

@@ -15,11 +15,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streamer.api.events import EventHub
-from streamer.api.runner import InputFailure, run_job
-from streamer.api.segmenter import Segmenter, Stopped
+from streamer.api.runner import InputFailure, Stopped, run_job
 from streamer.api.store import ACTIVE, Job, JobStore
+
+if TYPE_CHECKING:
+    from models import Sam3VideoPredictor
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +31,10 @@ IDLE_POLL_S = 5.0  # the worker also looks for queued jobs this often without be
 
 
 class Worker:
-    """Runs the store's queued jobs through ``segmenter``; tells ``hub`` when each ends."""
+    """Runs the store's queued jobs through ``predictor``; tells ``hub`` when each ends."""
 
-    def __init__(self, store: JobStore, segmenter: Segmenter, hub: EventHub) -> None:
-        self.store, self.segmenter, self.hub = store, segmenter, hub
+    def __init__(self, store: JobStore, predictor: Sam3VideoPredictor, hub: EventHub) -> None:
+        self.store, self.predictor, self.hub = store, predictor, hub
         self.current: str | None = None  # id of the running job
         self._wake = asyncio.Event()
         self._cancel = threading.Event()  # the running job was cancelled
@@ -99,7 +102,7 @@ class Worker:
 
         log.info("job %s: running (%s, attempt %d)", job.id, job.media_type, job.attempts)
         try:
-            result, masks = run_job(self.segmenter, job_dir, job.spec, progress, should_stop)
+            result, masks = run_job(self.predictor, job_dir, job.spec, progress, should_stop)
         except Stopped:
             if self._cancel.is_set():
                 log.info("job %s: cancelled", job.id)

@@ -1,0 +1,93 @@
+"""The batched tracker step gives exactly the per-object loop's answers (fp32, CPU), bit for bit.
+
+One 300-frame stream, fed to two ``StreamingTracker``s that differ only in ``batch_objects``: text
+concepts and clicked/boxed objects, added, corrected and removed mid-stream, several per frame.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from models import Prompt, StreamingTracker, TrackerConfig
+from models.tiny import moving_shapes
+
+FRAMES = 300
+W, H = 128, 96
+
+
+def _click(x: float, y: float, obj_id: int | None = None) -> Prompt:
+    return Prompt(points=((x, y),), point_labels=(1,), obj_id=obj_id)
+
+
+def test_batched_objects_equal_the_per_object_loop_bit_for_bit(tiny_models) -> None:
+    batched = StreamingTracker(tiny_models, TrackerConfig(batch_objects=True))
+    alone = StreamingTracker(tiny_models, TrackerConfig(batch_objects=False))
+    ran: list[int] = []
+
+    def text_object() -> int | None:
+        found = [i for i in batched.object_ids if batched.text.owns(i)]
+        return found[0] if found else None
+
+    def schedule(frame: int, tracker: StreamingTracker, text_target: int | None) -> list[int]:
+        """The same operations on both trackers; returns the ids of the objects created."""
+        created: list[int] = []
+        if frame == 1:
+            tracker.add_prompt(Prompt(text="person"))
+        elif frame == 3:
+            created += tracker.add_prompt(_click(30.0, 40.0))
+            created += tracker.add_prompt(Prompt(bounding_boxes=((0.7, 0.3, 0.3, 0.3),), bounding_box_labels=(1,)))
+        elif frame == 20:
+            created += tracker.add_prompt(
+                Prompt(bounding_boxes=((0.25, 0.7, 0.3, 0.3), (0.75, 0.75, 0.2, 0.2)), bounding_box_labels=(1, 1))
+            )
+        elif frame == 40:
+            tracker.add_prompt(Prompt(points=((60.0, 50.0), (10.0, 10.0)), point_labels=(1, 0), obj_id=clicked[0]))
+        elif frame == 50 and text_target is not None:
+            tracker.add_prompt(_click(64.0, 48.0, obj_id=text_target))
+        elif frame == 70 and text_target is not None:
+            tracker.remove_object(text_target)
+        elif frame == 90:
+            tracker.remove_prompt("person")
+        elif frame == 100:
+            tracker.remove_object(clicked[1])
+        elif frame == 120:
+            created += tracker.add_prompt(_click(90.0, 30.0, obj_id=50))
+        elif frame == 170:  # two corrections on one frame: refined as one batch
+            tracker.add_prompt(_click(20.0, 70.0, obj_id=clicked[2]))
+            tracker.add_prompt(_click(100.0, 80.0, obj_id=clicked[3]))
+        elif frame == 230:  # a new object, a correction of another and a new concept on the same frame
+            created += tracker.add_prompt(_click(50.0, 20.0))
+            tracker.add_prompt(Prompt(points=((95.0, 35.0),), point_labels=(1,), obj_id=50))
+            tracker.add_prompt(Prompt(text="red circle"))
+        elif frame == 260:
+            tracker.remove_object(clicked[0])
+        elif frame == 280:
+            tracker.remove_prompt("red circle")
+        return created
+
+    clicked: list[int] = []
+    most_objects = 0
+    start = time.perf_counter()
+    for frame in range(FRAMES):
+        text_target = text_object() if frame in (50, 70) else None
+        if text_target is not None:
+            ran.append(frame)
+        created = [schedule(frame, tracker, text_target) for tracker in (batched, alone)]
+        assert created[0] == created[1]
+        clicked += created[0]
+        image = moving_shapes(frame, W, H)
+        ours, reference = batched.track(image), alone.track(image)
+        got, expected = ours.by_id(), reference.by_id()
+        assert sorted(got) == sorted(expected), f"frame {frame}: ids {sorted(got)} != {sorted(expected)}"
+        for obj_id, obj in expected.items():
+            assert np.array_equal(got[obj_id].mask, obj.mask), f"frame {frame}: mask of object {obj_id} differs"
+            assert got[obj_id].score == obj.score, (
+                f"frame {frame}: score of {obj_id}: {got[obj_id].score} != {obj.score}"
+            )
+            assert got[obj_id].label == obj.label
+        most_objects = max(most_objects, len(got))
+    assert ran == [50, 70], f"the text object's correction (50) and removal (70) should have run, ran: {ran}"
+    print(f"{FRAMES} frames in {time.perf_counter() - start:.1f} s, at most {most_objects} objects at once")
+    assert most_objects >= 6, f"the stream should batch several objects at once (at most {most_objects} seen)"
