@@ -343,8 +343,14 @@ def run_configuration(
     try:
         with open(log_path, "wb") as log:
             for name, command in commands.items():
+                # cwd: ``python -m`` puts the working folder first on sys.path, before PYTHONPATH.
                 procs[name] = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=tree.env()
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=tree.env(),
+                    cwd=tree.path,
                 )
         deadline = time.monotonic() + args.startup_timeout
         while not ((health := _health(url)) and health["state"] == "live"):
@@ -389,39 +395,21 @@ def stand_in_tracker(args: argparse.Namespace) -> None:
     """Serve the tree's own ``TrackerService`` with a tracker reporting ``args.objects`` moving masks."""
     import logging
 
-    from models import FrameResult  # the tree's
-    from streamer.signals import StopSignals
+    from streamer.signals import StopSignals  # the tree's, as are the two below
     from streamer.tracker_service import TrackerService
+    from streamer.tracking import PassThroughTracker
 
     moving_objects = _load_moving_objects().moving_objects
     logging.basicConfig(level=logging.WARNING)
 
-    class MovingObjectsTracker:
-        def __init__(self) -> None:
-            self.frame_index = 0
-
-        def add_prompt(self, prompt: Any, *, frame_size: Any = None) -> list[int]:
-            return []
-
-        def remove_object(self, obj_id: int) -> None:
-            raise ValueError(f"obj_id: {obj_id} cannot be removed from the stand-in tracker")
-
-        def remove_prompt(self, text: str) -> list[int]:
-            return []
-
-        def reset(self) -> None:
-            pass
+    class MovingObjectsTracker(PassThroughTracker):
+        """The tree's own pass-through tracker (prompts, ids, its whole interface), reporting the moving masks."""
 
         def track(self, frame: np.ndarray, timestamp: float | None = None) -> Any:
-            start = time.perf_counter()
+            result = super().track(frame, timestamp)
             height, width = frame.shape[:2]
-            objects = moving_objects(args.objects, self.frame_index, width, height)
-            self.frame_index += 1
-            timings = {"track": time.perf_counter() - start}
-            return FrameResult(self.frame_index - 1, timestamp, width, height, objects, timings)
-
-        def state_bytes(self) -> int:
-            return 0
+            result.objects = moving_objects(args.objects, result.frame_index, width, height)
+            return result
 
     with StopSignals() as stop, TrackerService(args.results_endpoint, args.control_endpoint) as service:
         service.serve(MovingObjectsTracker, [args.frames_endpoint], lambda: stop.requested)
