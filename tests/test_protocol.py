@@ -283,6 +283,12 @@ def test_results_socket_topics_must_match_their_message() -> None:
         encode_result(dataclasses.replace(msg, stream="cam\0"), None)
     with pytest.raises(ProtocolError, match="is not a result with its frame"):
         without_frame(encode_result(msg, None))
+    with pytest.raises(ProtocolError, match="topic: the stream name is not UTF-8"):
+        decode_result([b"result/\xff\0", header])
+    with pytest.raises(ProtocolError, match="topic: 2000 bytes, more than"):
+        peek_kind([b"result/" + b"a" * 1992 + b"\0", header])
+    with pytest.raises(ProtocolError, match="a topic part and no message after it"):
+        peek_kind([b"status"])
 
 
 def test_result_accepts_numpy_scalars() -> None:
