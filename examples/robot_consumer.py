@@ -49,6 +49,8 @@ def main() -> None:
         parser.error(str(exc))
 
     streams = [args.stream] if args.stream else None  # None: every camera's results
+    if args.stream and "\0" in args.stream:
+        parser.error("--stream: must not contain NUL characters")
     sock = HealingSocket(
         lambda: results_subscriber(args.results_endpoint, frames=False, streams=streams, security=curve),
         f"results {args.results_endpoint}",
@@ -71,7 +73,11 @@ def main() -> None:
                 last_heard = time.monotonic()
             if newest is None:
                 continue
-            result, _ = decode_result(newest)  # masks decoded to boolean H x W arrays; no frame came
+            try:
+                result, _ = decode_result(newest)  # masks decoded to boolean H x W arrays; no frame came
+            except ProtocolError as exc:  # a malformed result is skipped, named, never fatal
+                print(f"dropped a malformed result: {exc}")
+                continue
             latency_ms = (time.time() - result.t_capture) * 1000.0
             objects = ", ".join(
                 f"#{o.obj_id} {o.label or ''} {list(o.bbox)} {o.score:.2f} "
