@@ -1,9 +1,12 @@
 """A robot's view of the tracker: subscribe to its results and act on the newest one.
 
 The tracker publishes, on its results endpoint (ZeroMQ PUB), one ``result`` message per tracked frame
-(objects with id, score, pixel box, label and a COCO-RLE mask, plus the frame itself) and a
-``status`` heartbeat every 0.5 s. A consumer connects a SUB socket, and after each poll keeps only
-the newest result (the ZeroMQ guide's latest-value pattern), so it never acts on a stale frame.
+(objects with id, score, pixel box, label and a COCO-RLE mask), ``event`` messages and a ``status``
+heartbeat every 0.5 s, each under a topic (``streamer.topics``). This consumer subscribes to the
+heartbeats and to the results *without* the frame (and, with ``--stream``, of that camera only), so
+the tracker never sends it pixels: a 1080p30 camera's frames would be ~187 MB/s it has no use for. It
+keeps only the newest result after each poll (the ZeroMQ guide's latest-value pattern), so it never
+acts on a stale frame. Subscribe with ``frames=True`` to get each result with its frame instead.
 
     sam3-stream run --model facebook/sam3 --source 0 --prompt person      # prints the results endpoint
     python examples/robot_consumer.py --results-endpoint ipc:///tmp/sam3-stream-XXXX/results
@@ -34,7 +37,7 @@ OFFLINE_AFTER_S = 1.5  # no heartbeat for this long: the tracker is gone
 def main() -> None:
     parser = argparse.ArgumentParser(description="Print the objects the tracker finds, newest frame only.")
     parser.add_argument("--results-endpoint", default="tcp://127.0.0.1:5556", help="the tracker's results PUB")
-    parser.add_argument("--stream", default=None, help="only this camera's results (default: all)")
+    parser.add_argument("--stream", default=None, help="only this camera's results (default: every camera's)")
     parser.add_argument("--count", type=int, default=0, help="stop after this many results (default: run forever)")
     security.add_arguments(parser, binds=False)
     args = parser.parse_args()
@@ -45,8 +48,12 @@ def main() -> None:
     except ValueError as exc:  # names the missing or unsafe key file
         parser.error(str(exc))
 
+    streams = [args.stream] if args.stream else None  # None: every camera's results
+    if args.stream and "\0" in args.stream:
+        parser.error("--stream: must not contain NUL characters")
     sock = HealingSocket(
-        lambda: results_subscriber(args.results_endpoint, security=curve), f"results {args.results_endpoint}"
+        lambda: results_subscriber(args.results_endpoint, frames=False, streams=streams, security=curve),
+        f"results {args.results_endpoint}",
     )
     printed, last_heard = 0, time.monotonic()
     try:
@@ -66,8 +73,10 @@ def main() -> None:
                 last_heard = time.monotonic()
             if newest is None:
                 continue
-            result, frame = decode_result(newest)  # masks decoded to boolean H x W arrays
-            if args.stream and result.stream != args.stream:
+            try:
+                result, _ = decode_result(newest)  # masks decoded to boolean H x W arrays; no frame came
+            except ProtocolError as exc:  # a malformed result is skipped, named, never fatal
+                print(f"dropped a malformed result: {exc}")
                 continue
             latency_ms = (time.time() - result.t_capture) * 1000.0
             objects = ", ".join(

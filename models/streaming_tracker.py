@@ -35,14 +35,9 @@ from models.frames import check_frame
 from models.loading import Sam3Models
 from models.memory import MemoryWindow
 from models.object_ids import ObjectIds
-from models.preprocess import (
-    boxes_from_masks,
-    frame_to_pixels,
-    masks_to_frame,
-    prompt_to_model_points,
-    resolve_overlaps_per_label,
-)
+from models.preprocess import frame_to_pixels, prompt_to_model_points
 from models.prompts import Prompt, PromptFailure
+from models.readback import frame_masks, objects_from_masks
 from models.results import FrameResult, ObjectResult
 from models.sessions import TEXT_TOKENS, concat_inputs, point_inputs
 
@@ -58,7 +53,9 @@ class TrackerConfig:
       which is what the model reads; the text model adds one every 16 frames, so bound it live).
     - ``retire_after_frames``: an object unseen for this many frames is dropped (``None``: never).
       Short occlusions keep their id; objects that left for good stop costing compute.
-    - ``sync_timings``: synchronize CUDA at stage boundaries so stage timings are true.
+    - ``sync_timings``: synchronize CUDA at stage boundaries (host wall times per stage, at the cost of
+      making the host wait on the GPU at each one). Off, stage timings on CUDA come from CUDA events and
+      the host waits only to read the frame's results back (``models.readback``: twice per frame).
     - ``batch_objects``: run the tracker's per-object work (memory attention, mask decoder) once per
       frame for all objects as a batch (``models.batching``). ``False`` runs transformers' own
       per-object loop: with ``max_conditioning_frames=None, retire_after_frames=None`` too, masks
@@ -72,7 +69,7 @@ class TrackerConfig:
 
     max_conditioning_frames: int | None = 4
     retire_after_frames: int | None = 150
-    sync_timings: bool = True
+    sync_timings: bool = False
     batch_objects: bool = True
     prompt_ring_seconds: float | None = 1.0
     prompt_ring_frames: int = 60  # 1 s of a 60 fps camera
@@ -248,7 +245,7 @@ class StreamingTracker:
             self.ring.add(self._frame_index, time.time() if timestamp is None else timestamp, features.tokens)
         self.geometry.prune(self._frame_index)
         self.text.prune(self._frame_index)
-        clock.lap("postprocess")
+        clock.finish("postprocess")
 
         result = FrameResult(self._frame_index, timestamp, width, height, objects, timings)
         self._frame_index += 1
@@ -426,21 +423,17 @@ class StreamingTracker:
         self._refinements.clear()
 
     def _postprocess(self, outputs: list[EngineOutput], width: int, height: int) -> list[ObjectResult]:
-        objects: list[ObjectResult] = []
-        for out in outputs:
-            if not out.obj_ids:
-                continue
-            masks = masks_to_frame(out.mask_logits, height, width)
-            if out.overlap_scores is not None:
-                masks = resolve_overlaps_per_label(masks, out.overlap_scores, out.labels)
-            boxes, visible = boxes_from_masks(masks)
-            masks_np, boxes_np, scores_np, visible_np = (
-                t.cpu().numpy() for t in (masks, boxes, out.scores.float(), visible)
-            )
-            for i, obj_id in enumerate(out.obj_ids):
-                if visible_np[i]:
-                    bbox = tuple(int(v) for v in boxes_np[i])
-                    objects.append(ObjectResult(obj_id, float(scores_np[i]), bbox, masks_np[i], out.labels[i]))  # type: ignore[arg-type]
+        """Both engines' objects, read back to the host together (``models.readback``: two waits on CUDA)."""
+        outputs = [out for out in outputs if out.obj_ids]
+        if not outputs:
+            return []
+        masks = [frame_masks(o.mask_logits, height, width, o.labels, o.overlap_scores) for o in outputs]
+        objects = objects_from_masks(
+            [obj_id for out in outputs for obj_id in out.obj_ids],
+            masks[0] if len(masks) == 1 else torch.cat(masks),
+            torch.cat([out.scores.float() for out in outputs]),
+            [label for out in outputs for label in out.labels],
+        )
         objects.sort(key=lambda o: o.obj_id)
         return objects
 
@@ -491,16 +484,48 @@ def _check_tokenizable(tokenizer: Any, text: str) -> None:
 
 
 class _StageClock:
-    """Wall time per stage; synchronizes CUDA first so asynchronous kernels are charged to their stage."""
+    """Time per stage of one frame.
+
+    On CPU, and on CUDA with ``sync``: host wall time, synchronizing CUDA first at each boundary so that
+    asynchronous kernels are charged to their stage. On CUDA without ``sync``: CUDA events mark the
+    boundaries on the stream (the host never waits for them); they are read in :meth:`finish`, after the
+    frame's results were copied back (a wait the frame makes anyway), and the last stage is the frame's
+    wall time less the others, so that the stages still add up to the frame's time.
+    """
 
     def __init__(self, timings: dict[str, float], device: torch.device, sync: bool) -> None:
         self.timings = timings
         self.sync = sync and device.type == "cuda"
-        self.last = time.perf_counter()
+        self.start = self.last = time.perf_counter()
+        self.events: list[tuple[str, torch.cuda.Event]] | None = None
+        if device.type == "cuda" and not sync:
+            self.events = [("", self._record())]
+
+    @staticmethod
+    def _record() -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def lap(self, stage: str) -> None:
+        """Close ``stage`` (and open the next)."""
+        if self.events is not None:
+            self.events.append((stage, self._record()))
+            return
         if self.sync:
             torch.cuda.synchronize()
         now = time.perf_counter()
         self.timings[stage] = now - self.last
         self.last = now
+
+    def finish(self, stage: str) -> None:
+        """Close the last stage, ``stage``, once the frame's results are on the host."""
+        if self.events is None:
+            self.lap(stage)
+            return
+        last = self.events[-1][1]
+        if not last.query():  # no results were read back (no objects): nothing waited for the GPU yet
+            last.synchronize()
+        for (_, begin), (name, end) in zip(self.events, self.events[1:], strict=False):
+            self.timings[name] = begin.elapsed_time(end) / 1000.0
+        self.timings[stage] = max(0.0, time.perf_counter() - self.start - sum(self.timings.values()))

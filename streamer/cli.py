@@ -228,6 +228,8 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints, folder: Pa
         track_args += ["--encoder-precision", args.encoder_precision]
     for text in args.prompts:
         track_args += ["--prompt", text]
+    if args.passthrough_objects:
+        track_args += ["--passthrough-objects", str(args.passthrough_objects)]
     serve_args = [
         "--results-endpoint",
         endpoints.results,
@@ -321,6 +323,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "(no model) (default %(default)s)",
     )
     parser.add_argument("--device", default="auto", help="torch device for the tracker (default: cuda if any)")
+    parser.add_argument(
+        "--passthrough-objects",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --model passthrough: report N moving objects of varied sizes per frame (demos, benchmarks)",
+    )
     tracker_service.add_encoder_arguments(parser)
     parser.add_argument(
         "--source",

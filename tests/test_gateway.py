@@ -39,6 +39,10 @@ def test_viewer_receives_composited_frames_and_metadata() -> None:
                 assert image.shape == (HEIGHT, WIDTH, 3)
                 # Away from the object (and its tag) the frame is the tracker's own pixels.
                 assert np.abs(image[200, 280, :2].astype(int) - BACKGROUND).max() < 20
+                # The metadata rides the data channel, which may arrive a moment after the picture.
+                deadline = time.monotonic() + 5
+                while viewer.objects is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
                 assert viewer.objects is not None
                 (obj,) = viewer.objects["objects"]
                 assert obj["obj_id"] == obj_id and obj["label"] == "thing" and "mask" not in obj
