@@ -1,9 +1,12 @@
 """A robot's view of the tracker: subscribe to its results and act on the newest one.
 
 The tracker publishes, on its results endpoint (ZeroMQ PUB), one ``result`` message per tracked frame
-(objects with id, score, pixel box, label and a COCO-RLE mask, plus the frame itself) and a
-``status`` heartbeat every 0.5 s. A consumer connects a SUB socket, and after each poll keeps only
-the newest result of each stream (the ZeroMQ guide's latest-value pattern), so it never acts on a stale frame.
+(objects with id, score, pixel box, label and a COCO-RLE mask), ``event`` messages and a ``status``
+heartbeat every 0.5 s, each under a topic (``streamer.topics``). This consumer subscribes to the
+heartbeats and to the results *without* the frame (and, with ``--stream``, of that camera only), so
+the tracker never sends it pixels: a 1080p30 camera's frames would be ~187 MB/s it has no use for. It
+keeps only the newest result of each camera after each poll (the ZeroMQ guide's latest-value pattern), so
+it never acts on a stale frame. Subscribe with ``frames=True`` to get each result with its frame instead.
 
     sam3-stream run --model facebook/sam3 --source 0 --prompt person      # prints the results endpoint
     python examples/robot_consumer.py --results-endpoint ipc:///tmp/sam3-stream-XXXX/results
@@ -32,7 +35,8 @@ import time
 from streamer import security
 from streamer.cluster.route import MapSubscriber
 from streamer.healing import CHECK_INTERVAL_S, HealingSocket
-from streamer.protocol import ProtocolError, decode_result, peek_json_field, peek_kind
+from streamer.protocol import ProtocolError, decode_result, peek_kind
+from streamer.topics import parse_topic
 from streamer.transport import drain, results_subscriber
 
 OFFLINE_AFTER_S = 1.5  # no heartbeat for this long: the tracker is gone
@@ -44,7 +48,7 @@ def main() -> None:
     parser.add_argument(
         "--map-url", default=None, help="follow a cluster's map (GET /map of 'sam3-stream cluster') instead"
     )
-    parser.add_argument("--stream", default=None, help="only this camera's results (default: all)")
+    parser.add_argument("--stream", default=None, help="only this camera's results (default: every camera's)")
     parser.add_argument("--count", type=int, default=0, help="stop after this many results (default: run forever)")
     security.add_arguments(parser, binds=False)
     args = parser.parse_args()
@@ -55,33 +59,38 @@ def main() -> None:
     except ValueError as exc:  # names the missing or unsafe key file
         parser.error(str(exc))
 
-    if args.map_url:
-        sock: HealingSocket | MapSubscriber = MapSubscriber(args.map_url, security=curve)
+    streams = [args.stream] if args.stream else None  # None: every camera's results
+    if args.stream and "\0" in args.stream:
+        parser.error("--stream: must not contain NUL characters")
+    if args.map_url:  # every tracker of the cluster: the stream is heard wherever it is placed
+        sock: HealingSocket | MapSubscriber = MapSubscriber(args.map_url, streams=streams, security=curve)
     else:
         sock = HealingSocket(
-            lambda: results_subscriber(args.results_endpoint, security=curve), f"results {args.results_endpoint}"
+            lambda: results_subscriber(args.results_endpoint, frames=False, streams=streams, security=curve),
+            f"results {args.results_endpoint}",
         )
     printed, last_heard = 0, time.monotonic()
     try:
         while not args.count or printed < args.count:
-            newest: dict[str, list] = {}  # per stream, the newest result of this poll
+            newest: dict[str, list] = {}  # per camera, the newest result of this poll
             sock.check()
             for parts in drain(sock.socket, timeout_ms=int(CHECK_INTERVAL_S * 1000)):
                 try:
                     kind = peek_kind(parts)
-                    stream = peek_json_field(bytes(parts[0]).decode("utf-8", "replace"), "stream")
-                except (ProtocolError, IndexError):
+                    _prefix, stream = parse_topic(bytes(parts[0]))
+                except (ProtocolError, ValueError, IndexError):
                     continue
                 last_heard = time.monotonic()  # results and heartbeats both say the tracker is alive
-                if kind == "result" and isinstance(stream, str) and args.stream in (None, stream):
+                if kind == "result" and stream is not None:
                     newest[stream] = parts
             if time.monotonic() - last_heard > OFFLINE_AFTER_S:
                 print(f"tracker offline: nothing from {args.map_url or args.results_endpoint} for {OFFLINE_AFTER_S} s")
                 last_heard = time.monotonic()
             for parts in newest.values():
                 try:
-                    result, _frame = decode_result(parts)  # masks decoded to boolean H x W arrays
-                except ProtocolError:
+                    result, _ = decode_result(parts)  # masks decoded to boolean H x W arrays; no frame came
+                except ProtocolError as exc:  # a malformed result is skipped, named, never fatal
+                    print(f"dropped a malformed result: {exc}")
                     continue
                 latency_ms = (time.time() - result.t_capture) * 1000.0
                 objects = ", ".join(

@@ -16,8 +16,11 @@ from models.prompts import MAX_OBJ_ID, MAX_POINTS, MAX_TEXT_CHARS, Prompt, Promp
 from models.results import FrameResult, ObjectResult
 
 _LAZY = {
-    "DEFAULT_MODEL": "models.loading",
-    "ModelLoadError": "models.loading",
+    "BUILTIN_MODELS": "models.model_names",
+    "DEFAULT_MODEL": "models.model_names",
+    "ModelLoadError": "models.model_names",
+    "check_model_name": "models.model_names",
+    "resolve_device": "models.devices",
     "Sam3Models": "models.loading",
     "load_models": "models.loading",
     "ImageEncoder": "models.encoder",
@@ -37,6 +40,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from models.devices import resolve_device
     from models.encoder import (
         EncoderUnavailable,
         ImageEncoder,
@@ -46,7 +50,8 @@ if TYPE_CHECKING:
         make_encoder,
         tensorrt_problem,
     )
-    from models.loading import DEFAULT_MODEL, ModelLoadError, Sam3Models, load_models
+    from models.loading import Sam3Models, load_models
+    from models.model_names import BUILTIN_MODELS, DEFAULT_MODEL, ModelLoadError, check_model_name
     from models.predictor import (
         FrameOutputs,
         PredictorError,
@@ -61,6 +66,7 @@ __getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [
+    "BUILTIN_MODELS",
     "DEFAULT_MODEL",
     "ENCODER_NAMES",
     "ENCODER_PRECISIONS",
@@ -87,9 +93,11 @@ __all__ = [
     "UnknownSessionError",
     "build_engine",
     "check_encoder_choice",
+    "check_model_name",
     "check_frame",
     "export_encoder",
     "load_models",
     "make_encoder",
+    "resolve_device",
     "tensorrt_problem",
 ]

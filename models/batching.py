@@ -99,22 +99,10 @@ def track_objects(
                 new_inputs.remove(obj_id)
         steps.append(ObjectStep(obj_idx, is_init, points, mask, reverse))
 
-    outputs = run_steps(tracker, session, frame_idx, steps, streaming=frame is not None)
-
-    memory_objects, memory_masks, memory_scores, from_points = [], [], [], []
+    outputs = step_and_store(tracker, session, frame_idx, steps, streaming=frame is not None, encode=run_mem_encoder)
     for step in steps:
-        out = outputs[step.obj_idx]
-        session.store_output(step.obj_idx, frame_idx, output_value=out, is_conditioning_frame=step.is_init_cond_frame)
-        pred_masks[step.obj_idx] = out["pred_masks"]
-        score_logits[step.obj_idx] = out["object_score_logits"].squeeze(-1)
-        if run_mem_encoder and tracker.num_maskmem > 0:
-            memory_objects.append(step.obj_idx)
-            memory_masks.append(out["high_res_masks"])
-            memory_scores.append(out["object_score_logits"])
-            from_points.append(step.point_inputs is not None or step.mask_inputs is not None)
-        if not step.is_init_cond_frame:
-            hf.mark_tracked(session, step.obj_idx, frame_idx, step.reverse)
-    hf.encode_memories(tracker, session, frame_idx, memory_objects, memory_masks, memory_scores, from_points)
+        pred_masks[step.obj_idx] = outputs[step.obj_idx]["pred_masks"]
+        score_logits[step.obj_idx] = outputs[step.obj_idx]["object_score_logits"].squeeze(-1)
 
     return Sam3TrackerVideoSegmentationOutput(
         object_ids=hf.object_ids(session),
@@ -122,6 +110,34 @@ def track_objects(
         object_score_logits=torch.cat(score_logits, dim=0) if num_objects > 1 else score_logits[0],
         frame_idx=frame_idx,
     )
+
+
+def step_and_store(
+    tracker: Sam3TrackerVideoModel,
+    session: Any,
+    frame_idx: int,
+    steps: list[ObjectStep],
+    streaming: bool,
+    batched: bool = True,
+    encode: bool = True,
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Run the objects' steps on one frame and record them as transformers' forward does: each output
+    stored (a conditioning frame when the object starts there), the frame marked tracked, and the
+    objects' memories encoded in one batch. Returns ``obj_idx -> output``."""
+    outputs = run_steps(tracker, session, frame_idx, steps, streaming=streaming, batched=batched)
+    memory_objects, memory_masks, memory_scores, from_points = [], [], [], []
+    for step in steps:
+        out = outputs[step.obj_idx]
+        session.store_output(step.obj_idx, frame_idx, output_value=out, is_conditioning_frame=step.is_init_cond_frame)
+        if encode and tracker.num_maskmem > 0:
+            memory_objects.append(step.obj_idx)
+            memory_masks.append(out["high_res_masks"])
+            memory_scores.append(out["object_score_logits"])
+            from_points.append(step.point_inputs is not None or step.mask_inputs is not None)
+        if not step.is_init_cond_frame:
+            hf.mark_tracked(session, step.obj_idx, frame_idx, step.reverse)
+    hf.encode_memories(tracker, session, frame_idx, memory_objects, memory_masks, memory_scores, from_points)
+    return outputs
 
 
 def run_steps(

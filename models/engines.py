@@ -20,7 +20,9 @@ from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import S
 from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
 
 from models import hf_internals as hf
-from models.batching import track_objects
+from models.batching import ObjectStep, step_and_store, track_objects
+from models.encoder import FrameFeatures
+from models.frame_ring import FrameRing
 from models.loading import Sam3Models
 from models.memory import MemoryWindow, prune_session, state_bytes
 from models.sessions import add_object_inputs, add_text_prompt, concat_inputs, drop_text_prompt, refine_objects
@@ -100,11 +102,60 @@ class _Engine:
 
 
 class GeometryEngine(_Engine):
-    """Objects prompted with clicks and boxes."""
+    """Objects prompted with clicks and boxes; with a :class:`FrameRing`, also on recent past frames."""
 
-    def __init__(self, models: Sam3Models, window: MemoryWindow, batch_objects: bool = True) -> None:
+    def __init__(
+        self, models: Sam3Models, window: MemoryWindow, batch_objects: bool = True, ring: FrameRing | None = None
+    ) -> None:
         super().__init__(models, window, batch_objects)
         self.pending: dict[int, dict[str, torch.Tensor]] = {}
+        self.ring = ring
+
+    def _open(self, frame_index: int) -> None:
+        # The session starts at the oldest frame held, so a later prompt placed on any held frame has a
+        # non-negative local index (transformers stops its pointer lookback at index 0); offsets between
+        # frames, all the model reads, are the same whatever the start.
+        oldest = self.ring.oldest_held if self.ring is not None else None
+        super()._open(frame_index if oldest is None else min(frame_index, oldest))
+
+    def prune(self, frame_index: int) -> None:
+        """Keep what the next frame reads and, with a ring, what a prompt placed on any held frame re-reads."""
+        oldest = self.ring.oldest_held if self.ring is not None else None
+        if self.session is not None:
+            history = frame_index + 1 - max(oldest, self.start) if oldest is not None else 0
+            prune_session(self.session, self.local(frame_index), self.window, history=max(history, 0))
+
+    def place_on_past_frame(
+        self, frame_index: int, next_frame: int, obj_id: int, inputs: dict[str, torch.Tensor]
+    ) -> None:
+        """Start ``obj_id`` with these clicks on the held past frame ``frame_index`` (or correct it there when
+        it is tracked already), then track that object alone through the held frames up to ``next_frame - 1``,
+        so its state is what it would be had the prompt been given on that frame. Other objects are untouched.
+        """
+        assert self.ring is not None
+        new = not self.owns(obj_id)
+        if new:
+            self._open(frame_index)
+        if frame_index < self.start:
+            raise ValueError(f"frame_index: frame {frame_index} is older than this object's session")
+        session, tracker = self.session, self.models.tracker_model
+        obj_idx = session.obj_id_to_idx(obj_id)
+        later_clicks = {} if new else hf.rewind_object(session, obj_idx, self.local(frame_index))
+        for index in range(frame_index, next_frame):
+            local = self.local(index)
+            tracker_features = FrameFeatures(self.models, self.ring.tokens(index)).tracker()
+            hf.cache_tracker_features(session, local, tracker_features)
+            if index == frame_index and new:
+                session.add_point_inputs(obj_idx, local, inputs)
+                start = ObjectStep(obj_idx, True, point_inputs=inputs, mask_inputs=None, reverse=False)
+                step_and_store(tracker, session, local, [start], streaming=True, batched=self.batch_objects)
+                continue
+            if index > frame_index:
+                track = ObjectStep(obj_idx, False, point_inputs=None, mask_inputs=None, reverse=False)
+                step_and_store(tracker, session, local, [track], streaming=True, batched=self.batch_objects)
+            clicks = inputs if index == frame_index else later_clicks.get(local)
+            if clicks is not None:  # the correction on its frame, and the ones made since on theirs
+                self.refine(index, {obj_id: clicks})
 
     def _new_session(self) -> Sam3TrackerVideoInferenceSession:
         return Sam3TrackerVideoInferenceSession(**self._session_kwargs())

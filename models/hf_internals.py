@@ -248,6 +248,20 @@ def mask_inputs_at(session: Any, obj_idx: int, frame_idx: int) -> torch.Tensor |
     return session.mask_inputs_per_obj[obj_idx].get(frame_idx)
 
 
+def rewind_object(session: Any, obj_idx: int, frame_idx: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Forget what one object did after ``frame_idx`` (outputs, tracked marks, clicks), as if the stream had
+    just reached that frame for it; returns the clicks it had been corrected with on later frames, by frame."""
+    outputs = session.output_dict_per_obj[obj_idx]
+    for kind in ("cond_frame_outputs", "non_cond_frame_outputs"):
+        for t in [t for t in outputs[kind] if t > frame_idx]:
+            del outputs[kind][t]
+    tracked = session.frames_tracked_per_obj[obj_idx]
+    for t in [t for t in tracked if t > frame_idx]:
+        del tracked[t]
+    clicks = session.point_inputs_per_obj[obj_idx]
+    return {t: clicks.pop(t) for t in sorted(clicks) if t > frame_idx}
+
+
 def was_tracked(session: Any, obj_idx: int, frame_idx: int) -> bool:
     """Whether the object was already tracked on this frame (new inputs then correct, not start, it)."""
     return frame_idx in session.frames_tracked_per_obj[obj_idx]

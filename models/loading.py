@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,21 +18,35 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Sam3TrackerVideoModel, Sam3VideoModel
 
 from models import hf_internals
+from models.devices import default_device, resolve_device
+from models.model_names import (
+    DEFAULT_MODEL,
+    DEMO,
+    DEMO_FOLDER,
+    FULL_RANDOM,
+    TINY_RANDOM,
+    ModelLoadError,
+    ModelName,
+    check_model_name,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "facebook/sam3"
-TINY_RANDOM = "tiny-random"
-FULL_RANDOM = "full-random"
-DEMO = "demo"
-# The small trained demo model ships inside the package (scripts/train_demo.py makes it).
-DEMO_FOLDER = Path(__file__).parent / "weights" / "demo"
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEMO",
+    "FULL_RANDOM",
+    "TINY_RANDOM",
+    "ModelLoadError",
+    "Sam3Models",
+    "as_dtype",
+    "default_device",
+    "default_dtype",
+    "load_models",
+]
+
 # Which training stages the shipped demo weights went through ({"stages": ["point", "clip", "text"]}).
 DEMO_CARD = "demo_card.json"
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says what to do about it."""
 
 
 @dataclass
@@ -58,10 +71,6 @@ class Sam3Models:
         return int(self.video_model.config.detector_config.vision_config.image_size)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA (SAM 3's own inference precision), fp32 elsewhere."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -82,46 +91,35 @@ def load_models(
     loads it back through the same path as real weights. ``full-random`` is the full-size default
     config with random weights (realistic cost for benchmarks; use a GPU).
     """
-    device = torch.device(device) if device is not None else default_device()
+    checked = check_model_name(model)  # first: a typo is refused in milliseconds, before anything loads
+    device = resolve_device(device)
     dtype = as_dtype(dtype) if dtype is not None else default_dtype(device)
     if model == TINY_RANDOM:
         from models.tiny import save_tiny_random
 
         with tempfile.TemporaryDirectory(prefix="sam3-tiny-random-") as folder:
             save_tiny_random(folder)
-            return _from_pretrained(folder, device, dtype, source_name=TINY_RANDOM)
+            return _from_pretrained(ModelName(folder, "folder"), device, dtype, source_name=TINY_RANDOM)
     if model == FULL_RANDOM:
         return _full_random(device, dtype)
     if model == DEMO:
-        if not (DEMO_FOLDER / "config.json").is_file():
-            raise ModelLoadError(
-                f"the demo model is missing from this install ({DEMO_FOLDER}); reinstall sam3-stream, "
-                "or train it with scripts/train_demo.py"
-            )
-        bundle = _from_pretrained(str(DEMO_FOLDER), device, dtype, source_name=DEMO)
+        bundle = _from_pretrained(ModelName(str(DEMO_FOLDER), "folder"), device, dtype, source_name=DEMO)
         card = DEMO_FOLDER / DEMO_CARD
         stages = json.loads(card.read_text()).get("stages", []) if card.is_file() else []
         bundle.text_detector = "text" in stages
         return bundle
-    return _from_pretrained(model, device, dtype, source_name=model)
+    return _from_pretrained(checked, device, dtype, source_name=model)
 
 
-def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, source_name: str) -> Sam3Models:
-    path = Path(source).expanduser()
-    # Hub ids look like "org/name"; anything else path-like is meant as a local folder.
-    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source
-    if looks_local and not path.exists():
-        raise ModelLoadError(
-            f"model folder {source!r} does not exist; pass a folder holding config.json and model weights"
-        )
-    if path.exists() and not (path / "config.json").is_file():
-        raise ModelLoadError(f"model folder {source!r} has no config.json; it does not look like a SAM 3 checkpoint")
-    location = str(path) if path.exists() else source
+def _from_pretrained(checked: ModelName, device: torch.device, dtype: torch.dtype, source_name: str) -> Sam3Models:
+    location = str(Path(checked.name).expanduser()) if checked.kind == "folder" else checked.name
+    if checked.offline:
+        log.warning("the hub did not answer; loading %s from the local cache", checked.name)
     try:
-        video_model = Sam3VideoModel.from_pretrained(location, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        video_model = Sam3VideoModel.from_pretrained(location, dtype=dtype, local_files_only=checked.offline)
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=checked.offline)
     except Exception as error:  # the hub client raises many types; all become one actionable message
-        raise ModelLoadError(_explain_load_failure(source, error)) from error
+        raise ModelLoadError(_explain_load_failure(checked.name, error)) from error
     video_model.to(device).eval()
     _prepare(video_model)
     log.info("loaded SAM 3 from %s on %s (%s)", source_name, device, dtype)

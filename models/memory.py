@@ -46,12 +46,14 @@ class MemoryWindow:
         )
 
 
-def prune_session(session: Any, frame_idx: int, window: MemoryWindow) -> None:
-    """Evict from ``session`` everything the model will not read when processing ``frame_idx + 1``.
+def prune_session(session: Any, frame_idx: int, window: MemoryWindow, history: int = 0) -> None:
+    """Evict from ``session`` everything the model will not read when processing ``frame_idx + 1``, or,
+    with ``history`` > 0, any frame from ``frame_idx + 1 - history`` on (a prompt placed on a past frame
+    re-runs its object from there, reading what that frame read, clicks included).
 
     Works on both ``Sam3TrackerVideoInferenceSession`` and ``Sam3VideoInferenceSession``.
     """
-    next_frame = frame_idx + 1
+    next_frame = frame_idx + 1 - history
     oldest_memory = next_frame - window.memory_frames
     oldest_pointer = next_frame - window.pointer_frames
     for outputs in hf.all_object_outputs(session):
@@ -70,7 +72,7 @@ def prune_session(session: Any, frame_idx: int, window: MemoryWindow) -> None:
             for key in hf.TRANSIENT_KEYS:
                 out.pop(key, None)
     for per_frame in hf.per_frame_object_records(session):
-        for t in [t for t in per_frame if t < frame_idx]:
+        for t in [t for t in per_frame if t < frame_idx - history]:
             del per_frame[t]
     if hf.is_text_session(session):
         trim_video_bookkeeping(session, frame_idx, set(hf.object_ids(session)))

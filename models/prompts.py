@@ -12,7 +12,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-PROMPT_FIELDS = ("text", "points", "point_labels", "bounding_boxes", "bounding_box_labels", "obj_id", "frame_index")
+PROMPT_FIELDS = (
+    "text",
+    "points",
+    "point_labels",
+    "bounding_boxes",
+    "bounding_box_labels",
+    "obj_id",
+    "frame_index",
+    "seq",
+)
 MAX_TEXT_CHARS = 200
 MAX_POINTS = 64
 MAX_BOXES = 64
@@ -33,6 +42,8 @@ class Prompt:
       Several boxes without points create one object each.
     - ``obj_id``: refine this object, or create it with this id.
     - ``frame_index``: the frame the prompt refers to (files), or the frame the operator saw (live).
+    - ``seq``: live, the capture sequence number of the frame the operator drew on (results carry it); the
+      tracker service turns it into the tracker's ``frame_index`` and places the prompt there.
     """
 
     text: str | None = None
@@ -42,6 +53,7 @@ class Prompt:
     bounding_box_labels: tuple[int, ...] = ()
     obj_id: int | None = None
     frame_index: int | None = None
+    seq: int | None = None
 
     def __post_init__(self) -> None:
         _check_text(self.text)
@@ -49,6 +61,7 @@ class Prompt:
         _check_boxes(self.bounding_boxes, self.bounding_box_labels)
         _check_optional_int("obj_id", self.obj_id, MAX_OBJ_ID)
         _check_optional_int("frame_index", self.frame_index, MAX_FRAME_INDEX)
+        _check_optional_int("seq", self.seq, MAX_FRAME_INDEX)
         if self.text is None and not self.points and not self.bounding_boxes:
             raise ValueError("prompt: give at least one of text, points or bounding_boxes")
         if self.points and len(self.bounding_boxes) > 1:
@@ -104,6 +117,7 @@ class Prompt:
             bounding_box_labels=_tuple_of_labels("bounding_box_labels", fields.get("bounding_box_labels")),
             obj_id=fields.get("obj_id"),
             frame_index=fields.get("frame_index"),
+            seq=fields.get("seq"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +135,8 @@ class Prompt:
             out["obj_id"] = self.obj_id
         if self.frame_index is not None:
             out["frame_index"] = self.frame_index
+        if self.seq is not None:
+            out["seq"] = self.seq
         return out
 
     def check_inside(self, width: int, height: int) -> None:

@@ -30,18 +30,14 @@ import torch
 
 from models.encoder import FrameFeatures, ImageEncoder, TorchImageEncoder
 from models.engines import EngineOutput, GeometryEngine, TextEngine
+from models.frame_ring import FrameRing
 from models.frames import check_frame
 from models.loading import Sam3Models
 from models.memory import MemoryWindow
 from models.object_ids import ObjectIds
-from models.preprocess import (
-    boxes_from_masks,
-    frame_to_pixels,
-    masks_to_frame,
-    prompt_to_model_points,
-    resolve_overlaps_per_label,
-)
+from models.preprocess import frame_to_pixels, prompt_to_model_points
 from models.prompts import Prompt, PromptFailure
+from models.readback import frame_masks, objects_from_masks
 from models.results import FrameResult, ObjectResult
 from models.sessions import TEXT_TOKENS, concat_inputs, point_inputs
 
@@ -57,17 +53,26 @@ class TrackerConfig:
       which is what the model reads; the text model adds one every 16 frames, so bound it live).
     - ``retire_after_frames``: an object unseen for this many frames is dropped (``None``: never).
       Short occlusions keep their id; objects that left for good stop costing compute.
-    - ``sync_timings``: synchronize CUDA at stage boundaries so stage timings are true.
+    - ``sync_timings``: synchronize CUDA at stage boundaries (host wall times per stage, at the cost of
+      making the host wait on the GPU at each one). Off, stage timings on CUDA come from CUDA events and
+      the host waits only to read the frame's results back (``models.readback``: twice per frame).
     - ``batch_objects``: run the tracker's per-object work (memory attention, mask decoder) once per
       frame for all objects as a batch (``models.batching``). ``False`` runs transformers' own
       per-object loop: with ``max_conditioning_frames=None, retire_after_frames=None`` too, masks
       and scores equal transformers' unbounded session bit for bit.
+    - ``prompt_ring_seconds`` / ``prompt_ring_frames``: how far back a click, box or correction can be
+      placed (``Prompt.frame_index``, see :meth:`StreamingTracker.prompt_frame`): frames tracked within
+      this many seconds of the newest (by ``track``'s timestamps; ``None``: no time limit), at most this
+      many frames. Their encoder output is held (``models.frame_ring``), so every frame is encoded even
+      with nothing tracked; ``prompt_ring_frames=0`` turns placing on past frames off.
     """
 
     max_conditioning_frames: int | None = 4
     retire_after_frames: int | None = 150
-    sync_timings: bool = True
+    sync_timings: bool = False
     batch_objects: bool = True
+    prompt_ring_seconds: float | None = 1.0
+    prompt_ring_frames: int = 60  # 1 s of a 60 fps camera
 
 
 class StreamingTracker:
@@ -87,7 +92,8 @@ class StreamingTracker:
             raise ValueError("retire_after_frames: must be >= 1 (or None to never retire)")
         window = MemoryWindow.for_tracker(models.tracker_model.config, self.config.max_conditioning_frames)
         self.encoder = encoder or TorchImageEncoder(models)
-        self.geometry = GeometryEngine(models, window, self.config.batch_objects)
+        self.ring = FrameRing(self.config.prompt_ring_seconds, self.config.prompt_ring_frames)
+        self.geometry = GeometryEngine(models, window, self.config.batch_objects, self.ring)
         self.text = TextEngine(models, window, self.config.batch_objects)
         self._frame_index = 0
         self._frame_size: tuple[int, int] | None = None  # (width, height) of the last frame
@@ -99,6 +105,7 @@ class StreamingTracker:
         self._known: dict[int, str] = {}  # obj_id -> "geometry" | "text", as of the prompts given so far
         self._texts: list[str] = []
         self._unseen: dict[int, int] = {}
+        self._first_frame: dict[int, int] = {}  # geometry obj_id -> the frame it was started on
 
     # ----------------------------------------------------------------- prompts (take effect next frame)
 
@@ -107,6 +114,10 @@ class StreamingTracker:
 
         ``frame_size`` (width, height) places pixel points before any frame was tracked; otherwise the
         last frame's size is used. Raises ``ValueError`` naming the bad field; nothing is queued then.
+
+        Clicks and boxes with a ``frame_index`` of a frame already tracked go on the frame
+        :meth:`prompt_frame` names (the one the operator drew on, while the prompt ring holds it) and
+        their object catches up to the newest frame; text is always applied from the next frame.
         """
         prompt = prompt if isinstance(prompt, Prompt) else Prompt.from_dict(prompt)
         if prompt.text is not None and not self.models.text_detector:
@@ -156,19 +167,44 @@ class StreamingTracker:
         frame numbering continues (object ids too: an id is never given to two objects)."""
         for obj_id in list(self._known):
             self._forget(obj_id)
+        self._first_frame.clear()
         self._texts.clear()
         self._unseen.clear()
         self._refinements.clear()
         self._pending.clear()  # what they would have done is wiped anyway
 
         def reset_now() -> None:
-            self.geometry = GeometryEngine(self.models, self.geometry.window, self.config.batch_objects)
+            self.geometry = GeometryEngine(self.models, self.geometry.window, self.config.batch_objects, self.ring)
             self.text = TextEngine(self.models, self.text.window, self.config.batch_objects)
             self._refinements.clear()
 
         self._queue(reset_now)
 
     # --------------------------------------------- thread-safe: callable while another thread tracks
+
+    def prompt_frame(self, frame_index: int | None, *, refines: int | None = None) -> int | None:
+        """The frame a click or box drawn on ``frame_index`` is placed on, if it goes on a past frame.
+
+        ``None``: on the next frame tracked (no ``frame_index``, a frame not tracked yet, the ring off or
+        empty, ``refines`` naming an object found by text or not started yet). Otherwise ``frame_index``
+        itself, or the oldest frame the prompt ring holds when it is older, and for a correction
+        (``refines``: the object's id) never before the frame after the object started. A prompt given
+        with the returned ``frame_index`` before the next frame is tracked lands exactly there.
+        """
+        return self._past_frame(frame_index, refines, self.ring.oldest_promised())
+
+    def _past_frame(self, frame_index: int | None, refines: int | None, oldest: int | None) -> int | None:
+        """``prompt_frame`` with ``oldest`` as the oldest frame a prompt may go on."""
+        next_frame = self._frame_index
+        if frame_index is None or frame_index >= next_frame or oldest is None:
+            return None
+        placed = max(frame_index, oldest)
+        if refines is not None:
+            started = self._first_frame.get(refines)
+            if started is None:
+                return None
+            placed = max(placed, started + 1)
+        return placed if placed < next_frame else None
 
     def check_text(self, text: str) -> None:
         """Raise ``ValueError`` (naming ``text``) if the tokenizer cannot take ``text``."""
@@ -195,7 +231,8 @@ class StreamingTracker:
 
         pixels = frame_to_pixels(frame, self.models.image_size, self.models.device, self.models.dtype)
         clock.lap("preprocess")
-        features = FrameFeatures(self.models, self.encoder.encode(pixels)) if self._has_work_after_pending() else None
+        wanted = self.ring.enabled or self._has_work_after_pending()
+        features = FrameFeatures(self.models, self.encoder.encode(pixels)) if wanted else None
         clock.lap("encode")
 
         self._run_pending_steps()
@@ -204,9 +241,11 @@ class StreamingTracker:
 
         objects = self._postprocess(outputs, width, height)
         self._retire_lost(objects)
+        if features is not None:
+            self.ring.add(self._frame_index, time.time() if timestamp is None else timestamp, features.tokens)
         self.geometry.prune(self._frame_index)
         self.text.prune(self._frame_index)
-        clock.lap("postprocess")
+        clock.finish("postprocess")
 
         result = FrameResult(self._frame_index, timestamp, width, height, objects, timings)
         self._frame_index += 1
@@ -214,8 +253,9 @@ class StreamingTracker:
         return result
 
     def state_bytes(self) -> int:
-        """Bytes of per-stream state held (both sessions' tensors and bookkeeping; not the weights)."""
-        return self.geometry.state_bytes() + self.text.state_bytes()
+        """Bytes of per-stream state held (both sessions' tensors and bookkeeping, the prompt ring's
+        encoder output; not the weights)."""
+        return self.geometry.state_bytes() + self.text.state_bytes() + self.ring.state_bytes()
 
     @property
     def frame_index(self) -> int:
@@ -250,23 +290,52 @@ class StreamingTracker:
         if prompt.obj_id is not None and prompt.obj_id in self._known:
             obj_id = prompt.obj_id
             coords, labels = per_object[0]
-            self._queue(lambda: self._refine_later(obj_id, point_inputs(coords, labels, device)), obj_ids=(obj_id,))
+            past = self._past_frame(prompt.frame_index, obj_id, self._oldest_for(prompt.frame_index))
+            if past is not None and self._known[obj_id] == "geometry":
+                self._queue(
+                    lambda: self._place_on_past_frame(past, obj_id, point_inputs(coords, labels, device)),
+                    obj_ids=(obj_id,),
+                )
+            else:
+                self._queue(lambda: self._refine_later(obj_id, point_inputs(coords, labels, device)), obj_ids=(obj_id,))
             return [obj_id]
         if prompt.obj_id is not None:
             ids = self.new_object_ids(obj_id=prompt.obj_id)
         else:
             ids = self.new_object_ids(len(per_object))
+        past = self._past_frame(prompt.frame_index, None, self._oldest_for(prompt.frame_index))
         for obj_id, (coords, labels) in zip(ids, per_object, strict=True):
             self._known[obj_id] = "geometry"
             # Tensors are made when the step runs, on the tracking thread.
             self._queue(
-                lambda obj_id=obj_id, coords=coords, labels=labels: self.geometry.add_object(
-                    self._frame_index, obj_id, point_inputs(coords, labels, device)
+                lambda obj_id=obj_id, coords=coords, labels=labels: self._start_object(
+                    past, obj_id, point_inputs(coords, labels, device)
                 ),
                 obj_ids=(obj_id,),
                 undo=lambda obj_id=obj_id: self._forget(obj_id),
             )
         return ids
+
+    def _oldest_for(self, frame_index: int | None) -> int | None:
+        """The oldest frame a prompt drawn on ``frame_index`` may go on: a frame still held is taken as it is
+        (what ``prompt_frame`` answered a frame ago may have left the budget since, never the ring)."""
+        held = self.ring.oldest_held
+        if frame_index is not None and held is not None and frame_index >= held:
+            return held
+        return self.ring.oldest_promised()
+
+    def _start_object(self, past: int | None, obj_id: int, inputs: dict[str, torch.Tensor]) -> None:
+        if past is None:
+            self.geometry.add_object(self._frame_index, obj_id, inputs)
+            self._first_frame[obj_id] = self._frame_index
+        else:
+            self._place_on_past_frame(past, obj_id, inputs)
+
+    def _place_on_past_frame(self, frame_index: int, obj_id: int, inputs: dict[str, torch.Tensor]) -> None:
+        """Start or correct a clicked object on a held past frame and catch it up (before this frame)."""
+        placed = self.ring.place(frame_index)  # the frame answered is held: the ring keeps one frame spare
+        self._first_frame.setdefault(obj_id, placed)
+        self.geometry.place_on_past_frame(placed, self._frame_index, obj_id, inputs)
 
     def _queue(
         self, run: Callable[[], None], *, obj_ids: tuple[int, ...] = (), text: str | None = None, undo: Any = None
@@ -308,6 +377,7 @@ class StreamingTracker:
 
     def _forget(self, obj_id: int) -> None:
         self._known.pop(obj_id, None)
+        self._first_frame.pop(obj_id, None)
         self._unseen.pop(obj_id, None)
         self._ids.release(obj_id)
 
@@ -353,21 +423,17 @@ class StreamingTracker:
         self._refinements.clear()
 
     def _postprocess(self, outputs: list[EngineOutput], width: int, height: int) -> list[ObjectResult]:
-        objects: list[ObjectResult] = []
-        for out in outputs:
-            if not out.obj_ids:
-                continue
-            masks = masks_to_frame(out.mask_logits, height, width)
-            if out.overlap_scores is not None:
-                masks = resolve_overlaps_per_label(masks, out.overlap_scores, out.labels)
-            boxes, visible = boxes_from_masks(masks)
-            masks_np, boxes_np, scores_np, visible_np = (
-                t.cpu().numpy() for t in (masks, boxes, out.scores.float(), visible)
-            )
-            for i, obj_id in enumerate(out.obj_ids):
-                if visible_np[i]:
-                    bbox = tuple(int(v) for v in boxes_np[i])
-                    objects.append(ObjectResult(obj_id, float(scores_np[i]), bbox, masks_np[i], out.labels[i]))  # type: ignore[arg-type]
+        """Both engines' objects, read back to the host together (``models.readback``: two waits on CUDA)."""
+        outputs = [out for out in outputs if out.obj_ids]
+        if not outputs:
+            return []
+        masks = [frame_masks(o.mask_logits, height, width, o.labels, o.overlap_scores) for o in outputs]
+        objects = objects_from_masks(
+            [obj_id for out in outputs for obj_id in out.obj_ids],
+            masks[0] if len(masks) == 1 else torch.cat(masks),
+            torch.cat([out.scores.float() for out in outputs]),
+            [label for out in outputs for label in out.labels],
+        )
         objects.sort(key=lambda o: o.obj_id)
         return objects
 
@@ -418,16 +484,48 @@ def _check_tokenizable(tokenizer: Any, text: str) -> None:
 
 
 class _StageClock:
-    """Wall time per stage; synchronizes CUDA first so asynchronous kernels are charged to their stage."""
+    """Time per stage of one frame.
+
+    On CPU, and on CUDA with ``sync``: host wall time, synchronizing CUDA first at each boundary so that
+    asynchronous kernels are charged to their stage. On CUDA without ``sync``: CUDA events mark the
+    boundaries on the stream (the host never waits for them); they are read in :meth:`finish`, after the
+    frame's results were copied back (a wait the frame makes anyway), and the last stage is the frame's
+    wall time less the others, so that the stages still add up to the frame's time.
+    """
 
     def __init__(self, timings: dict[str, float], device: torch.device, sync: bool) -> None:
         self.timings = timings
         self.sync = sync and device.type == "cuda"
-        self.last = time.perf_counter()
+        self.start = self.last = time.perf_counter()
+        self.events: list[tuple[str, torch.cuda.Event]] | None = None
+        if device.type == "cuda" and not sync:
+            self.events = [("", self._record())]
+
+    @staticmethod
+    def _record() -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def lap(self, stage: str) -> None:
+        """Close ``stage`` (and open the next)."""
+        if self.events is not None:
+            self.events.append((stage, self._record()))
+            return
         if self.sync:
             torch.cuda.synchronize()
         now = time.perf_counter()
         self.timings[stage] = now - self.last
         self.last = now
+
+    def finish(self, stage: str) -> None:
+        """Close the last stage, ``stage``, once the frame's results are on the host."""
+        if self.events is None:
+            self.lap(stage)
+            return
+        last = self.events[-1][1]
+        if not last.query():  # no results were read back (no objects): nothing waited for the GPU yet
+            last.synchronize()
+        for (_, begin), (name, end) in zip(self.events, self.events[1:], strict=False):
+            self.timings[name] = begin.elapsed_time(end) / 1000.0
+        self.timings[stage] = max(0.0, time.perf_counter() - self.start - sum(self.timings.values()))

@@ -30,14 +30,9 @@ from models import hf_internals as hf
 from models.encoder import FrameFeatures, ImageEncoder, TorchImageEncoder
 from models.loading import Sam3Models
 from models.memory import MemoryWindow, trim_video_bookkeeping
-from models.preprocess import (
-    boxes_from_masks,
-    frame_to_pixels,
-    masks_to_frame,
-    prompt_to_model_points,
-    resolve_overlaps_per_label,
-)
+from models.preprocess import frame_to_pixels, prompt_to_model_points
 from models.prompts import Prompt
+from models.readback import objects_from_logits
 from models.results import ObjectResult
 from models.sessions import add_object_inputs, add_text_prompt, point_inputs, refine_objects
 from models.video_frames import VideoFrames
@@ -398,30 +393,6 @@ def text_objects(
     overlap = torch.tensor([float(tracker_scores.get(i, 0.0)) for i in ids], device=device)
     labels = [hf.text_prompts(session).get(hf.prompt_of_object(session, i)) for i in ids]
     return objects_from_logits(ids, logits, scores, height, width, labels, overlap)
-
-
-def objects_from_logits(
-    ids: list[int],
-    logits: torch.Tensor,
-    scores: torch.Tensor,
-    height: int,
-    width: int,
-    labels: list[str | None] | None = None,
-    overlap_scores: torch.Tensor | None = None,
-) -> list[ObjectResult]:
-    """Low-res mask logits -> objects with masks at ``height`` x ``width`` and pixel boxes; objects with
-    an empty mask are left out. ``overlap_scores`` settle pixels claimed by objects of one label."""
-    labels = labels if labels is not None else [None] * len(ids)
-    masks = masks_to_frame(logits, height, width)
-    if overlap_scores is not None:
-        masks = resolve_overlaps_per_label(masks, overlap_scores, labels)
-    boxes, visible = boxes_from_masks(masks)
-    masks_np, boxes_np, scores_np, visible_np = (t.cpu().numpy() for t in (masks, boxes, scores.float(), visible))
-    return [
-        ObjectResult(obj_id, float(scores_np[i]), tuple(int(v) for v in boxes_np[i]), masks_np[i], labels[i])  # type: ignore[arg-type]
-        for i, obj_id in enumerate(ids)
-        if visible_np[i]
-    ]
 
 
 def prune_for_next_frame(session: Any, frame_idx: int, reverse: bool, window: MemoryWindow, keep: range) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 from streamer.capture import run_capture
 from streamer.cluster.cluster import Cluster
 from streamer.cluster.tracker_actor import TrackerOptions
-from streamer.protocol import peek_json_field, peek_kind
+from streamer.topics import RESULT, parse_topic
 from streamer.transport import drain, results_subscriber
 
 
@@ -94,9 +94,9 @@ class ResultCounter:
                 time.sleep(0.05)
                 continue
             for parts in drain(sock, timeout_ms=100):
-                if peek_kind(parts) == "result":
-                    stream = peek_json_field(bytes(parts[0]).decode("utf-8", "replace"), "stream")
-                    self.arrivals[str(stream)].append(time.monotonic())
+                prefix, stream = parse_topic(bytes(parts[0]))
+                if prefix == RESULT and stream is not None:
+                    self.arrivals[stream].append(time.monotonic())
         if sock is not None:
             sock.close(linger=0)
 

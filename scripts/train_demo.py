@@ -42,6 +42,7 @@ from transformers import CLIPTokenizer, Sam3TrackerVideoModel, Sam3VideoModel
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
 
+from models import hf_internals as hf
 from models.demo_eval import evaluate_clicks
 from models.demo_metrics import InstanceCounts, error_click, mask_iou, match_instances
 from models.demo_scenes import SHAPES, DemoScene, SceneFrame
@@ -551,7 +552,7 @@ class ClipStage(PointStage):
             ]
             for t in range(len(shots)):
                 feats = [m[t : t + 1].flatten(2).permute(2, 0, 1) for m in maps]
-                session.cache.cache_vision_features(t, {"vision_feats": feats, "vision_pos_embeds": positions})
+                hf.cache_tracker_features(session, t, {"vision_feats": feats, "vision_pos_embeds": positions})
                 _track_frame(tracker, inference_session=session, frame_idx=t, frame=pixels[t : t + 1])
                 for k, (masks, iou, _tokens, score) in enumerate(calls[-len(objects) :]):
                     truth = torch.from_numpy(truths[t][k])[None].float()

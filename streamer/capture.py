@@ -1,7 +1,9 @@
 """The capture process: read one source, pace it, stamp each frame and publish it over ZeroMQ.
 
-One process per camera. A source that fails (or ends) is reopened with exponential back-off; the
-process only stops on SIGINT/SIGTERM, a stop event, or the end of ``duration``.
+One process per camera. A source that fails (or a network stream that ends) is reopened with exponential
+back-off. A video file or image folder plays once (unless ``loop``), then the process ends, telling a
+supervising ``sam3-stream run`` it finished rather than crashed. Otherwise it stops on SIGINT/SIGTERM, a
+stop event, or the end of ``duration``.
 
     python -m streamer.capture --source synthetic:640x480@30 --frames-endpoint tcp://127.0.0.1:5555 --stream-id cam0
 """
@@ -21,16 +23,18 @@ import zmq
 
 from streamer import security
 from streamer.config import Endpoints
+from streamer.exit_notes import report_finished
 from streamer.healing import SocketWatch
 from streamer.keys import KeyFolder
 from streamer.protocol import FrameHeader, encode_frame
 from streamer.signals import StopSignals
-from streamer.sources import FrameSource, SourceError, open_source
+from streamer.sources import FrameSource, SourceError, network_scheme, open_source
 from streamer.transport import frames_publisher
 
 __all__ = [
     "Backoff",
     "Pacer",
+    "positive",
     "run_capture",
     "add_arguments",
     "build_arg_parser",
@@ -220,9 +224,11 @@ def run_capture(
     Runs until SIGINT/SIGTERM (when called from the main thread), ``stop_event`` is set, or ``duration``
     seconds have passed. Files, folders and the synthetic pattern are paced to ``fps`` (default: the
     source's rate); cameras and streams are published as they arrive, throttled to ``fps`` if given.
-    A spec that names nothing usable (``ValueError`` from :func:`open_source`) fails at once; every later
-    failure, and the end of a source, leads to a reopen after a back-off delay. An endpoint that is
-    not tcp:// or ipc:// is a ``ValueError`` too; one that cannot be bound raises ``zmq.ZMQError``.
+    A spec that names nothing usable (``ValueError`` from :func:`open_source`), and a camera or file that
+    cannot be opened the first time (:class:`SourceError`), fail at once: no wait heals them. A network
+    stream that cannot be opened yet, every later failure, and the end of a network stream lead to a reopen
+    after a back-off delay. A file or folder played to its end without ``loop`` ends the run. An endpoint
+    that is not tcp:// or ipc:// is a ``ValueError`` too; one that cannot be bound raises ``zmq.ZMQError``.
 
     With ``keys`` a tcp:// endpoint uses CURVE (only allow-listed trackers may subscribe); without them a
     non-loopback endpoint is refused (``ValueError``) unless ``insecure``.
@@ -252,15 +258,17 @@ def run_capture(
                 try:
                     source = open_source(spec, loop=loop, width=width, height=height, fps=fps)
                 except (SourceError, ValueError) as exc:
-                    if not ever_opened and not isinstance(exc, SourceError):
-                        raise  # a typo in the spec: say so now rather than retry forever
+                    if not ever_opened and (not isinstance(exc, SourceError) or network_scheme(spec) is None):
+                        raise  # a typo, a missing camera or a broken file: say so now rather than retry forever
                     _retry_later(f"cannot open source {spec!r}: {exc}", backoff, stopper)
                     continue
                 ever_opened = True
                 log.info("stream %s: opened %s (%.1f fps) -> %s", stream_id, source.description, source.fps, endpoint)
+                played_out = False
                 try:
                     _pump(source, publisher, fps, stopper, on_frame=backoff.reset)
                     reason = f"source {source.description} ended"
+                    played_out = not source.live and not loop and not stopper.stopped
                 except SourceError as exc:
                     reason = f"source failed: {exc}"
                 except Exception as exc:  # a flaky driver must not kill the camera's process
@@ -268,6 +276,10 @@ def run_capture(
                     reason = f"source failed: {exc!r}"
                 finally:
                     source.close()
+                if played_out:  # a file plays once unless looped: replaying it unasked looked like a glitch
+                    log.info("stream %s: %s played to its end; pass --loop to repeat it", stream_id, source.description)
+                    report_finished(f"{source.description} played to its end ({publisher.seq} frames)")
+                    break
                 if not stopper.stopped:
                     _retry_later(reason, backoff, stopper)
     finally:
@@ -286,7 +298,9 @@ def _retry_later(reason: str, backoff: Backoff, stopper: _Stopper) -> None:
     stopper.sleep(delay)
 
 
-def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse ``type`` that parses with ``kind`` (``int``, ``float``) and refuses values <= 0."""
+
     def parse(text: str) -> float:
         value = kind(text)
         if value <= 0:
@@ -313,15 +327,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loop", action="store_true", help="restart video files and image folders at their end")
     parser.add_argument(
         "--fps",
-        type=_positive(float),
+        type=positive(float),
         default=None,
         help="publishing rate (default: the source's own; image folders 30)",
     )
-    parser.add_argument("--width", type=_positive(int), default=None, help="output width (alone: keep aspect ratio)")
-    parser.add_argument("--height", type=_positive(int), default=None, help="output height (alone: keep aspect ratio)")
+    parser.add_argument("--width", type=positive(int), default=None, help="output width (alone: keep aspect ratio)")
+    parser.add_argument("--height", type=positive(int), default=None, help="output height (alone: keep aspect ratio)")
     parser.add_argument(
         "--duration",
-        type=_positive(float),
+        type=positive(float),
         default=None,
         help="stop after this many seconds (default: run until stopped)",
     )
@@ -353,7 +367,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             keys=security.key_folder_from_args(args, [args.frames_endpoint]),
             insecure=args.insecure,
         )
-    except ValueError as exc:  # the source spec, the endpoint, --keys, an exposed address: the message names which
+    except (ValueError, SourceError) as exc:  # the source, the endpoint, --keys, an exposed address: named in it
         log.error("cannot start capture: %s", exc)
         return 2
     except zmq.ZMQError as exc:

@@ -16,10 +16,14 @@ temporary folder, prints the page's URL, restarts a child that dies (with back-o
 keep running, and stops them all on Ctrl-C or SIGTERM. The tracker keeps each stream's active prompts
 in that folder, so a tracker that crashed re-applies them when it comes back.
 
-A child that *refuses* to start (bad arguments, a model it cannot load: restarting cannot help) says so
-in a file the supervisor names in ``SAM3_STREAM_REFUSAL_FILE``, and ``run`` stops with its reason.
-Every other exit is a crash, restarted: exit statuses are not interpreted, since a crash can produce
-any of them (an uncaught ``ValueError`` once made the tracker exit 2, read as "bad arguments").
+Before starting anything ``run`` checks what no restart can heal (:mod:`streamer.preflight`: the source,
+the model name, the device) and refuses with one line naming it, so the URL it prints is for a pipeline
+that can run. A child that still *refuses* to start (a model that exists but cannot be loaded) says so in
+a file the supervisor names in ``SAM3_STREAM_REFUSAL_FILE``, and ``run`` stops with its reason; one that
+*finished* (a file played once, without ``--loop``) says so in ``SAM3_STREAM_FINISHED_FILE`` and is not
+restarted (:mod:`streamer.exit_notes`). Every other exit is a crash, restarted: exit statuses are not
+interpreted, since a crash can produce any of them (an uncaught ``ValueError`` once made the tracker exit
+2, read as "bad arguments").
 """
 
 from __future__ import annotations
@@ -42,11 +46,14 @@ from pathlib import Path
 from typing import NoReturn
 
 from streamer import tracker_service
-from streamer.capture import Backoff
+from streamer.capture import Backoff, positive
 from streamer.config import GATEWAY_HTTP_HOST, GATEWAY_HTTP_PORT, Endpoints
+from streamer.exit_notes import FINISHED_ENV, REFUSAL_ENV, read_note, report_refusal
+from streamer.log_setup import setup_logging
+from streamer.preflight import check_run_arguments
 from streamer.signals import StopSignals
 
-__all__ = ["Supervisor", "build_parser", "main"]
+__all__ = ["REFUSAL_ENV", "USAGE_ERROR", "Child", "Supervisor", "build_parser", "main", "report_refusal"]
 
 log = logging.getLogger("sam3-stream")
 
@@ -54,7 +61,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 STOP_TIMEOUT_S = 10.0  # a child still running this long after SIGTERM is killed
 STABLE_AFTER_S = 30.0  # a child that ran this long before dying restarts after the shortest back-off
 USAGE_ERROR = 2  # exit status when refusing arguments (the supervisor reads the refusal file, not this)
-REFUSAL_ENV = "SAM3_STREAM_REFUSAL_FILE"
 _TICK_S = 0.2
 
 
@@ -65,6 +71,7 @@ class Child:
     name: str
     argv: list[str]
     refusal_file: Path | None = None  # where the child says it refuses to start (None: never stop for it)
+    finished_file: Path | None = None  # where the child says it is done (None: always restart it)
     backoff: Backoff = field(default_factory=lambda: Backoff(initial=1.0, cap=30.0))
     proc: subprocess.Popen | None = None
     started: float = 0.0  # monotonic
@@ -92,9 +99,10 @@ class Supervisor:
 
     def start(self, child: Child) -> None:
         env = dict(os.environ)
-        if child.refusal_file is not None:
-            child.refusal_file.unlink(missing_ok=True)
-            env[REFUSAL_ENV] = str(child.refusal_file)
+        for variable, note in ((REFUSAL_ENV, child.refusal_file), (FINISHED_ENV, child.finished_file)):
+            if note is not None:
+                note.unlink(missing_ok=True)
+                env[variable] = str(note)
         child.proc = subprocess.Popen(
             child.argv,
             stdin=subprocess.DEVNULL,
@@ -106,16 +114,20 @@ class Supervisor:
         log.info("%s started (pid %d)", child.name, child.proc.pid)
 
     def check(self) -> int | None:
-        """Restart what died and is due; returns an exit status when a child refused to start."""
+        """Restart what died and is due (not what finished); returns an exit status when a child refused to start."""
         now = time.monotonic()
         for child in self.children:
             if child.proc is not None and (code := child.proc.poll()) is not None:
                 uptime = now - child.started
                 child.proc = None
-                reason = _read_refusal(child.refusal_file)
+                reason = read_note(child.refusal_file)
                 if reason is not None:
                     log.error("%s refused to start: %s; stopping", child.name, reason)
                     return USAGE_ERROR
+                done = read_note(child.finished_file)
+                if done is not None:
+                    log.info("%s finished: %s", child.name, done)
+                    continue
                 if uptime >= STABLE_AFTER_S:
                     child.backoff.reset()
                 delay = child.backoff.next_delay()
@@ -156,23 +168,6 @@ class Supervisor:
                 child.proc = None
 
 
-def _read_refusal(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8", errors="replace").strip() or "no reason given"
-    except OSError:
-        return None
-
-
-def report_refusal(reason: str) -> None:
-    """Tell a supervising ``sam3-stream run`` that this process refuses to start (it then stops, not restarts)."""
-    path = os.environ.get(REFUSAL_ENV)
-    if path:
-        with contextlib.suppress(OSError):
-            Path(path).write_text(reason[:2000] + "\n", encoding="utf-8")
-
-
 class _LastError(logging.Handler):
     """Remembers the last ERROR logged: the reason a command gives for refusing to start."""
 
@@ -189,8 +184,9 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are reported as refusals (see :func:`report_refusal`)."""
 
     def error(self, message: str) -> NoReturn:
+        """One line naming the problem (argparse's usage block buried it), and the usage-error status."""
         report_refusal(f"{self.prog}: {message}")
-        super().error(message)
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _listening(host: str, port: int) -> bool:
@@ -233,6 +229,8 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints, folder: Pa
         track_args += ["--encoder-precision", args.encoder_precision]
     for text in args.prompts:
         track_args += ["--prompt", text]
+    if args.passthrough_objects:
+        track_args += ["--passthrough-objects", str(args.passthrough_objects)]
     serve_args = [
         "--results-endpoint",
         endpoints.results,
@@ -252,7 +250,12 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints, folder: Pa
     if args.insecure:
         serve_args.append("--insecure")
     return [
-        Child(name, child_argv(command, args.log_level, *argv), refusal_file=folder / f"refused-{name}")
+        Child(
+            name,
+            child_argv(command, args.log_level, *argv),
+            refusal_file=folder / f"refused-{name}",
+            finished_file=folder / f"finished-{name}",
+        )
         for name, command, argv in (
             ("capture", "capture", capture_args),
             ("tracker", "track", track_args),
@@ -268,14 +271,15 @@ def run_pipeline(args: argparse.Namespace) -> int:
     try:
         token = token_from_args(args)
         check_exposure(args.http_host, token, args.insecure)
+        check_run_arguments(args)  # the source, the model name, the device: restarts cannot heal them
     except ValueError as exc:  # the gateway would refuse the same, after the tracker had loaded
-        log.error("%s", exc)
+        log.error("%s", exc)  # one line, naming the option
         return USAGE_ERROR
     if token:
         os.environ[TOKEN_ENV] = token  # inherited by the gateway; an argument would show in every process list
     browse_host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::", "") else args.http_host
     if _listening(browse_host, args.http_port):  # else the gateway would fail and be restarted forever
-        log.error("port %d is already in use on %s; pass another --http-port", args.http_port, browse_host)
+        log.error("--http-port %d: already in use on %s; pass another", args.http_port, browse_host)
         return USAGE_ERROR
     folder = tempfile.mkdtemp(prefix="sam3-stream-")  # short: ipc:// paths are limited to ~100 bytes
     endpoints = Endpoints.ipc_in(folder)
@@ -320,6 +324,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "(no model) (default %(default)s)",
     )
     parser.add_argument("--device", default="auto", help="torch device for the tracker (default: cuda if any)")
+    parser.add_argument(
+        "--passthrough-objects",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --model passthrough: report N moving objects of varied sizes per frame (demos, benchmarks)",
+    )
     tracker_service.add_encoder_arguments(parser)
     parser.add_argument(
         "--source",
@@ -334,11 +345,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="text prompt to track from the start; repeatable",
     )
-    parser.add_argument("--loop", action="store_true", help="restart video files and image folders at their end")
+    parser.add_argument(
+        "--loop", action="store_true", help="play video files and image folders again at their end (default: once)"
+    )
     parser.add_argument("--stream-id", default="cam0", help="name of the stream (default %(default)s)")
-    parser.add_argument("--fps", type=float, default=None, help="capture rate (default: the source's own)")
-    parser.add_argument("--width", type=int, default=None, help="capture width (alone: keep aspect ratio)")
-    parser.add_argument("--height", type=int, default=None, help="capture height (alone: keep aspect ratio)")
+    parser.add_argument("--fps", type=positive(float), default=None, help="capture rate (default: the source's own)")
+    parser.add_argument("--width", type=positive(int), default=None, help="capture width (alone: keep aspect ratio)")
+    parser.add_argument("--height", type=positive(int), default=None, help="capture height (alone: keep aspect ratio)")
     parser.add_argument(
         "--http-host", default=GATEWAY_HTTP_HOST, help="address the page is served on (default %(default)s)"
     )
@@ -495,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sam3-stream`` (and ``python -m streamer.cli``); returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     last_error = _LastError()
     logging.getLogger().addHandler(last_error)
     if args.command == "run":

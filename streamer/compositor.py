@@ -1,8 +1,18 @@
 """Draw tracker results onto the frame they were computed for.
 
-Pure numpy/OpenCV, RGB in and RGB out. The work per object is confined to the bounding box of
-its mask, so the cost grows with the area the objects cover, not with the frame size: a 720p
-frame with a handful of objects composites in a few milliseconds on one core.
+Pure numpy/OpenCV, RGB in and RGB out. The cost grows with the area the objects cover, never with
+objects times frame size:
+
+- the tint: the frame's share of every pixel in the box holding all the objects is computed in one
+  pass; each mask then stamps its colour's share over its own box (one masked add, the work of
+  stamping a label image), later objects on top of earlier ones;
+- the outlines: traced on each mask sampled on a coarse grid (every ``contour_step`` pixels: the
+  mask's low-resolution form), so finding a contour costs little whatever the frame size;
+- the tags: placed at their objects, never overlapping one another (``layout_tags``).
+
+A blended channel is ``min(255, keep[v] + tint[c])`` of the frame's value ``v`` and the colour's ``c``:
+``keep[v] = rint(float32(v) * float32(1 - alpha))``, ``tint[c] = round(c * alpha)``. It depends on those
+two values alone, so drawing objects one by one gives the very same pixels.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ from typing import Protocol
 
 import cv2
 import numpy as np
+
+from streamer.masks import BoxMask
 
 # Colour-blind friendly, high-contrast RGB colours (Okabe-Ito + Tableau picks); the id picks one,
 # so an object keeps its colour for its whole life and in every viewer.
@@ -33,6 +45,13 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 
 BANNER_BACKGROUND = (24, 26, 32)
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
+# Outlines are traced on a grid this many pixels apart per 360 pixels of the frame's shorter side: 1 up to
+# 480p, 2 at 720p, 3 at 1080p. A mask at 1080p comes from the model's 288x288 logits anyway.
+CONTOUR_GRID_PER_PIXELS = 360
+# A tag that collides with another moves by its own height, up to this many times each way, then is left out.
+TAG_SHIFTS = 6
+# Tags are sized for 720p; taller frames get proportionally larger text.
+TAG_REFERENCE_HEIGHT = 720
 
 
 class Overlay(Protocol):
@@ -41,17 +60,19 @@ class Overlay(Protocol):
     obj_id: int
     score: float
     bbox: Sequence[int]
-    mask: np.ndarray | None
+    mask: np.ndarray | BoxMask | None  # full frame, or the region of its box
     label: str | None
 
 
 @dataclass(frozen=True)
 class CompositeStyle:
-    """How objects are drawn: mask opacity, contour width, and which annotations to show."""
+    """How objects are drawn: mask opacity, contour width, and which annotations to show (``show_tags``
+    off: no tags at all; else each says ``#id``, and the label and score as asked)."""
 
     alpha: float = 0.45
     contour_thickness: int = 2
     show_boxes: bool = False
+    show_tags: bool = True
     show_labels: bool = True
     show_scores: bool = True
     font_scale: float = 0.5
@@ -70,26 +91,90 @@ def color_hex(obj_id: int) -> str:
 def composite(
     frame_rgb: np.ndarray, objects: Iterable[Overlay], style: CompositeStyle = CompositeStyle()
 ) -> np.ndarray:
-    """Return a new frame with each object's mask blended in, outlined and tagged."""
+    """Return a new frame with each object's mask blended in, outlined and tagged (later objects on top)."""
     out = np.array(frame_rgb, dtype=np.uint8, copy=True, order="C")
     height, width = out.shape[:2]
+    drawn: list[tuple[Overlay, BoxMask | None, tuple[int, int, int, int] | None]] = []
     for obj in objects:
-        colour = color_for(obj.obj_id)
-        box = _clip_box(obj.bbox, width, height)
-        if obj.mask is not None:
-            mask = obj.mask
-            if mask.shape != (height, width):
-                # A result at another resolution than its frame is a producer bug; still draw it in place.
-                mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
-            mask_box = _mask_box(mask)
-            if mask_box is not None:
-                _blend(out, mask, mask_box, colour, style)
-                box = box or mask_box
-        if box is None:
-            continue
-        if style.show_boxes or obj.mask is None:
-            cv2.rectangle(out, box[:2], (box[2] - 1, box[3] - 1), colour, max(1, style.contour_thickness))
-        _tag(out, obj, box, colour, style)
+        region = _region(obj.mask, height, width)
+        box = _clip_box(obj.bbox, width, height) or (region.box if region is not None else None)
+        drawn.append((obj, region, box))
+    masked = [(region, color_for(obj.obj_id)) for obj, region, _ in drawn if region is not None]
+    if masked and style.alpha > 0:
+        _tint(out, masked, style.alpha)
+    if style.contour_thickness > 0:
+        step = contour_step(height, width)
+        for obj, region, _ in drawn:
+            if region is not None:
+                outline = mask_outline(region, step)
+                # Aliased lines: anti-aliased ones cost ~15x more, and the outline is traced on a grid anyway.
+                cv2.drawContours(out, outline, -1, color_for(obj.obj_id), style.contour_thickness, cv2.LINE_8)
+    for obj, region, box in drawn:
+        if box is not None and (style.show_boxes or region is None):
+            thickness = max(1, style.contour_thickness)
+            cv2.rectangle(out, box[:2], (box[2] - 1, box[3] - 1), color_for(obj.obj_id), thickness)
+    if style.show_tags:
+        _draw_tags(out, [(obj, box) for obj, _, box in drawn if box is not None], style)
+    return out
+
+
+def contour_step(height: int, width: int) -> int:
+    """The grid, in pixels, outlines are traced on for a ``height x width`` frame (see ``mask_outline``)."""
+    return max(1, min(height, width) // CONTOUR_GRID_PER_PIXELS)
+
+
+def mask_outline(region: BoxMask, step: int) -> list[np.ndarray]:
+    """The outer contours of a mask traced on the frame's pixels whose coordinates are multiples of ``step``,
+    as OpenCV point arrays in frame coordinates (each grid point stands for the ``step``-pixel cell it starts)."""
+    rows, cols = (-region.y0) % step, (-region.x0) % step  # the first grid row and column inside the box
+    low = region.mask[rows::step, cols::step]
+    if low.size == 0:
+        return []
+    # A zero border keeps a contour touching the box's edge closed, as it is on the whole frame.
+    padded = cv2.copyMakeBorder(low.view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    contours, _ = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    origin = np.array([region.x0 + cols - step + step // 2, region.y0 + rows - step + step // 2], dtype=np.int32)
+    return [contour * step + origin for contour in contours]
+
+
+def tag_text(obj: Overlay, style: CompositeStyle) -> str:
+    """What an object's tag says: ``#id``, its label and score as the style asks."""
+    parts = [f"#{obj.obj_id}"]
+    if style.show_labels and obj.label:
+        parts.append(obj.label)
+    if style.show_scores:
+        parts.append(f"{obj.score:.2f}")
+    return " ".join(parts)
+
+
+def layout_tags(
+    boxes: Sequence[tuple[int, int, int, int]], sizes: Sequence[tuple[int, int]], width: int, height: int
+) -> list[tuple[int, int, int, int] | None]:
+    """Where each tag goes: ``(x0, y0, x1, y1)`` next to its object's box, or ``None`` when there is no room.
+
+    A tag of ``sizes[i]`` (width, height) sits above its box's top-left corner, else inside it, else below
+    the box; one that would overlap a tag placed before it moves up or down by its own height (up to
+    ``TAG_SHIFTS`` times each way), then does the same one tag's width to the right, then to the left, and
+    is left out rather than drawn over another.
+    """
+    placed: list[tuple[int, int, int, int]] = []
+    out: list[tuple[int, int, int, int] | None] = []
+    for (bx0, by0, _, by1), (tw, th) in zip(boxes, sizes, strict=True):
+        rows = [by0 - th, by0, by1]
+        rows += [by0 - th + sign * k * th for k in range(1, TAG_SHIFTS + 1) for sign in (-1, 1)]
+        spot = None
+        for dx in (0, tw, -tw):  # beside the box's left edge first, then one tag's width right, then left
+            x = min(max(bx0 + dx, 0), max(0, width - tw))
+            for y in rows:
+                rect = (x, y, x + tw, y + th)
+                if y >= 0 and y + th <= height and not any(_overlap(rect, other) for other in placed):
+                    spot = rect
+                    break
+            if spot is not None:
+                break
+        if spot is not None:
+            placed.append(spot)
+        out.append(spot)
     return out
 
 
@@ -121,48 +206,67 @@ def _clip_box(bbox: Sequence[int] | None, width: int, height: int) -> tuple[int,
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
-def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    # Computed from the mask itself (two cheap reductions) so a stale or rounded bbox never clips it.
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
+def _region(mask: np.ndarray | BoxMask | None, height: int, width: int) -> BoxMask | None:
+    """The part of an object's mask inside the frame, by its tight box (``None``: nothing to draw)."""
+    if mask is None:
         return None
-    cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+    if isinstance(mask, BoxMask):
+        x0, y0, x1, y1 = mask.box
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+        if cx1 <= cx0 or cy1 <= cy0:
+            return None
+        return BoxMask(cx0, cy0, mask.mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0])
+    if mask.shape != (height, width):
+        # A result at another resolution than its frame is a producer bug; still draw it in place.
+        mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+    # The box is found from the mask itself (two cheap reductions) so a stale or rounded bbox never clips it.
+    return BoxMask.from_full(mask)
 
 
-def _blend(
-    out: np.ndarray,
-    mask: np.ndarray,
-    box: tuple[int, int, int, int],
-    colour: tuple[int, int, int],
-    style: CompositeStyle,
+def tint_of(colour: tuple[int, int, int], alpha: float) -> tuple[int, int, int]:
+    """A colour's share of a blended pixel at opacity ``alpha`` (see the module's docstring)."""
+    a = min(max(alpha, 0.0), 1.0)
+    return tuple(int(round(c * a)) for c in colour)  # type: ignore[return-value]
+
+
+def _tint(out: np.ndarray, masked: Sequence[tuple[BoxMask, tuple[int, int, int]]], alpha: float) -> None:
+    """Blend every mask into ``out`` in its colour; where masks overlap, the later one's colour wins.
+
+    The frame's share of every pixel in the box holding all the masks is computed in one pass; then each
+    mask, over its own box only, adds its colour's share where it is set.
+    """
+    boxes = np.array([region.box for region, _ in masked])
+    ux0, uy0 = boxes[:, :2].min(axis=0)
+    ux1, uy1 = boxes[:, 2:].max(axis=0)
+    # keep[v] = rint(float32(v) * float32(1 - alpha)): OpenCV scales 8-bit images in float32, and a product
+    # with no addend rounds the same in its vector and scalar code, so the result depends on v alone.
+    kept = cv2.convertScaleAbs(out[uy0:uy1, ux0:ux1], alpha=1.0 - min(max(alpha, 0.0), 1.0))
+    for region, colour in masked:
+        x0, y0, x1, y1 = region.box
+        share = (*tint_of(colour, alpha), 0)
+        # Saturating add of the colour's share, written into the output where this mask is set.
+        source = kept[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
+        cv2.add(source, share, dst=out[y0:y1, x0:x1], mask=region.mask.view(np.uint8))
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _draw_tags(
+    out: np.ndarray, tagged: Sequence[tuple[Overlay, tuple[int, int, int, int]]], style: CompositeStyle
 ) -> None:
-    x0, y0, x1, y1 = box
-    region = out[y0:y1, x0:x1]
-    inside = mask[y0:y1, x0:x1]
-    # Fixed-point blend (weights out of 256) on the masked pixels only.
-    a = int(round(np.clip(style.alpha, 0.0, 1.0) * 256))
-    tint = np.array(colour, dtype=np.uint16) * a
-    pixels = region[inside].astype(np.uint16)
-    region[inside] = ((pixels * (256 - a) + tint) >> 8).astype(np.uint8)
-    if style.contour_thickness > 0:
-        contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(region, contours, -1, colour, style.contour_thickness, cv2.LINE_AA)
-
-
-def _tag(
-    out: np.ndarray, obj: Overlay, box: tuple[int, int, int, int], colour: tuple[int, int, int], style: CompositeStyle
-) -> None:
-    parts = [f"#{obj.obj_id}"]
-    if style.show_labels and obj.label:
-        parts.append(obj.label)
-    if style.show_scores:
-        parts.append(f"{obj.score:.2f}")
-    text = " ".join(parts)
-    (w, h), base = cv2.getTextSize(text, _FONT, style.font_scale, 1)
-    x = min(box[0], max(0, out.shape[1] - w - 4))
-    # Above the box when there is room, else just inside its top edge.
-    y = box[1] - 4 if box[1] - h - base - 4 >= 0 else box[1] + h + 4
-    cv2.rectangle(out, (x, y - h - 3), (x + w + 4, y + base - 1), colour, cv2.FILLED)
-    ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
-    cv2.putText(out, text, (x + 2, y - 1), _FONT, style.font_scale, ink, 1, cv2.LINE_AA)
+    height, width = out.shape[:2]
+    scale = style.font_scale * max(1.0, height / TAG_REFERENCE_HEIGHT)
+    texts = [tag_text(obj, style) for obj, _ in tagged]
+    metrics = [cv2.getTextSize(text, _FONT, scale, 1) for text in texts]
+    sizes = [(w + 4, h + base + 3) for (w, h), base in metrics]
+    spots = layout_tags([box for _, box in tagged], sizes, width, height)
+    for (obj, _), text, ((_, h), _), spot in zip(tagged, texts, metrics, spots, strict=True):
+        if spot is None:
+            continue
+        colour = color_for(obj.obj_id)
+        x0, y0, x1, y1 = spot
+        cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), colour, cv2.FILLED)
+        ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
+        cv2.putText(out, text, (x0 + 2, y0 + h + 2), _FONT, scale, ink, 1, cv2.LINE_AA)

@@ -20,10 +20,18 @@ are taken out of it after each frame.
 
 The ids in an answer are the ids used: a prompt that creates objects is applied as one prompt per
 object, each naming its reserved id.
+
+Clicks and boxes may name the frame they were drawn on by its capture ``seq``. The queue remembers which
+tracker frame each recently tracked ``seq`` became (:meth:`StreamPrompts.tracked`), asks the tracker where
+such a prompt goes (``Tracker.prompt_frame``: that frame while its prompt ring holds it, else the oldest it
+holds) and pins the answer in the queued prompt's ``frame_index``; the answer says where
+(``placed_on``, ``requested``). A drawn-on frame the tracker skipped counts as the newest frame tracked
+before it.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from collections import deque
@@ -38,6 +46,8 @@ from streamer.tracking import Tracker
 log = logging.getLogger(__name__)
 
 _LISTED = 20  # ids or concepts quoted in an error at most
+# Tracked frames whose seq a prompt can name; well beyond any prompt ring (which the tracker bounds).
+_SEQS_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,7 @@ class QueuedOp:
     new_text: bool
     frame_index: int
     restored: bool = False  # re-applied from the prompt store after a tracker restart
+    placed_on: int | None = None  # seq of the past frame its clicks or box go on (None: the next frame)
 
     @property
     def texts(self) -> list[str]:
@@ -141,11 +152,13 @@ class StreamPrompts:
         self._store = store if store is not None else PromptStore()
         self._stream = stream
         self._lock = threading.Lock()
+        self._seqs_lock = threading.Lock()
         self._settled = PromptState()  # as of the last frame tracked
         self._view = PromptState()  # as the next prompt will find it: settled + in flight + queued
         self._queued: deque[QueuedOp] = deque()
         self._in_flight: list[QueuedOp] = []
         self._next_frame = tracker.frame_index
+        self._seqs: deque[tuple[int, int]] = deque(maxlen=_SEQS_KEPT)  # (seq, tracker frame index), ascending
         self.frame_size: tuple[int, int] | None = None  # (width, height) of the newest frame received
         self.applied = 0
         self.failed = 0
@@ -163,7 +176,15 @@ class StreamPrompts:
             op = self.queue(req)
         except ValueError as exc:
             return PromptAnswer(req.request_id, False, str(exc))
-        return PromptAnswer(req.request_id, True, obj_ids=op.obj_ids, frame_index=op.frame_index)
+        requested = req.prompt.seq if req.prompt is not None else None
+        return PromptAnswer(
+            req.request_id,
+            True,
+            obj_ids=op.obj_ids,
+            frame_index=op.frame_index,
+            placed_on=op.placed_on,
+            requested=requested,
+        )
 
     def queue(self, req: PromptRequest, *, restored: bool = False) -> QueuedOp:
         """Validate and queue ``req`` (``restored``: re-applied from the store, so not recorded again);
@@ -184,7 +205,11 @@ class StreamPrompts:
         if req.op == "add_prompt":
             assert req.prompt is not None  # the decoder guarantees it
             ids, new_ids, new_text = self._plan_add(req.prompt)
-            return QueuedOp(req, ids, new_ids, new_text, frame_index, restored)
+            # A restored prompt's frames are the previous tracker's: it goes on the next frame.
+            refines = ids[0] if ids and not new_ids else None
+            placed, placed_on = (None, None) if restored else self._place(req.prompt, refines)
+            req = replace(req, prompt=replace(req.prompt, frame_index=placed))
+            return QueuedOp(req, ids, new_ids, new_text, frame_index, restored, placed_on)
         if req.op == "remove_object":
             if req.obj_id not in view.objects:
                 raise ValueError(f"obj_id: no object {req.obj_id} is tracked (tracked: {_listed(view.objects)})")
@@ -230,7 +255,35 @@ class StreamPrompts:
         new_ids = self._tracker.new_object_ids(prompt.object_count, obj_id=prompt.obj_id)
         return list(new_ids), list(new_ids), new_text
 
+    def _place(self, prompt: Prompt, refines: int | None) -> tuple[int | None, int | None]:
+        """The tracker frame the prompt's clicks or box go on and that frame's seq; ``(None, None)``: the next."""
+        if not prompt.has_geometry or (prompt.seq is None and prompt.frame_index is None):
+            return None, None
+        requested = prompt.frame_index if prompt.seq is None else self._frame_of_seq(prompt.seq)
+        placed = self._tracker.prompt_frame(requested, refines=refines)
+        placed_on = self._seq_of_frame(placed) if placed is not None else None
+        return (placed, placed_on) if placed_on is not None else (None, None)
+
+    def _frame_of_seq(self, seq: int) -> int | None:
+        """The newest tracked frame at or before capture ``seq`` (the oldest known when older than all)."""
+        with self._seqs_lock:
+            if not self._seqs:
+                return None
+            at = bisect.bisect_right(self._seqs, (seq, 2**63))
+            return self._seqs[max(at - 1, 0)][1]
+
+    def _seq_of_frame(self, frame_index: int) -> int | None:
+        with self._seqs_lock:
+            return next((seq for seq, index in self._seqs if index == frame_index), None)
+
     # ----------------------------------------------------------------------------- tracking thread
+
+    def tracked(self, seq: int, frame_index: int) -> None:
+        """Record that capture frame ``seq`` was tracked as the tracker's ``frame_index``."""
+        with self._seqs_lock:
+            if self._seqs and seq <= self._seqs[-1][0]:  # a capture restarted its numbering: old seqs mean nothing
+                self._seqs.clear()
+            self._seqs.append((seq, frame_index))
 
     def take(self) -> list[QueuedOp]:
         """The prompts to apply before the next frame, in arrival order (now in flight)."""

@@ -24,7 +24,9 @@ __all__ = [
     "VideoSource",
     "ImageFolderSource",
     "SyntheticSource",
+    "network_scheme",
     "open_source",
+    "probe_source",
     "IMAGE_EXTENSIONS",
     "NETWORK_SCHEMES",
 ]
@@ -376,10 +378,7 @@ def open_source(
         return _open_synthetic(spec.lower(), width, height, fps)
     if spec.isdigit() or spec.startswith("/dev/video"):
         return CameraSource(int(spec) if spec.isdigit() else spec, width=width, height=height, fps=fps)
-    if "://" in spec:
-        scheme = spec.split("://", 1)[0].lower()
-        if scheme not in NETWORK_SCHEMES:
-            raise ValueError(f"unsupported URL scheme {scheme!r} in {spec!r} (supported: {', '.join(NETWORK_SCHEMES)})")
+    if (scheme := network_scheme(spec)) is not None:
         # Servers of rtsp:// and the like pace their streams; an http(s):// URL may also be a plain file.
         live = None if scheme in ("http", "https") else True
         return VideoSource(spec, loop=loop, live=live, fps=fps, width=width, height=height)
@@ -389,3 +388,29 @@ def open_source(
     if path.is_file():
         return VideoSource(str(path), loop=loop, fps=fps, width=width, height=height)
     raise ValueError(f"no such file or folder: {spec!r}")
+
+
+def network_scheme(spec: str) -> str | None:
+    """The URL scheme of a network source, ``None`` for anything else; ``ValueError`` for one not supported."""
+    spec = spec.strip()
+    if "://" not in spec:
+        return None
+    scheme = spec.split("://", 1)[0].lower()
+    if scheme not in NETWORK_SCHEMES:
+        raise ValueError(f"unsupported URL scheme {scheme!r} in {spec!r} (supported: {', '.join(NETWORK_SCHEMES)})")
+    return scheme
+
+
+def probe_source(spec: str, *, width: int | None = None, height: int | None = None, fps: float | None = None) -> str:
+    """Prove that ``spec`` gives frames: open it as :func:`open_source` does, read one frame, close it.
+
+    Returns the source's description. Raises what opening raises (``ValueError``, :class:`SourceError`),
+    and :class:`SourceError` for a source with no frame to give. A network URL is checked for its scheme
+    only: a camera on the network may come up later, and reaching a dead one takes ``NETWORK_TIMEOUT``.
+    """
+    if network_scheme(spec) is not None:
+        return f"stream {spec.strip()}"
+    with open_source(spec, width=width, height=height, fps=fps) as source:
+        if source.read() is None:
+            raise SourceError(f"{source.description} has no frames")
+        return source.description

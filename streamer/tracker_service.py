@@ -9,9 +9,12 @@ stream's first frame. Sockets (ZeroMQ guide names, see ``streamer.transport``):
 - control: ROUTER, bound, served by its own thread. Every request is answered within milliseconds
   whatever the model's speed: validated against the stream's prompts as the tracker will find them,
   queued, and answered with the ids it creates and the frame it applies before
-  (:mod:`streamer.prompt_queue`). The tracking thread applies the queued prompts in arrival order
-  before each frame of their stream; one that fails then is dropped and reported as an ``event``.
-- results: PUB, bound. A ``result`` per tracked frame, carrying that frame; ``event`` messages
+  (:mod:`streamer.prompt_queue`); clicks and boxes that carry the ``seq`` of the frame they were drawn
+  on go on that frame while the tracker's prompt ring holds it (the answer's ``placed_on``). The
+  tracking thread applies the queued prompts in arrival order before each frame of their stream; one
+  that fails then is dropped and reported as an ``event``.
+- results: PUB, bound, every message under its topic (``streamer.topics``). A ``result`` per tracked
+  frame, twice: with that frame (the gateway subscribes to these) and without (robots); ``event`` messages
   (prompt failures, objects re-acquired after a restart, objects left out by the cap); a ``status``
   heartbeat every 0.5 s from its own thread, with this process's ``instance`` id and per stream the
   frames received and tracked and the prompts queued, applied and failed, so subscribers can tell
@@ -67,7 +70,7 @@ from streamer.protocol import (
     result_from_frame_result,
 )
 from streamer.signals import StopSignals
-from streamer.tracking import PASSTHROUGH, Tracker, TrackerFactory, tracker_factory
+from streamer.tracking import MAX_MOVING_OBJECTS, PASSTHROUGH, Tracker, TrackerFactory, tracker_factory
 from streamer.transport import (
     ControlServer,
     DrainStats,
@@ -75,6 +78,7 @@ from streamer.transport import (
     frames_subscriber,
     latest_per_stream,
     prepare_endpoint,
+    publish_result,
     results_publisher,
 )
 
@@ -419,17 +423,15 @@ class TrackerService:
         parts: list | None = None
         try:
             result = tracker.track(pending.pixels, timestamp=header.t_capture)
+            stream.prompts.tracked(header.seq, result.frame_index)  # a prompt drawn on this seq can go here
             tracked = time.time()
-            # "published" is stamped as encoding starts: the header carrying it is the encoder's output.
             message = result_from_frame_result(
-                name,
-                header.seq,
-                header.t_capture,
-                result,
-                {"received": pending.received, "tracked": tracked, "published": time.time()},
+                name, header.seq, header.t_capture, result, {"received": pending.received, "tracked": tracked}
             )
             self._cap_objects(name, stream, message)
-            parts = encode_result(message, pending.pixels)
+            # Masks are encoded by their boxes (a fraction of a millisecond each at 1080p); "published" is
+            # stamped once they are, so latency figures count their encoding.
+            parts = encode_result(message, pending.pixels, stamp_published=True)
         except Exception:  # one bad frame must not take the camera (or the others) down
             stream.errors += 1
             if stream.errors % 100 == 1:
@@ -441,7 +443,7 @@ class TrackerService:
             stream.prompts.settle(failed)
         if parts is not None and message is not None:
             with self._lock:
-                self._results.send_multipart(parts, copy=False)
+                publish_result(self._results, parts)  # with the frame (the gateway) and without (robots)
                 now = time.monotonic()
                 stream.last_seq, stream.last_frame_t, stream.last_tracked = header.seq, header.t_capture, now
                 stream.arrivals.append(now)
@@ -664,6 +666,7 @@ def run_tracker_service(
     name: str | None = None,
     passthrough_delay_s: float = 0.0,
     passthrough_object: bool = False,
+    passthrough_objects: int = 0,
     limits: PromptLimits = PromptLimits(),
     max_streams: int = MAX_STREAMS,
     stream_idle_s: float = STREAM_IDLE_S,
@@ -706,14 +709,16 @@ def run_tracker_service(
             log.info("loading %s ...", model)
             start = time.monotonic()
             try:
-                make_tracker = tracker_factory(
-                    model,
-                    device,
-                    encoder=encoder,
-                    encoder_precision=encoder_precision,
-                    passthrough_delay_s=passthrough_delay_s,
-                    passthrough_object=passthrough_object,
-                )
+                with stop.interruptible():  # SIGTERM while loading stops us now, not after the load
+                    make_tracker = tracker_factory(
+                        model,
+                        device,
+                        encoder=encoder,
+                        encoder_precision=encoder_precision,
+                        passthrough_delay_s=passthrough_delay_s,
+                        passthrough_object=passthrough_object,
+                        passthrough_objects=passthrough_objects,
+                    )
             except RuntimeError as exc:
                 import models  # loaded by now unless the model was passthrough
 
@@ -781,6 +786,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --model passthrough: report one fixed object per frame (masks on the wire)",
     )
     parser.add_argument(
+        "--passthrough-objects",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --model passthrough: report N moving objects of varied sizes per frame (benchmarks)",
+    )
+    parser.add_argument(
         "--state-dir",
         default=None,
         help="folder keeping each stream's active prompts, re-applied when the tracker restarts "
@@ -836,7 +848,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.passthrough_delay_ms < 0:
         log.error("--passthrough-delay-ms: must be >= 0")
         return 2
-    if args.model != PASSTHROUGH and (args.passthrough_delay_ms or args.passthrough_object):
+    if not 0 <= args.passthrough_objects <= MAX_MOVING_OBJECTS:
+        log.error("--passthrough-objects: must be between 0 and %d", MAX_MOVING_OBJECTS)
+        return 2
+    if args.model != PASSTHROUGH and (args.passthrough_delay_ms or args.passthrough_object or args.passthrough_objects):
         log.warning("--passthrough-* options apply to --model passthrough only; ignored")
     if args.model == PASSTHROUGH and (args.encoder != "torch" or args.encoder_precision):
         log.warning("--encoder options apply to real models only; ignored with --model passthrough")
@@ -869,6 +884,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             name=args.name,
             passthrough_delay_s=args.passthrough_delay_ms / 1000.0,
             passthrough_object=args.passthrough_object,
+            passthrough_objects=args.passthrough_objects,
             limits=limits,
             max_streams=args.max_streams,
             stream_idle_s=args.stream_idle_s,
@@ -884,6 +900,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     except zmq.ZMQError as exc:  # a busy endpoint may free itself: worth a restart
         log.error("cannot open the tracker's sockets: %s", exc)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a signal during the model load, or a second one while stopping
+        log.info("tracker stopped")
         return 130
     return 0

@@ -15,8 +15,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from models import FrameResult, ObjectIds, ObjectResult, Prompt, PromptFailure, check_frame
+from streamer.moving_objects import moving_objects
 
 PASSTHROUGH = "passthrough"
+MAX_MOVING_OBJECTS = 256  # the wire's MAX_OBJECTS
 
 
 @runtime_checkable
@@ -52,6 +54,12 @@ class Tracker(Protocol):
         back as prompts' ``obj_id``, they are the ids the objects get."""
         ...
 
+    def prompt_frame(self, frame_index: int | None, *, refines: int | None = None) -> int | None:
+        """Thread-safe: the past frame a click or box drawn on tracker frame ``frame_index`` goes on (the
+        oldest its prompt ring holds when older; ``refines``: the object a correction is for), or ``None``:
+        the next frame. Given as the prompt's ``frame_index`` before the next frame, it lands there."""
+        ...
+
     def take_prompt_failures(self) -> list[PromptFailure]:
         """Prompts that failed when applied during the last frames (dropped, never retried)."""
         ...
@@ -81,18 +89,23 @@ class PassThroughTracker:
 
     Prompts are validated exactly like the real tracker's (same field-naming errors) and get object
     ids, but no object is ever found: :meth:`track` returns no objects, or, with
-    ``synthetic_object``, one fixed object (id 0, the centre quarter of the frame) so that masks
-    travel the wire and get composited. ``delay_s`` makes each :meth:`track` take at least that
-    long, to stand in for a slow model.
+    ``synthetic_object``, one fixed object (id 0, the centre quarter of the frame), and with
+    ``moving_objects`` N ellipses of varied sizes gliding over the frame (``streamer.moving_objects``;
+    ids after the synthetic one's), so that masks travel the wire and get composited as a model's
+    would. ``delay_s`` makes each :meth:`track` take at least that long, to stand in for a slow model.
     """
 
-    def __init__(self, delay_s: float = 0.0, synthetic_object: bool = False) -> None:
+    def __init__(self, delay_s: float = 0.0, synthetic_object: bool = False, moving_objects: int = 0) -> None:
         if delay_s < 0:
             raise ValueError(f"delay_s: must be >= 0, got {delay_s}")
+        if not 0 <= moving_objects <= MAX_MOVING_OBJECTS:
+            raise ValueError(f"moving_objects: must be between 0 and {MAX_MOVING_OBJECTS}, got {moving_objects}")
         self.delay_s = delay_s
         self.synthetic_object = synthetic_object
+        self.moving_objects = moving_objects
         self._frame_index = 0
-        self._ids = ObjectIds(first=1 if synthetic_object else 0)  # id 0 is the synthetic object's
+        self._first_moving = 1 if synthetic_object else 0  # id 0 is the synthetic object's
+        self._ids = ObjectIds(first=self._first_moving + moving_objects)  # prompts' ids come after the made-up ones
         self._objects: set[int] = set()
         self._texts: list[str] = []
         self._mask_cache: tuple[tuple[int, int], np.ndarray] | None = None
@@ -143,6 +156,10 @@ class PassThroughTracker:
             return [obj_id]
         return self._ids.take(count)
 
+    def prompt_frame(self, frame_index: int | None, *, refines: int | None = None) -> int | None:
+        """No prompt ring: every prompt goes on the next frame."""
+        return None
+
     def take_prompt_failures(self) -> list[PromptFailure]:
         """Nothing is applied later than :meth:`add_prompt`, so nothing fails then."""
         return []
@@ -168,6 +185,9 @@ class PassThroughTracker:
         check_frame(frame)
         height, width = frame.shape[:2]
         objects = [self._synthetic(width, height)] if self.synthetic_object else []
+        for obj in moving_objects(self.moving_objects, self._frame_index, width, height):
+            obj.obj_id += self._first_moving
+            objects.append(obj)
         left = self.delay_s - (time.perf_counter() - start)
         if left > 0:
             time.sleep(left)
@@ -198,6 +218,7 @@ def tracker_factory(
     encoder_precision: str | None = None,
     passthrough_delay_s: float = 0.0,
     passthrough_object: bool = False,
+    passthrough_objects: int = 0,
 ) -> TrackerFactory:
     """Load ``model`` once and return a function making one tracker per stream.
 
@@ -209,7 +230,7 @@ def tracker_factory(
     warning). ``device`` ``None`` or ``"auto"`` lets the model layer pick (CUDA when there is one).
     """
     if model == PASSTHROUGH:
-        return lambda: PassThroughTracker(passthrough_delay_s, passthrough_object)
+        return lambda: PassThroughTracker(passthrough_delay_s, passthrough_object, passthrough_objects)
     from models import StreamingTracker, TrackerConfig, load_models, make_encoder  # lazy: torch loads only when needed
 
     bundle = load_models(model, device=None if device in (None, "auto") else device)

@@ -2,7 +2,9 @@
 
 - frames: capture PUB binds, tracker SUB connects; the tracker reads them *latest-value*: poll, then
   :func:`drain` everything queued and keep the newest per stream (:func:`latest_per_stream`).
-- results: tracker PUB binds (``result`` and ``status`` heartbeats); gateway and robots SUB connect.
+- results: tracker PUB binds (``result``, ``event`` and ``status`` heartbeats, each under its topic:
+  ``streamer.topics``); gateway and robots SUB connect, subscribing to what they use: results with the
+  frame (the gateway) or without (robots), of one stream or all, and always the heartbeats.
 - control: tracker ROUTER binds (:class:`ControlServer`); clients REQ with the *lazy pirate* pattern
   (:class:`PromptClient`, :class:`AsyncPromptClient`): wait for an answer with a timeout, else close
   the socket, open a new one and retry, and give up after a few tries.
@@ -30,7 +32,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from streamer import protocol
+from streamer import protocol, topics
 from streamer.protocol import FrameHeader, PromptAnswer, PromptRequest, ProtocolError
 from streamer.security import SocketSecurity
 
@@ -109,6 +111,7 @@ def _socket(
     max_part_bytes: int,
     hwm: int = 1000,
     security: SocketSecurity | None = None,
+    subscribe: Sequence[bytes] = (b"",),
 ) -> zmq.Socket:
     context = context if context is not None else zmq.Context.instance()
     endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
@@ -119,7 +122,8 @@ def _socket(
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, max_part_bytes)
         if kind == zmq.SUB:
-            sock.setsockopt(zmq.SUBSCRIBE, b"")  # part 0 is JSON: no prefix to filter on
+            for prefix in subscribe:
+                sock.setsockopt(zmq.SUBSCRIBE, prefix)
         if security is not None and _wants_security(endpoints):
             security.apply(sock)
         for endpoint in endpoints:
@@ -172,20 +176,49 @@ def results_publisher(
     )
 
 
+def publish_result(socket: zmq.Socket, parts: list) -> None:
+    """Publish an encoded result (``protocol.encode_result`` with its frame) under both of its topics: with
+    the frame for the gateway, and the same header without it for robots. libzmq's PUB filters by topic
+    before sending, so a message nobody subscribed to costs nothing on the wire."""
+    socket.send_multipart(parts, copy=False)
+    socket.send_multipart(protocol.without_frame(parts), copy=False)
+
+
 def results_subscriber(
     endpoints: str | Sequence[str],
     *,
+    frames: bool = False,
+    streams: Sequence[str] | None = None,
     context: zmq.Context | None = None,
     hwm: int = RESULTS_HWM,
     security: SocketSecurity | None = None,
 ) -> zmq.Socket:
-    """Gateway or robot side of the results socket: SUB to everything, connected.
+    """Gateway or robot side of the results socket: SUB, connected, to the heartbeats and to the events
+    and results of ``streams`` (``None``: all), with their frames when ``frames`` (else no pixels ever
+    arrive). See :func:`resubscribe` to follow other streams later.
 
     Pass a ``zmq.asyncio.Context`` for an asyncio socket (then read it with :func:`drain_async`).
     """
     return _socket(
-        context, zmq.SUB, endpoints, bind=False, hwm=hwm, max_part_bytes=MAX_RESULT_PART_BYTES, security=security
+        context,
+        zmq.SUB,
+        endpoints,
+        bind=False,
+        hwm=hwm,
+        max_part_bytes=MAX_RESULT_PART_BYTES,
+        security=security,
+        subscribe=topics.subscriptions(streams, frames=frames),
     )
+
+
+def resubscribe(socket: zmq.Socket, old: Sequence[bytes], new: Sequence[bytes]) -> None:
+    """Change a SUB socket's subscriptions from topics ``old`` to ``new`` (``streamer.topics.subscriptions``)."""
+    for prefix in new:
+        if prefix not in old:
+            socket.setsockopt(zmq.SUBSCRIBE, prefix)
+    for prefix in old:
+        if prefix not in new:
+            socket.setsockopt(zmq.UNSUBSCRIBE, prefix)
 
 
 def control_router(

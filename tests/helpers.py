@@ -34,7 +34,8 @@ import requests
 import zmq
 import zmq.asyncio
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc import sdp as aiortc_sdp
 
 from streamer.compositor import BANNER_BACKGROUND, color_for
 from streamer.gateway import GatewayConfig, create_app
@@ -76,7 +77,8 @@ class FakeTracker:
     inscribed in the box.
     ``publishing`` / ``heartbeats`` switch the two kinds of traffic off and on; the heartbeats say frames
     reach the tracker while ``receiving`` (``None``: while publishing); ``instance`` is the process id
-    its heartbeats carry (change it to play a restart); :meth:`send_event` publishes an event.
+    its heartbeats carry (change it to play a restart); :meth:`send_event` publishes an event. With
+    ``moving`` a bright bar crosses the frames, so that every frame's picture differs.
     """
 
     def __init__(self, stream: str = "cam0", fps: float = 30.0, heartbeat_s: float = 0.25) -> None:
@@ -92,6 +94,7 @@ class FakeTracker:
         self.requests: list[PromptRequest] = []
         self.publishing = True
         self.heartbeats = True
+        self.moving = False
         self.receiving: bool | None = None
         self.instance = "fake-1"
         self.frames_received = 0
@@ -114,6 +117,9 @@ class FakeTracker:
     def result(self) -> tuple[ResultMessage, np.ndarray]:
         frame = np.full((HEIGHT, WIDTH, 3), BACKGROUND, np.uint8)
         frame[:, :, 2] = np.linspace(70, 110, WIDTH, dtype=np.uint8)  # a little texture for the encoder
+        if self.moving:
+            x = (self.seq * 6) % (WIDTH - 8)
+            frame[:, x : x + 8] = 230
         objects = []
         for obj_id, (cx, cy, r) in self.objects.items():
             mask = disc(cx, cy, r)
@@ -237,9 +243,12 @@ async def live_viewer(tracker: FakeTracker, **overrides: Any) -> AsyncIterator[V
 
 
 class Viewer:
-    """A real aiortc client of the gateway: receives the video and talks on the prompts channel."""
+    """A real aiortc client of the gateway: receives the video and talks on the prompts channel.
 
-    def __init__(self) -> None:
+    ``codecs`` (e.g. ``["video/VP8"]``) limits the video codecs it offers, like a browser lacking H.264.
+    """
+
+    def __init__(self, codecs: list[str] | None = None) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("prompts")
         self.statuses: list[str] = []
@@ -248,7 +257,10 @@ class Viewer:
         self._track: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._answers: dict[str | None, asyncio.Future[dict[str, Any]]] = {}
         self._count = 0
-        self.pc.addTransceiver("video", direction="recvonly")
+        self.transceiver = self.pc.addTransceiver("video", direction="recvonly")
+        if codecs is not None:
+            capabilities = RTCRtpReceiver.getCapabilities("video").codecs
+            self.transceiver.setCodecPreferences([c for c in capabilities if c.mimeType in codecs])
         self.pc.on("track", lambda track: self._track.done() or self._track.set_result(track))
         self.channel.on("message", self._on_message)
 
@@ -270,8 +282,12 @@ class Viewer:
         return await post_json(f"{base_url}/offer", offer, headers)
 
     async def frame(self) -> np.ndarray:
+        return (await self.video_frame()).to_ndarray(format="rgb24")
+
+    async def video_frame(self) -> Any:
+        """The next decoded ``av.VideoFrame`` (``key_frame`` tells a keyframe)."""
         track = await asyncio.wait_for(self._track, 10)
-        return (await asyncio.wait_for(track.recv(), 5)).to_ndarray(format="rgb24")
+        return await asyncio.wait_for(track.recv(), 5)
 
     async def frame_where(self, predicate: Any, timeout: float = 8.0) -> np.ndarray:
         deadline = time.monotonic() + timeout
@@ -297,6 +313,20 @@ class Viewer:
         while not self.statuses or self.statuses[-1] != state:
             assert time.monotonic() < deadline, f"state {state!r} not reached; saw {self.statuses}"
             await asyncio.sleep(0.05)
+
+    @property
+    def codec(self) -> str:
+        """The video codec the gateway's answer settled on."""
+        return self._answered_video().rtp.codecs[0].mimeType
+
+    async def send_pli(self) -> None:
+        """Tell the gateway this viewer lost pictures (an RTCP picture loss indication), as a decoder in
+        trouble does. aiortc sends one only on real loss, so this calls its receiver's own method for it."""
+        await self.transceiver.receiver._send_rtcp_pli(self._answered_video().ssrc[0].ssrc)
+
+    def _answered_video(self) -> Any:
+        media = aiortc_sdp.SessionDescription.parse(self.pc.remoteDescription.sdp).media
+        return next(m for m in media if m.kind == "video")
 
     async def close(self) -> None:
         await self.pc.close()
@@ -700,4 +730,52 @@ class EventListener:
             with contextlib.suppress(OSError):
                 connection.sock.shutdown(socket.SHUT_RDWR)
         self._response.close()
+        self._thread.join(5)
+
+
+class StalledHub:
+    """A model hub on loopback that knows one model and never delivers its files (as on a network that
+    stalls mid-download): with ``HF_ENDPOINT`` set to :attr:`url` a load of ``repo_id`` hangs in its first
+    download, however long the test needs it to. :attr:`file_requests` counts the requests held."""
+
+    def __init__(self, repo_id: str) -> None:
+        self.repo_id = repo_id
+        self.file_requests = 0
+        self._release = threading.Event()
+        hub = self
+
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path.split("?")[0] == f"/api/models/{hub.repo_id}":
+                    body = json.dumps({"id": hub.repo_id, "sha": "0" * 40, "private": False}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                if "/resolve/" not in self.path:  # other API calls the client makes: nothing to say
+                    self.send_error(404)
+                    return
+                hub.file_requests += 1
+                hub._release.wait(120)  # held until the hub closes
+
+            do_HEAD = do_GET
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def __enter__(self) -> StalledHub:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release.set()
+        self._server.shutdown()
+        self._server.server_close()
         self._thread.join(5)

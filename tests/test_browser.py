@@ -138,6 +138,8 @@ def test_page_plays_video_and_click_adds_mapped_point(tmp_path: Path) -> None:
             ((x, y),) = request.prompt.points
             assert abs(x - 250) <= 1 and abs(y - 60) <= 1, (x, y)
             assert request.prompt.obj_id is None  # nothing selected: a new object
+            # It names the frame it was drawn on (a frame the tracker has sent), for the tracker's prompt ring.
+            assert request.prompt.seq is not None and 0 <= request.prompt.seq <= tracker.seq, request.prompt
 
             # The tracker's new object shows up in the page's list, with its answer.
             await page.wait_for_selector('#objects li[data-obj-id="2"]', timeout=5000)

@@ -21,6 +21,7 @@ import pytest
 import zmq
 
 from streamer.capture import Backoff, Pacer, build_arg_parser, run_capture, run_from_args
+from streamer.exit_notes import FINISHED_ENV
 from streamer.protocol import FrameHeader, decode_frame
 from streamer.sources import SyntheticSource
 
@@ -73,9 +74,9 @@ def subscriber() -> Iterator[Callable[[str], zmq.Socket]]:
 def start_capture(tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
     """Start ``python -m streamer.capture ARGS``; every process started is stopped at teardown."""
     procs: list[subprocess.Popen] = []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    base_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
-    def start(*args: str) -> subprocess.Popen:
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log_path = tmp_path / f"capture{len(procs)}.log"
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
@@ -83,7 +84,7 @@ def start_capture(tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
-                env=env,
+                env={**base_env, **(env or {})},
             )
         proc.log_path = log_path  # type: ignore[attr-defined]
         procs.append(proc)
@@ -182,19 +183,38 @@ def test_folder_that_disappears_is_reopened_and_publishing_resumes(tmp_path, sta
     assert stop(proc) == 0
 
 
-def test_source_that_ends_is_replayed_with_sequence_numbers_continuing(tmp_path, start_capture, subscriber):
+def test_looped_source_is_replayed_with_sequence_numbers_continuing(tmp_path, start_capture, subscriber):
     folder = tmp_path / "frames"
     levels = [0, 50, 100, 150]
     write_folder(folder, levels, size=(16, 16))
     endpoint = free_tcp_endpoint()
-    proc = start_capture("--source", str(folder), "--fps", "25", "--frames-endpoint", endpoint)
+    proc = start_capture("--source", str(folder), "--loop", "--fps", "25", "--frames-endpoint", endpoint)
     frames = receive(subscriber(endpoint), lambda fs: len(fs) >= 10, timeout=15)
     seqs = [f.header.seq for f in frames]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     # Every pass over the folder continues the count: frame seq shows image seq % 4.
     assert [int(f.pixels[0, 0, 0]) for f in frames] == [levels[s % 4] for s in seqs]
-    assert "ended; reopening in 0.5 s" in proc.log_path.read_text()
     assert stop(proc, signal.SIGINT) == 0  # Ctrl-C stops as cleanly as SIGTERM
+
+
+def test_source_without_loop_plays_once_and_says_it_finished(tmp_path, start_capture, subscriber):
+    """Regression: a file without --loop was replayed forever (reopened as if it had failed)."""
+    folder = tmp_path / "frames"
+    write_folder(folder, [0, 50, 100], size=(16, 16))
+    endpoint = free_tcp_endpoint()
+    finished = tmp_path / "finished"
+    sub = subscriber(endpoint)
+    proc = start_capture(
+        "--source", str(folder), "--fps", "5", "--frames-endpoint", endpoint, env={FINISHED_ENV: str(finished)}
+    )
+    assert proc.wait(15) == 0
+    log = proc.log_path.read_text()
+    assert "played to its end; pass --loop to repeat it" in log and "reopening" not in log
+    assert "played to its end (3 frames)" in finished.read_text()
+    levels = []
+    while sub.poll(500):
+        levels.append(int(decode_frame(sub.recv_multipart())[1][0, 0, 0]))
+    assert levels == [0, 50, 100][3 - len(levels) :]  # each image once (the first may come before we joined)
 
 
 def test_bad_source_spec_exits_at_once_naming_the_problem(start_capture):

@@ -82,12 +82,16 @@ def test_commands_report_why_they_refuse_to_start(tmp_path: Path) -> None:
 
 
 def test_run_stops_when_the_tracker_cannot_start(tmp_path: Path) -> None:
+    """A model folder that passes run's checks (it holds a config.json) but cannot be loaded."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
     log_path = tmp_path / "run.log"
-    args = ["run", "--model", "/no/such/model", "--source", "synthetic:160x120@5", "--http-port", str(free_http_port())]
+    args = ["run", "--model", str(broken), "--source", "synthetic:160x120@5", "--http-port", str(free_http_port())]
     with launched(args, log_path) as proc:
         assert proc.wait(90) == USAGE_ERROR
     text = log_path.read_text()
-    assert re.search(r"tracker refused to start: .*cannot load the model: model folder '/no/such/model'", text), text
+    assert re.search(rf"tracker refused to start: .*cannot load the model: cannot load '{broken}'", text), text
     assert "restarting" not in text
 
 

@@ -39,6 +39,10 @@ def test_viewer_receives_composited_frames_and_metadata() -> None:
                 assert image.shape == (HEIGHT, WIDTH, 3)
                 # Away from the object (and its tag) the frame is the tracker's own pixels.
                 assert np.abs(image[200, 280, :2].astype(int) - BACKGROUND).max() < 20
+                # The metadata rides the data channel, which may arrive a moment after the picture.
+                deadline = time.monotonic() + 5
+                while viewer.objects is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
                 assert viewer.objects is not None
                 (obj,) = viewer.objects["objects"]
                 assert obj["obj_id"] == obj_id and obj["label"] == "thing" and "mask" not in obj
@@ -61,7 +65,15 @@ def test_prompts_forwarded_and_malformed_ones_answered() -> None:
                 click = {"op": "add_prompt", "prompt": {"points": [[250, 60]], "point_labels": [1]}}
                 answer = await viewer.request(click)
                 frame_index = answer.pop("frame_index")
-                assert answer == {"type": "answer", "id": "t1", "ok": True, "error": None, "obj_ids": [2]}
+                assert answer == {
+                    "type": "answer",
+                    "id": "t1",
+                    "ok": True,
+                    "error": None,
+                    "obj_ids": [2],
+                    "placed_on": None,  # no seq sent: the next frame
+                    "requested": None,
+                }
                 assert isinstance(frame_index, int) and frame_index > 0, "the frame it applies before"
                 request = tracker.requests[-1]
                 assert request.stream == "cam0" and request.op == "add_prompt"

@@ -332,7 +332,7 @@ def test_the_robot_example_hears_a_tracker_restarted_after_a_hostile_peer(contex
             deadline, seq = time.monotonic() + 15, 0
             while robot.poll() is None and time.monotonic() < deadline:
                 message = protocol.ResultMessage("cam0", seq, seq, time.time(), 8, 6, {}, {}, [])
-                pub.send_multipart(protocol.encode_result(message, np.zeros((6, 8, 3), np.uint8)), copy=False)
+                transport.publish_result(pub, protocol.encode_result(message, np.zeros((6, 8, 3), np.uint8)))
                 seq += 1
                 time.sleep(0.05)
         finally:

@@ -14,6 +14,7 @@ from models.preprocess import (
     prompt_to_model_points,
     resolve_overlaps,
 )
+from models.readback import packed_masks, read_back
 
 
 @pytest.mark.parametrize("size", [(120, 160), (77, 333), (112, 112), (1080, 1920)])
@@ -37,6 +38,36 @@ def test_boxes_match_the_masks_pixels() -> None:
         ys, xs = np.nonzero(mask)
         assert box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     assert boxes[3].tolist() == [0, 0, 0, 0]
+
+
+def test_read_back_packs_each_mask_by_its_box_and_reports_only_visible_objects() -> None:
+    rng = np.random.default_rng(2)
+    masks = np.zeros((4, 50, 70), bool)
+    masks[0, 10:20, 5:9] = rng.random((10, 4)) > 0.3
+    masks[1, 49, 69] = True  # a single pixel in the corner
+    masks[3] = rng.random((50, 70)) > 0.9  # spread over the whole frame; object 2 is empty
+    tensor = torch.from_numpy(masks)
+    boxes, visible = boxes_from_masks(tensor)
+    scores = torch.tensor([0.25, 0.5, 0.75, 0.875], dtype=torch.bfloat16)
+    objects = read_back([7, 8, 9, 10], tensor, boxes, visible, scores, ["a", None, "b", "c"])
+    assert [(o.obj_id, o.score, o.label) for o in objects] == [(7, 0.25, "a"), (8, 0.5, None), (10, 0.875, "c")]
+    for obj, mask in zip(objects, masks[[0, 1, 3]], strict=True):
+        np.testing.assert_array_equal(obj.mask, mask)
+    # What CUDA does, on CPU tensors: the boxes' pixels packed into one flat buffer, moved, pasted back.
+    moved: list[int] = []
+
+    def to_host(flat: torch.Tensor) -> np.ndarray:
+        moved.append(flat.numel())
+        return flat.numpy().copy()
+
+    boxes_np = boxes.numpy()
+    packed = packed_masks(tensor, boxes_np, [0, 1, 3], to_host)
+    areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes_np[[0, 1, 3]]]
+    assert moved == [sum(areas)], "one transfer of the boxes' pixels only"
+    for got, mask in zip(packed, masks[[0, 1, 3]], strict=True):
+        assert got.shape == (50, 70) and got.dtype == bool
+        np.testing.assert_array_equal(got, mask)
+    assert packed_masks(tensor, boxes_np, [], to_host) == [] and len(moved) == 1
 
 
 def test_masks_come_back_at_frame_resolution() -> None:

@@ -14,7 +14,7 @@ json_values = st.recursive(
     max_leaves=12,
 )
 fields = st.sampled_from(
-    ["text", "points", "point_labels", "bounding_boxes", "bounding_box_labels", "obj_id", "frame_index", "other"]
+    ["text", "points", "point_labels", "bounding_boxes", "bounding_box_labels", "obj_id", "frame_index", "seq", "other"]
 )
 
 
@@ -38,6 +38,7 @@ def test_round_trip_of_a_full_prompt() -> None:
         bounding_box_labels=(1,),
         obj_id=3,
         frame_index=10,
+        seq=12,
     )
     assert Prompt.from_dict(prompt.to_dict()) == prompt
 
@@ -50,6 +51,8 @@ def test_round_trip_of_a_full_prompt() -> None:
         ({"obj_id": 10**30, "points": [[1, 1]], "point_labels": [1]}, "obj_id: must be between"),
         ({"obj_id": 2**63 - 1, "points": [[1, 1]], "point_labels": [1]}, "obj_id: must be between 0 and 2147483647"),
         ({"obj_id": 2**31, "points": [[1, 1]], "point_labels": [1]}, "obj_id: must be between 0 and 2147483647"),
+        ({"seq": -1, "points": [[1, 1]], "point_labels": [1]}, "seq: must be between 0 and"),
+        ({"seq": "7", "points": [[1, 1]], "point_labels": [1]}, "seq: must be an integer"),
         ({"text": "\ud800"}, "text: not valid Unicode"),
         ({"text": "cat \udfff"}, "text: not valid Unicode"),
         ({"text": "x" * 500}, "text: longer than"),

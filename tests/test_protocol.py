@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 
@@ -37,6 +38,7 @@ from streamer.protocol import (
     peek_kind,
     peek_request_id,
     rle_to_mask,
+    without_frame,
 )
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -237,7 +239,7 @@ def test_answer_round_trips() -> None:
 def test_result_round_trip_with_and_without_frame() -> None:
     msg, frame = _result(), _pixels()
     parts = encode_result(msg, frame)
-    assert len(parts) == 2 and np.shares_memory(np.asarray(parts[1]), frame)
+    assert parts[0] == b"result+frame/cam0\0" and len(parts) == 3 and np.shares_memory(np.asarray(parts[2]), frame)
     got, got_frame = decode_result([zmq.Frame(bytes(p)) for p in parts])
     np.testing.assert_array_equal(got_frame, frame)
     fields = ("stream", "seq", "frame_index", "t_capture", "width", "height", "timestamps", "timings")
@@ -254,8 +256,39 @@ def test_result_round_trip_with_and_without_frame() -> None:
         else:
             assert received.mask.dtype == bool and received.mask.flags.c_contiguous
             np.testing.assert_array_equal(received.mask, sent.mask)
-    got, got_frame = decode_result(encode_result(msg, None))
-    assert got_frame is None and len(got.objects) == 3
+    for pixel_free in (encode_result(msg, None), without_frame(parts)):
+        assert pixel_free[0] == b"result/cam0\0" and len(pixel_free) == 2
+        got, got_frame = decode_result(pixel_free)
+        assert got_frame is None and len(got.objects) == 3
+
+
+def test_results_socket_topics_must_match_their_message() -> None:
+    msg, frame = _result(), _pixels()
+    topic, header, pixels = encode_result(msg, frame)
+    with pytest.raises(ProtocolError, match="result: a 'result/' topic carries a header and no frame, got 2 parts"):
+        decode_result([b"result/cam0\0", header, pixels])
+    with pytest.raises(
+        ProtocolError, match="result: a 'result\\+frame/' topic carries a header and a frame, got 1 parts"
+    ):
+        decode_result([topic, header])
+    with pytest.raises(ProtocolError, match="topic: names stream 'cam1'"):
+        decode_result([b"result+frame/cam1\0", header, pixels])
+    with pytest.raises(ProtocolError, match="topic: 'status' does not carry result messages"):
+        decode_result([b"status", header])
+    with pytest.raises(ProtocolError, match="a tracker older than protocol 3"):
+        decode_result([header])
+    with pytest.raises(ProtocolError, match="topic: .* is not a results topic"):
+        peek_kind([b"frames/cam0\0", header])
+    with pytest.raises(ProtocolError, match="stream: must not contain NUL"):
+        encode_result(dataclasses.replace(msg, stream="cam\0"), None)
+    with pytest.raises(ProtocolError, match="is not a result with its frame"):
+        without_frame(encode_result(msg, None))
+    with pytest.raises(ProtocolError, match="topic: the stream name is not UTF-8"):
+        decode_result([b"result/\xff\0", header])
+    with pytest.raises(ProtocolError, match="topic: 2000 bytes, more than"):
+        peek_kind([b"result/" + b"a" * 1992 + b"\0", header])
+    with pytest.raises(ProtocolError, match="a topic part and no message after it"):
+        peek_kind([b"status"])
 
 
 def test_result_accepts_numpy_scalars() -> None:
@@ -310,32 +343,28 @@ def test_status_round_trip_and_peek_kind() -> None:
         },
     )
     assert decode_status(encode_status(status)) == status
-    kinds = {name: peek_kind(parts) for name, parts in _valid_messages().items()}
-    assert kinds == {
-        "frame": "frame",
-        "prompt": "prompt",
-        "remove": "prompt",
-        "answer": "answer",
-        "result": "result",
-        "result_no_frame": "result",
-        "status": "status",
-    }
+    messages = _valid_messages()
+    kinds = {name: peek_kind(messages[name]) for name in ("result", "result_no_frame", "status")}
+    assert kinds == {"result": "result", "result_no_frame": "result", "status": "status"}
+    for name in ("frame", "prompt", "answer"):  # not results-socket messages: they carry no topic
+        with pytest.raises(ProtocolError, match="topic: the message starts with a JSON header"):
+            peek_kind(messages[name])
 
 
 def test_decoders_refuse_other_kinds_versions_and_part_counts() -> None:
     messages = _valid_messages()
     with pytest.raises(ProtocolError, match="header.kind: expected 'frame', got 'status'"):
-        decode_frame(messages["status"])
+        decode_frame(messages["status"][1:])
     with pytest.raises(ProtocolError, match="frame: expected 2 message parts, got 1"):
         decode_frame(messages["frame"][:1])
     with pytest.raises(ProtocolError, match="status: expected 1 message parts, got 2"):
         decode_status(messages["status"] + [b""])
-    header = json.loads(messages["status"][0])
-    for version in (0, 3, "1", 1.0, None, True):
+    header = json.loads(messages["status"][1])
+    for version in (0, 4, "1", 1.0, None, True):
         with pytest.raises(ProtocolError, match="header.v: unsupported protocol version"):
-            decode_status([json.dumps({**header, "v": version}).encode()])
+            decode_status([b"status", json.dumps({**header, "v": version}).encode()])
     with pytest.raises(ProtocolError, match="header.kind: unknown kind 'video'"):
-        peek_kind([json.dumps({**header, "kind": "video"}).encode()])
+        peek_kind([b"status", json.dumps({**header, "kind": "video"}).encode()])
 
 
 @pytest.mark.parametrize(
@@ -358,7 +387,7 @@ def test_decoders_refuse_other_kinds_versions_and_part_counts() -> None:
 )
 def test_malformed_headers_are_protocol_errors(header: bytes, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
-        decode_status([header])
+        decode_status([b"status", header])
 
 
 def test_pixel_payload_must_match_the_header() -> None:
@@ -374,14 +403,15 @@ def test_pixel_payload_must_match_the_header() -> None:
 
 
 def test_result_rejects_masks_that_disagree_with_the_frame() -> None:
-    header = json.loads(encode_result(_result(), None)[0])
+    topic, data = encode_result(_result(), None)
+    header = json.loads(data)
     header["objects"][0]["mask"]["size"] = [31, 41]
     with pytest.raises(ProtocolError, match=r"result.objects\[0\].mask.size: \[31, 41\] does not match"):
-        decode_result([json.dumps(header).encode()])
-    header = json.loads(encode_result(_result(), None)[0])
+        decode_result([topic, json.dumps(header).encode()])
+    header = json.loads(data)
     header["objects"][0]["mask"] = mask_to_rle(np.ones((30, 40), bool))
     with pytest.raises(ProtocolError, match="does not match"):
-        decode_result([json.dumps(header).encode()])
+        decode_result([topic, json.dumps(header).encode()])
 
 
 def test_result_bounds_total_mask_memory() -> None:
@@ -402,7 +432,7 @@ def test_result_bounds_total_mask_memory() -> None:
         "objects": objects,
     }
     with pytest.raises(ProtocolError, match="MAX_MASK_PIXELS_TOTAL"):
-        decode_result([json.dumps(header).encode()])
+        decode_result([b"result/s\0", json.dumps(header).encode()])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -564,8 +594,9 @@ def _paths(value: object, prefix: tuple = ()) -> list[tuple]:
 @given(name=st.sampled_from(sorted(_valid_messages())), data=st.data())
 def test_fuzz_mutated_valid_messages(name: str, data: st.DataObject) -> None:
     parts = [bytes(np.asarray(p).tobytes()) if not isinstance(p, bytes) else p for p in _valid_messages()[name]]
-    header = json.loads(parts[0])
-    mutation = data.draw(st.sampled_from(["replace", "delete", "bytes", "parts", "rle"]))
+    at = 0 if parts[0].startswith(b"{") else 1  # results-socket messages: a topic, then the header
+    header = json.loads(parts[at])
+    mutation = data.draw(st.sampled_from(["replace", "delete", "bytes", "parts", "rle", "topic"]))
     if mutation in ("replace", "delete"):
         path = data.draw(st.sampled_from(_paths(header)))
         parent = header
@@ -575,19 +606,22 @@ def test_fuzz_mutated_valid_messages(name: str, data: st.DataObject) -> None:
             parent[path[-1]] = data.draw(_json_values)
         else:
             del parent[path[-1]]
-        parts[0] = _dumps(header)
+        parts[at] = _dumps(header)
     elif mutation == "bytes":
-        raw = bytearray(parts[0])
+        raw = bytearray(parts[at])
         for _ in range(data.draw(st.integers(1, 4))):
             raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
-        parts[0] = bytes(raw)
+        parts[at] = bytes(raw)
     elif mutation == "parts":
         index = data.draw(st.integers(0, len(parts)))
         parts = parts[:index] + data.draw(st.lists(st.binary(max_size=8), max_size=2)) + parts[index + 1 :]
+    elif mutation == "topic":
+        parts[0] = data.draw(st.sampled_from([b"status", b"event/", b"result/cam0\0", b"result+frame/cam0\0", b""]))
+        parts[0] += data.draw(st.binary(max_size=6))
     elif "objects" in header:
         rle = header["objects"][0]["mask"]
         rle["counts"] = data.draw(st.text(st.characters(min_codepoint=48, max_codepoint=111), max_size=30))
-        parts[0] = _dumps(header)
+        parts[at] = _dumps(header)
     _decode_any(parts)
 
 

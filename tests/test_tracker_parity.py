@@ -14,9 +14,11 @@ non-overlap rule on text objects) is written here, from SAM 3's rules, using tra
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Sam3TrackerVideoModel, Sam3VideoModel
@@ -356,3 +358,85 @@ def test_text_prompted_model_matches_unbounded_reference(tiny_models, tiny_folde
         last = result.by_id()
     assert ran == ["correct 30", "remove 100", "correct 170"], f"schedule steps that did not run: {ran}"
     assert ref.session.get_obj_num() > 0, "the schedule should leave text objects to compare"
+
+
+# ----------------------------------------------------------- prompts placed on a past frame (prompt ring)
+
+RING_EXACT = replace(EXACT, prompt_ring_seconds=None, prompt_ring_frames=24)
+CAUGHT_UP_AT = 30  # the frame before which the late prompt arrives
+FIRST_CLICK = Prompt(points=((40.3, 61.7),), point_labels=(1,))
+
+
+LATE_BOX = Prompt(bounding_boxes=((0.75, 0.2, 0.3, 0.25),), bounding_box_labels=(1,))
+
+
+@pytest.mark.parametrize("back", [5, 20])
+def test_object_started_on_a_past_frame_matches_reference_prompted_there(tiny_models, tiny_folder, back) -> None:
+    """A new object drawn ``back`` frames ago: from the catch-up on, its masks and scores are transformers'
+    unbounded session's given the prompt on that frame."""
+    ours = StreamingTracker(tiny_models, RING_EXACT)
+    ref = GeometryReference(tiny_folder)
+    drawn_on = CAUGHT_UP_AT - back
+    ref.add(drawn_on, [0], LATE_BOX)
+    for frame in range(CAUGHT_UP_AT + 10):
+        if frame == CAUGHT_UP_AT:
+            assert ours.prompt_frame(drawn_on) == drawn_on
+            assert ours.add_prompt(replace(LATE_BOX, frame_index=drawn_on), frame_size=(GW, GH)) == [0]
+        image = moving_shapes(frame, GW, GH)
+        result = ours.track(image)
+        expected = ref.step(frame, _pixels(image)) if frame >= drawn_on else {}
+        if frame >= CAUGHT_UP_AT:
+            _assert_same(frame, result, expected)
+        else:
+            assert not result.objects
+    assert result.objects, "the object should be visible to compare"
+
+
+def test_catch_up_leaves_the_other_objects_untouched(tiny_models, tiny_folder) -> None:
+    """With another object tracked, the late object's first caught-up frame equals its reference's and the
+    other object's equals a reference that never saw the late prompt: the catch-up spent steps on the late
+    object only. (From the next frame on the two objects share the memory encoder's batch, whose rounding
+    depends on the batch; transformers' own session, prompted on the past frame, would moreover binarize the
+    other object's memory there. Neither is what a prompt on that frame means, so later frames are not
+    compared bit for bit.)"""
+    ours = StreamingTracker(tiny_models, RING_EXACT)
+    drawn_on = CAUGHT_UP_AT - 20
+    tracked_all_along, started_late = GeometryReference(tiny_folder), GeometryReference(tiny_folder)
+    tracked_all_along.add(2, [0], FIRST_CLICK)
+    started_late.add(drawn_on, [1], LATE_BOX)
+    for frame in range(CAUGHT_UP_AT + 1):
+        if frame == 2:
+            assert ours.add_prompt(FIRST_CLICK, frame_size=(GW, GH)) == [0]
+        if frame == CAUGHT_UP_AT:
+            assert ours.add_prompt(replace(LATE_BOX, frame_index=drawn_on)) == [1]
+        image = moving_shapes(frame, GW, GH)
+        result = ours.track(image)
+        expected = tracked_all_along.step(frame, _pixels(image)) if frame >= 2 else {}
+        late_expected = started_late.step(frame, _pixels(image)) if frame >= drawn_on else {}
+        _assert_same(frame, result, expected | late_expected if frame == CAUGHT_UP_AT else expected)
+    assert {o.obj_id for o in result.objects} == {0, 1}, "both objects should be visible to compare"
+
+
+@pytest.mark.parametrize("back", [5, 20])
+def test_correction_on_a_past_frame_matches_reference_corrected_there(tiny_models, tiny_folder, back) -> None:
+    """A correction of a tracked object drawn ``back`` frames ago: from the catch-up on, its masks are
+    transformers' unbounded session's given the correction on that frame."""
+    ours = StreamingTracker(tiny_models, RING_EXACT)
+    ref = GeometryReference(tiny_folder)
+    ref.add(2, [0], FIRST_CLICK)
+    drawn_on = CAUGHT_UP_AT - back
+    correction = Prompt(points=((70.1, 62.9), (30.7, 20.2)), point_labels=(1, 0), obj_id=0)
+    for frame in range(CAUGHT_UP_AT + 8):
+        if frame == 2:
+            ours.add_prompt(FIRST_CLICK, frame_size=(GW, GH))
+        if frame == drawn_on:
+            ref.corrections[0] = correction
+        if frame == CAUGHT_UP_AT:
+            assert ours.prompt_frame(drawn_on, refines=0) == drawn_on
+            assert ours.add_prompt(replace(correction, frame_index=drawn_on)) == [0]
+        image = moving_shapes(frame, GW, GH)
+        result = ours.track(image)
+        expected = ref.step(frame, _pixels(image)) if frame >= 2 else {}
+        if not drawn_on <= frame < CAUGHT_UP_AT:  # those frames were published before the correction came
+            _assert_same(frame, result, expected)
+    assert result.objects, "the object should be visible to compare"

@@ -43,7 +43,7 @@ from streamer.protocol import (
 )
 from streamer.tracking import PassThroughTracker, make_tracker
 from streamer.tracking import Tracker as TrackerInterface
-from streamer.transport import PromptClient, control_requester, frames_publisher, results_subscriber
+from streamer.transport import PromptClient, control_requester, drain, frames_publisher, results_subscriber
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -162,7 +162,7 @@ def running_tracker(*options: str, log_path: Path) -> Iterator[Tracker]:
     ]
     try:
         with launched(args, log_path) as proc:
-            sub = results_subscriber(endpoints.results, context=ctx)
+            sub = results_subscriber(endpoints.results, frames=True, context=ctx)  # as the gateway subscribes
             control = PromptClient(endpoints.control, timeout_s=5.0, retries=2, context=ctx)
             tracker = Tracker(endpoints, log_path, pub, sub, control, {}, proc)
             try:
@@ -244,6 +244,36 @@ def test_prompts_are_answered_and_results_carry_their_frame_and_masks(tiny: Trac
     assert results and not results[-1][0].objects, "reset drops the initial text prompt too"
 
 
+def test_a_click_carrying_its_frames_seq_goes_on_that_frame(tiny: Tracker) -> None:
+    """Clicks name the frame they were drawn on by ``seq``; the answer says where they went: that frame while
+    the tracker's prompt ring (1 s by capture time) holds it, else the oldest frame it holds."""
+    base = time.time() - 100.0  # capture times: seq / 30 s after base, as a 30 fps camera stamps them
+
+    def track(seq: int) -> None:
+        for _ in range(100):
+            tiny.send("late", seq, t_capture=base + seq / 30)
+            if any(m.stream == "late" and m.seq == seq for m, _ in tiny.receive(0.3)[0]):
+                return
+        pytest.fail(f"frame {seq} was not tracked\n{tiny.log_path.read_text()[-3000:]}")
+
+    for seq in (0, *range(40, 52)):  # frame 0 is 1.7 s older than frame 51: out of the ring
+        track(seq)
+    click = {"points": [[40, 60]], "point_labels": [1]}
+    answer = tiny.request("late", "add_prompt", prompt=Prompt.from_dict({**click, "seq": 46}))
+    assert answer.ok and (answer.placed_on, answer.requested) == (46, 46), answer
+    answer = tiny.request("late", "add_prompt", prompt=Prompt.from_dict({**click, "seq": 0}))
+    assert answer.ok and (answer.placed_on, answer.requested) == (40, 0), answer
+    answer = tiny.request("late", "add_prompt", prompt=Prompt.from_dict({"text": "cup", "seq": 46}))
+    assert answer.ok and (answer.placed_on, answer.requested) == (None, 46), "text goes on the next frame"
+    events_before = len(tiny.events)
+    for seq in range(52, 55):  # the prompts are applied before frame 52: the two objects catch up
+        track(seq)
+    failed = [e for e in tiny.events[events_before:] if e.stream == "late" and e.event == "prompt_failed"]
+    assert not failed, failed
+    status = tiny.status("late")
+    assert status["prompts_queued"] == 0 and status["prompts_failed"] == 0, status
+
+
 def test_each_stream_has_its_own_tracker(tiny: Tracker) -> None:
     tiny.until_result("left", 0)
     tiny.until_result("right", 0)
@@ -309,6 +339,35 @@ def test_a_slow_tracker_always_takes_the_newest_frame(tmp_path: Path) -> None:
     assert seqs == sorted(seqs) and min(np.diff(seqs)) >= 1
 
 
+def test_a_robot_subscribed_to_one_stream_gets_its_masks_and_never_pixels(tmp_path: Path) -> None:
+    """The tracker publishes each result with its frame (the test's gateway socket) and without it: a
+    robot's subscriber asking for one stream without frames gets that, and nothing else."""
+    with running_tracker(
+        "--model", "passthrough", "--passthrough-objects", "3", log_path=tmp_path / "t.log"
+    ) as tracker:
+        robot = results_subscriber(tracker.endpoints.results, streams=["cam0"], context=tracker.pub.context)
+        try:
+            wait_for(lambda: drain(robot, 100), 10, "a heartbeat at the robot", tracker.log_path)
+            robot_parts: list = []
+            for seq in range(40):
+                for stream in ("cam0", "cam1"):
+                    tracker.send(stream, seq)
+                time.sleep(0.02)
+                robot_parts += drain(robot, 0)
+            gateway = [m for m, frame in tracker.receive(0.5)[0] if frame is not None]
+            robot_parts += drain(robot, 300)
+        finally:
+            robot.close()
+    assert {m.stream for m in gateway} == {"cam0", "cam1"}, "the gateway's socket takes every stream with frames"
+    assert all(len(parts) == 2 for parts in robot_parts), "a topic and a header: never a frame"
+    robot_results = [decode_result(parts) for parts in robot_parts if peek_kind(parts) == "result"]
+    assert len(robot_results) >= 10
+    assert all(message.stream == "cam0" and frame is None for message, frame in robot_results)
+    first, _ = robot_results[-1]
+    assert len(first.objects) == 3 and all(o.mask is not None and o.mask.any() for o in first.objects)
+    assert all(m.timestamps["tracked"] <= m.timestamps["published"] for m, _ in robot_results)
+
+
 # ------------------------------------------------------------------------------------------------
 # The tracker interface itself (no processes)
 
@@ -348,3 +407,14 @@ def test_passthrough_tracker_validates_prompts_and_reports_its_synthetic_object(
     assert result.timestamp == 2.0 and result.frame_index == 0 and obj.obj_id == 0
     assert obj.mask.shape == (HEIGHT, WIDTH) and obj.mask.sum() == (WIDTH // 2) * (HEIGHT // 2)
     assert synthetic.add_prompt({"points": [[3, 4]], "point_labels": [1]}) == [1], "id 0 is the synthetic object's"
+
+    moving = PassThroughTracker(synthetic_object=True, moving_objects=4)
+    frames = [moving.track(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).objects for _ in range(2)]
+    assert [o.obj_id for o in frames[0]] == [0, 1, 2, 3, 4]
+    assert not np.array_equal(frames[0][1].mask, frames[1][1].mask), "the made-up objects move"
+    for obj in frames[1][1:]:
+        ys, xs = np.nonzero(obj.mask)
+        assert obj.bbox == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), "tight boxes, as a model reports"
+    assert moving.add_prompt({"points": [[3, 4]], "point_labels": [1]}) == [5], "prompts' ids follow the made-up ones"
+    with pytest.raises(ValueError, match="^moving_objects: must be between 0 and 256"):
+        PassThroughTracker(moving_objects=-1)

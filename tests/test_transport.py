@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from models import Prompt
-from streamer import protocol, transport
+from streamer import protocol, topics, transport
 from streamer.config import Endpoints
 from streamer.protocol import FrameHeader, PromptAnswer, PromptRequest, ProtocolError, StatusMessage
 from streamer.transport import (
@@ -169,7 +169,7 @@ def test_latest_per_stream_drops_and_counts_malformed(caplog: pytest.LogCaptureF
 
 def test_results_socket_carries_results_and_heartbeats(context: zmq.Context, endpoint: str) -> None:
     pub = transport.results_publisher(endpoint, context=context)
-    sub = transport.results_subscriber(bound_endpoint(pub), context=context)
+    sub = transport.results_subscriber(bound_endpoint(pub), frames=True, context=context)
     beat = protocol.encode_status(StatusMessage("gpu0", 1.0, {}))
     try:
         connect_pub_sub(pub, sub, lambda: beat)
@@ -197,6 +197,85 @@ def test_results_socket_carries_results_and_heartbeats(context: zmq.Context, end
         np.testing.assert_array_equal(got, pixels)
     finally:
         sub.close()
+        pub.close()
+
+
+def _result_parts(stream: str, seq: int) -> list:
+    """An encoded result of ``stream`` with an 8x6 frame, as the tracker encodes it before publishing."""
+    message = protocol.ResultMessage(stream, seq, seq, 1.0, 8, 6, {}, {}, [])
+    return protocol.encode_result(message, np.full((6, 8, 3), 7, np.uint8))
+
+
+def test_subscribers_choose_by_topic_and_robots_never_receive_pixels(context: zmq.Context, endpoint: str) -> None:
+    pub = transport.results_publisher(endpoint, context=context)
+    at = bound_endpoint(pub)
+    subscribers = {
+        "robot": transport.results_subscriber(at, context=context),
+        "robot_cam": transport.results_subscriber(at, streams=["cam"], context=context),
+        "gateway_cam0": transport.results_subscriber(at, frames=True, streams=["cam0"], context=context),
+        "gateway": transport.results_subscriber(at, frames=True, context=context),
+    }
+    beat = protocol.encode_status(StatusMessage("gpu0", 1.0, {}))
+    event = protocol.encode_event(protocol.EventMessage("cam0", "prompt_failed", "no", 1.0))
+    try:
+        for sub in subscribers.values():
+            connect_pub_sub(pub, sub, lambda: beat)
+        time.sleep(0.05)
+        for sub in subscribers.values():  # the probes sent while connecting the others
+            drain(sub, 0)
+        for seq in range(3):
+            for stream in ("cam0", "cam", "cam01"):  # "cam" starts the others' names: its topic must not match them
+                transport.publish_result(pub, _result_parts(stream, seq))
+        pub.send_multipart(event)
+        pub.send_multipart(beat)
+        got: dict[str, list] = {name: [] for name in subscribers}
+        deadline = time.monotonic() + 5
+        while sum(map(len, got.values())) < 9 + 3 + 3 + 9 + 2 * 4 + 2 and time.monotonic() < deadline:
+            for name, sub in subscribers.items():
+                got[name] += drain(sub, 20)
+        time.sleep(0.1)  # anything extra would have arrived by now
+        for name, sub in subscribers.items():
+            got[name] += drain(sub, 0)
+
+        def seen(name: str) -> list[tuple[str, str | None, bool]]:
+            out = []
+            for parts in got[name]:
+                kind = protocol.peek_kind(parts)
+                if kind == "result":
+                    message, pixels = protocol.decode_result(parts)
+                    out.append((kind, message.stream, pixels is not None))
+                else:
+                    out.append((kind, None, False))
+            return out
+
+        def results(streams: tuple[str, ...], pixels: bool) -> list[tuple[str, str, bool]]:
+            return [("result", stream, pixels) for _ in range(3) for stream in streams]
+
+        tail = [("event", None, False), ("status", None, False)]
+        assert seen("robot") == results(("cam0", "cam", "cam01"), False) + tail
+        assert seen("robot_cam") == results(("cam",), False) + [("status", None, False)]
+        assert seen("gateway_cam0") == results(("cam0",), True) + tail
+        assert seen("gateway") == results(("cam0", "cam", "cam01"), True) + tail
+        for name in ("robot", "robot_cam"):  # two parts at most: a topic and a header, never a frame
+            assert all(len(parts) == 2 for parts in got[name]), name
+            assert all(len(parts[1]) < 4096 for parts in got[name]), name
+
+        # A subscriber can follow another stream later (the gateway narrows to the stream it shows).
+        gateway = subscribers["gateway"]
+        transport.resubscribe(gateway, topics.subscriptions(frames=True), topics.subscriptions(["cam01"], frames=True))
+        time.sleep(0.2)  # the new subscription travels to the publisher
+        for stream in ("cam0", "cam01"):
+            transport.publish_result(pub, _result_parts(stream, 9))
+        received: list = []
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            received += drain(gateway, 50)
+        time.sleep(0.1)
+        received += drain(gateway, 0)
+        assert [protocol.decode_result(parts)[0].stream for parts in received] == ["cam01"]
+    finally:
+        for sub in subscribers.values():
+            sub.close()
         pub.close()
 
 

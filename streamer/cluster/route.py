@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,14 +113,24 @@ class MapSubscriber:
     :meth:`check` from the thread that reads :attr:`socket`, at least every ``refresh_s``.
     """
 
-    def __init__(self, map_url: str, *, security: Any = None, refresh_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        map_url: str,
+        *,
+        streams: Sequence[str] | None = None,
+        frames: bool = False,
+        security: Any = None,
+        refresh_s: float = 0.5,
+    ) -> None:
+        """Follow ``map_url``; ``streams`` (``None``: all) and ``frames`` as :func:`results_subscriber` takes them."""
         self.map_url, self.refresh_s = map_url, refresh_s
         self.route_map: RouteMap | None = None
         self._endpoints: tuple[str, ...] = ()
         self._next_fetch = 0.0
         self._errors = CauseLog(f"map {map_url}")
         self._healing = HealingSocket(
-            lambda: results_subscriber(list(self._endpoints), security=security), f"results of {map_url}"
+            lambda: results_subscriber(list(self._endpoints), frames=frames, streams=streams, security=security),
+            f"results of {map_url}",
         )
 
     @property

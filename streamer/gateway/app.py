@@ -111,6 +111,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ice_servers=config.ice_servers,
         max_viewers=config.max_viewers,
         connect_timeout_s=config.connect_timeout_s,
+        video_bitrate=config.video_bitrate,
     )
     log.info(
         "gateway: results %s, control %s, stream %s",
@@ -179,6 +180,7 @@ def _snapshot(app: web.Application) -> dict[str, Any]:
         "results_received": feed.results_received,
         "frames_composited": broadcaster.track.frames_composited,
         "frames_sent": broadcaster.frames_sent,
+        "video": broadcaster.video.stats(),  # per codec in use: viewers, frames encoded, keyframes
         "prompts": dict(app[PROMPTS].outcomes),
         "tracker_restarts": feed.tracker_restarts,
         "stream_moves": feed.stream_moves,
@@ -205,6 +207,14 @@ async def _metrics(request: web.Request) -> web.Response:
     metric("frames_sent_total", "counter", "Video frames handed to viewers' encoders.", [({}, snap["frames_sent"])])
     metric("frames_composited_total", "counter", "Results drawn onto their frames.", [({}, snap["frames_composited"])])
     metric("results_received_total", "counter", "Results received from the tracker.", [({}, snap["results_received"])])
+    video = snap["video"]
+    for name, key, kind, help_text in (
+        ("video_frames_encoded_total", "frames_encoded", "counter", "Frames encoded (once for all viewers), by codec."),
+        ("video_keyframes_total", "keyframes", "counter", "Keyframes encoded, by codec."),
+        ("video_keyframe_requests_total", "keyframe_requests", "counter", "Keyframes asked for (PLI, FIR, joins)."),
+        ("video_viewers", "viewers", "gauge", "Viewers of each codec's stream."),
+    ):
+        metric(name, kind, help_text, [({"codec": codec}, float(v[key])) for codec, v in sorted(video.items())])
     metric("viewers", "gauge", "Viewers holding a slot (connected or connecting).", [({}, snap["viewers"])])
     metric(
         "viewers_expired_total",
@@ -306,7 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-viewers",
         type=int,
         default=defaults.max_viewers,
-        help="viewers served at once, each costing one encode per frame (default %(default)s)",
+        help="viewers served at once (the video is encoded once for all of them) (default %(default)s)",
     )
     parser.add_argument(
         "--connect-timeout",
@@ -322,6 +332,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--alpha", type=float, default=defaults.style.alpha, help="mask opacity (default %(default)s)")
     parser.add_argument("--show-boxes", action="store_true", help="draw bounding boxes too")
+    parser.add_argument(
+        "--video-bitrate",
+        type=int,
+        default=None,
+        metavar="KBPS",
+        help="bit rate of the video, encoded once for all viewers (default: by frame size, ~1400 at 720p)",
+    )
     security.add_arguments(parser, binds=False)
 
 
@@ -364,6 +381,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         raise ValueError("map_url: name the stream to follow with --stream-id")
     if args.map_url and not args.map_url.startswith(("http://", "https://")):
         raise ValueError(f"map_url: expected an http:// or https:// URL, got {args.map_url[:80]!r}")
+    if args.video_bitrate is not None and not 100 <= args.video_bitrate <= 100_000:
+        raise ValueError(f"video_bitrate: must be between 100 and 100000 kb/s, got {args.video_bitrate}")
     return GatewayConfig(
         results_endpoint=args.results_endpoint,
         control_endpoint=args.control_endpoint,
@@ -379,6 +398,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         allowed_hosts=tuple(args.allowed_hosts),
         prompt_timeout_s=args.prompt_timeout,
         style=CompositeStyle(alpha=args.alpha, show_boxes=args.show_boxes),
+        video_bitrate=None if args.video_bitrate is None else args.video_bitrate * 1000,
         keys=_checked_keys(args),
         map_url=args.map_url,
     )

@@ -22,9 +22,10 @@ class GatewayConfig:
       ``"auto"`` adds aioice's own interface addresses (for viewers on other machines).
     - ``ice_servers``: STUN/TURN URLs; none by default, since a STUN look-up only delays
       gathering on a box without internet.
-    - ``max_viewers``: each viewer costs one video encode per frame; more are refused (HTTP 503). A viewer
-      holds its slot from its offer on, so one whose peer connection has not connected within
-      ``connect_timeout_s`` (or fails, or closes) is closed and its slot freed.
+    - ``max_viewers``: more are refused (HTTP 503). Frames are encoded once for all viewers, so a viewer
+      costs its packets' sending and encryption, not an encode. A viewer holds its slot from its offer
+      on, so one whose peer connection has not connected within ``connect_timeout_s`` (or fails, or
+      closes) is closed and its slot freed.
     - ``max_body_bytes``: the largest HTTP request body taken (an offer is a few kB).
     - ``token``: when set, the page, ``/offer`` and ``/metrics`` need it (see ``streamer.gateway.access``).
     - ``insecure``: serve an address other machines can reach without a token (refused otherwise).
@@ -33,6 +34,8 @@ class GatewayConfig:
     - ``prompt_timeout_s`` / ``prompt_tries``: the lazy pirate client's wait per try and tries.
     - ``no_signal_after_s`` / ``offline_after_s``: silence that turns the feed state from live to
       no_signal (heartbeats but no results) and to tracker_offline (no heartbeats either).
+    - ``video_bitrate``: bits per second of the shared video encode; ``None``: by frame size (about 1.4 Mb/s
+      at 720p, 3.1 Mb/s at 1080p).
     - ``map_url``: a cluster's map (``sam3-stream cluster``'s ``/map``): the stream's results and control
       endpoints follow it as the stream moves between trackers (``stream_id`` required).
     - ``keys``: CURVE keys for tcp:// results and control endpoints (``streamer.security``); ``None``: plain.
@@ -57,5 +60,6 @@ class GatewayConfig:
     offline_after_s: float = 1.5
     banner_fps: float = 10.0
     style: CompositeStyle = field(default_factory=CompositeStyle)
+    video_bitrate: int | None = None
     keys: KeyFolder | None = None
     map_url: str | None = None

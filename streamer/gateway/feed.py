@@ -3,6 +3,9 @@
 A SUB socket drains everything that arrived after each poll and keeps only the newest result of
 the stream it follows (the ZeroMQ guide's latest-value pattern), so a gateway that falls behind
 skips results instead of showing old ones. Events are never skipped: each goes to the listeners.
+It subscribes to the heartbeats and to its stream's events and results with their frames only
+(``streamer.topics``: every stream's until it knows which one it follows), so the tracker sends it
+nothing it would not show; masks are decoded by their bounding boxes, for the compositor.
 
 The feed's state follows the tracker's heartbeats, not the age of the last result:
 
@@ -21,6 +24,7 @@ listeners get a ``tracker_restarted`` event (the tracker itself says which promp
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -43,7 +47,8 @@ from streamer.protocol import (
     peek_kind,
 )
 from streamer.security import SocketSecurity
-from streamer.transport import drain_async, results_subscriber
+from streamer.topics import subscriptions
+from streamer.transport import drain_async, resubscribe, results_subscriber
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +121,28 @@ class ResultFeed:
         self.results_received = 0
         # The stream followed: the configured one, else the first one results arrive for.
         self.stream: str | None = stream_id
+        self._topics: list[bytes] = []  # what the socket is subscribed to
 
     async def start(self) -> None:
         """Connect and start receiving; returns at once (the tracker may come up later)."""
-        self._socket = HealingSocket(
-            lambda: results_subscriber(self.endpoint, context=self._context, security=self._security),
-            f"results {self.endpoint}",
-        )
+        self._socket = HealingSocket(self._subscribe, f"results {self.endpoint}")
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch_state())]
+
+    def _subscribe(self) -> zmq.asyncio.Socket:
+        """A fresh socket subscribed to what this feed uses (a healed socket is made afresh too)."""
+        streams = None if self.stream is None else [self.stream]
+        sock = results_subscriber(
+            self.endpoint, frames=True, streams=streams, context=self._context, security=self._security
+        )
+        self._topics = subscriptions(streams, frames=True)
+        return sock
+
+    def _follow_stream(self) -> None:
+        """Narrow the subscription to the stream now followed (the tracker then sends no other stream)."""
+        wanted = subscriptions(None if self.stream is None else [self.stream], frames=True)
+        if self._socket is not None and wanted != self._topics:
+            resubscribe(self._socket.socket, self._topics, wanted)
+            self._topics = wanted
 
     async def close(self) -> None:
         """Stop the tasks and close the socket."""
@@ -209,7 +228,7 @@ class ResultFeed:
             # Newest first, decoding (masks cost milliseconds: off the event loop) until one is ours.
             for parts in reversed(results):
                 try:
-                    message, frame = await loop.run_in_executor(None, decode_result, parts)
+                    message, frame = await loop.run_in_executor(None, _decode_for_compositor, parts)
                 except ProtocolError as exc:
                     log.warning("results %s: dropped a malformed result: %s", self.endpoint, exc)
                     continue
@@ -253,6 +272,7 @@ class ResultFeed:
         if self.stream is None:  # follow the first stream whose frames reach the tracker
             receiving = [name for name, info in sorted(status.streams.items()) if info.get("frames_received")]
             self.stream = receiving[0] if receiving else None
+            self._follow_stream()
 
     def _on_event(self, event: EventMessage) -> None:
         if self.stream is None or event.stream == self.stream:
@@ -267,7 +287,9 @@ class ResultFeed:
 
     async def _accept(self, message: ResultMessage, frame: np.ndarray | None) -> None:
         now = time.monotonic()
-        self.stream = message.stream
+        if self.stream is None:
+            self.stream = message.stream
+            self._follow_stream()
         self._last_result = now
         self._arrivals.append(now)
         self._forget_old_arrivals(now)
@@ -310,3 +332,7 @@ class ResultFeed:
     def _forget_old_arrivals(self, now: float) -> None:
         while self._arrivals and now - self._arrivals[0] > FPS_WINDOW_S:
             self._arrivals.popleft()
+
+
+# Masks by their bounding boxes: what the compositor draws, at the box's cost rather than the frame's.
+_decode_for_compositor = functools.partial(decode_result, box_masks=True)

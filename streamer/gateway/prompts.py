@@ -2,9 +2,12 @@
 
 Ops: ``add_prompt`` (``prompt``), ``remove_object`` (``obj_id``), ``remove_prompt`` (``text``),
 ``reset_session``. Every message gets exactly one answer, ``{"type": "answer", "id", "ok", "error",
-"obj_ids", "frame_index"}``: the tracker's own (``ok``: accepted and queued; ``frame_index``: the frame
-it applies before), or a rejection made here when the message is malformed (the error starts with the
-offending field's name, as ``models.Prompt`` does). A message too large or nested too deeply to parse
+"obj_ids", "frame_index", "placed_on", "requested"}``: the tracker's own (``ok``: accepted and queued;
+``frame_index``: the frame it applies before; for clicks and boxes sent with the ``seq`` of the frame they
+were drawn on, ``requested`` echoes it and ``placed_on`` is the seq of the tracked frame they went on: the
+newest tracked at or before it, or the oldest of the tracker's prompt ring when that is older), or a
+rejection made here when the message is malformed (the error starts with the offending field's name, as
+``models.Prompt`` does). A message too large or nested too deeply to parse
 is still answered with its ``id`` when the id can be read. Nothing a viewer sends closes its connection.
 
 Order: messages are forwarded one at a time, in the order they arrived (over all viewers), each after
@@ -55,6 +58,8 @@ def answer_message(
     error: str | None = None,
     obj_ids: list[int] | None = None,
     frame_index: int | None = None,
+    placed_on: int | None = None,
+    requested: int | None = None,
 ) -> dict[str, Any]:
     """The data channel's ``answer`` message."""
     return {
@@ -64,6 +69,8 @@ def answer_message(
         "error": error,
         "obj_ids": list(obj_ids or []),
         "frame_index": frame_index,
+        "placed_on": placed_on,
+        "requested": requested,
     }
 
 
@@ -120,7 +127,15 @@ class PromptForwarder:
         self.outcomes["accepted" if reply.ok else "rejected"] += 1
         if reply.ok and page_id is not None:
             self._remember(request.request_id, page_id)
-        return answer_message(page_id, reply.ok, reply.error, list(reply.obj_ids or []), reply.frame_index)
+        return answer_message(
+            page_id,
+            reply.ok,
+            reply.error,
+            list(reply.obj_ids or []),
+            reply.frame_index,
+            placed_on=reply.placed_on,
+            requested=reply.requested,
+        )
 
     def event_message(self, event: EventMessage) -> dict[str, Any]:
         """The data channel's ``event`` message for a tracker (or gateway) event."""

@@ -1,9 +1,10 @@
 """Peer connections to viewers and the composited video they receive.
 
-One ``CompositedTrack`` draws each result onto the frame it was computed for; aiortc's
-``MediaRelay`` (``buffered=False``) fans it out so each viewer's encoder takes the newest frame
-when it is ready for one: a slow viewer skips frames for itself and slows no one else. Per frame
-a viewer actually gets, its data channel carries the objects' metadata (ids, boxes, scores).
+One ``CompositedTrack`` draws each result onto the frame it was computed for; ``SharedVideo``
+(``streamer.gateway.encoding``) encodes it once per frame, and every viewer's sender gets the same
+encoded packets: a viewer costs no encode, a slow one skips to a keyframe for itself and slows no one
+else. Per frame a viewer actually gets, its data channel carries the objects' metadata (ids, boxes,
+scores).
 
 Offers are hostile input: one must ask for video (``check_offer``), and a viewer holds its slot
 only while its peer connection is on its way to connect (``connect_timeout_s``) or connected.
@@ -14,24 +15,30 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import fractions
 import json
 import logging
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import av
+import cv2
 import numpy as np
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
-from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from streamer.compositor import CompositeStyle, banner_frame, color_hex, composite
+from streamer.gateway.encoding import (
+    VIDEO_TIME_BASE,
+    PacketTrack,
+    SharedVideo,
+    negotiated_codec,
+    prefer_codecs,
+    route_keyframe_requests,
+)
 from streamer.gateway.feed import FeedItem, FeedState, ResultFeed
 from streamer.gateway.ice import gather_on
 from streamer.gateway.memory import release_memory
@@ -39,7 +46,6 @@ from streamer.gateway.prompts import PromptForwarder
 
 log = logging.getLogger(__name__)
 
-VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
 DEFAULT_SIZE = (640, 360)
 # Metadata is dropped, not queued, for a viewer whose data channel is this far behind.
 MAX_CHANNEL_BACKLOG = 256 * 1024
@@ -55,20 +61,13 @@ BANNERS = {
 }
 
 
-@dataclass(frozen=True)
-class FramePayload:
-    """What rides on a shared frame's ``opaque``: its I420 pixels and the result drawn (``None``: banner)."""
-
-    yuv: np.ndarray
-    item: FeedItem | None
-
-
 class CompositedTrack(MediaStreamTrack):
     """The shared outbound video: each new result composited onto its own frame.
 
     While the feed is not live it sends a banner frame (at ``banner_fps``, at the last frame
     size) instead of freezing on the last image. It does no work until ``set_demand(True)``.
-    Frames are converted to I420 here, once, rather than in every viewer's encoder.
+    Frames come out in I420, ready for the encoder; each one's ``opaque`` is the ``FeedItem`` it shows
+    (``None`` for a banner).
     """
 
     kind = "video"
@@ -128,44 +127,18 @@ class CompositedTrack(MediaStreamTrack):
         return self._video_frame(composite(item.frame, item.message.objects, self._style), item)
 
     def _video_frame(self, rgb: np.ndarray, item: FeedItem | None) -> av.VideoFrame:
-        # I420 wants even sizes; an odd last row or column is dropped.
+        # I420 wants even sizes; an odd last row or column is dropped. OpenCV converts with the same BT.601
+        # limited-range matrix as swscale, several times faster.
         height, width = rgb.shape[:2]
         rgb = rgb[: height - height % 2, : width - width % 2]
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
-        frame.opaque = FramePayload(frame.to_ndarray(), item)
+        frame = av.VideoFrame.from_ndarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
+        frame.opaque = item
         # Presentation time follows the wall clock at send time, strictly increasing.
         pts = max(int((time.monotonic() - self._t0) * VIDEO_TIME_BASE.denominator), self._last_pts + 1)
         self._last_pts = pts
         frame.pts = pts
         frame.time_base = VIDEO_TIME_BASE
         return frame
-
-
-class ViewerTrack(MediaStreamTrack):
-    """One viewer's relay proxy: hands its encoder a private copy of each frame it takes.
-
-    Encoders write into the frames they get (time base, picture type) from their own threads, so
-    viewers must not share one frame object. ``on_frame`` hears of the result each frame shows.
-    """
-
-    kind = "video"
-
-    def __init__(self, source: MediaStreamTrack, on_frame: Callable[[FeedItem | None], None]) -> None:
-        super().__init__()
-        self._source = source
-        self._on_frame = on_frame
-
-    async def recv(self) -> av.VideoFrame:
-        shared = await self._source.recv()
-        payload: FramePayload = shared.opaque
-        frame = av.VideoFrame.from_ndarray(payload.yuv, format="yuv420p")
-        frame.pts, frame.time_base = shared.pts, shared.time_base
-        self._on_frame(payload.item)
-        return frame
-
-    def stop(self) -> None:
-        super().stop()
-        self._source.stop()
 
 
 def objects_message(item: FeedItem, fps: float) -> dict[str, Any]:
@@ -191,6 +164,20 @@ def objects_message(item: FeedItem, fps: float) -> dict[str, Any]:
             for o in m.objects
         ],
     }
+
+
+class ObjectsText:
+    """The per-frame ``objects`` message as JSON text, made once per frame for every viewer showing it."""
+
+    def __init__(self, feed: ResultFeed) -> None:
+        self._feed = feed
+        self._number = -1
+        self._text = ""
+
+    def __call__(self, item: FeedItem) -> str:
+        if item.number != self._number:
+            self._number, self._text = item.number, json.dumps(objects_message(item, self._feed.fps))
+        return self._text
 
 
 def check_offer(sdp: str) -> None:
@@ -222,16 +209,20 @@ class ViewerSession:
     ``connected`` is set once the peer connection has connected.
     """
 
-    def __init__(self, pc: RTCPeerConnection, feed: ResultFeed, prompts: PromptForwarder) -> None:
+    def __init__(
+        self, pc: RTCPeerConnection, feed: ResultFeed, prompts: PromptForwarder, objects_text: ObjectsText
+    ) -> None:
         self.id = uuid.uuid4().hex[:8]
         self.pc = pc
         self.frames_sent = 0
         self._feed = feed
         self._prompts = prompts
+        self._objects_text = objects_text
         self._channel: RTCDataChannel | None = None
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
+        self.video = PacketTrack(self.on_frame)
         self._unsubscribe = feed.add_listener(self._on_state)
         # Tracker events (a prompt failed when applied, objects re-acquired after a restart) reach every viewer.
         self._unsubscribe_events = feed.add_event_listener(
@@ -243,7 +234,7 @@ class ViewerSession:
         """Count a frame sent and send the metadata of the result it shows (banners have none)."""
         self.frames_sent += 1
         if item is not None:
-            self._send(objects_message(item, self._feed.fps))
+            self._send_text(self._objects_text(item))
 
     async def close(self) -> None:
         """Close the peer connection and stop answering prompts (once; later calls do nothing)."""
@@ -255,6 +246,7 @@ class ViewerSession:
         for task in list(self._tasks):
             if task is not asyncio.current_task():  # the watchdog closes its own session
                 task.cancel()
+        self.video.stop()  # a sender that never started would not stop it
         await self.pc.close()
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
@@ -280,20 +272,24 @@ class ViewerSession:
         self._send({"type": "status", "state": state.value}, always=True)
 
     def _send(self, payload: dict[str, Any], always: bool = False) -> None:
+        self._send_text(json.dumps(payload), always)
+
+    def _send_text(self, text: str, always: bool = False) -> None:
         channel = self._channel
         if channel is None or channel.readyState != "open":
             return
         if not always and channel.bufferedAmount > MAX_CHANNEL_BACKLOG:
             return
-        channel.send(json.dumps(payload))
+        channel.send(text)
 
 
 class TooManyViewers(Exception):
-    """Raised by ``Broadcaster.answer`` when ``max_viewers`` are connected (each costs an encoder)."""
+    """Raised by ``Broadcaster.answer`` when ``max_viewers`` are connected."""
 
 
 class Broadcaster:
-    """Answers viewers' offers and keeps their sessions; all share one ``CompositedTrack``.
+    """Answers viewers' offers and keeps their sessions; all share one ``CompositedTrack`` and one encode
+    per frame (``video``; ``video_bitrate`` in bits/s, ``None``: by frame size).
 
     A session holds one of ``max_viewers`` slots from its offer until its peer connection fails or
     closes, or has not connected within ``connect_timeout_s``.
@@ -310,8 +306,10 @@ class Broadcaster:
         ice_servers: Sequence[str] = (),
         max_viewers: int = 8,
         connect_timeout_s: float = 5.0,
+        video_bitrate: int | None = None,
     ) -> None:
         self.track = CompositedTrack(feed, style, banner_fps)
+        self.video = SharedVideo(self.track, video_bitrate)
         self.sessions: set[ViewerSession] = set()
         self.max_viewers = max_viewers
         self.connect_timeout_s = connect_timeout_s
@@ -323,7 +321,7 @@ class Broadcaster:
         self._frames_sent_closed = 0  # by sessions gone, so the total only grows
         self._feed = feed
         self._prompts = prompts
-        self._relay = MediaRelay()
+        self._objects_text = ObjectsText(feed)
         self._ice_hosts = tuple(ice_hosts)
         self._ice_servers = [RTCIceServer(url) for url in ice_servers]
 
@@ -343,9 +341,8 @@ class Broadcaster:
             raise TooManyViewers(f"{len(self.sessions)} viewers connected, the limit is {self.max_viewers}")
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
         self.peer_connections.add(pc)
-        session = ViewerSession(pc, self._feed, self._prompts)
+        session = ViewerSession(pc, self._feed, self._prompts, self._objects_text)
         self.sessions.add(session)
-        self.track.set_demand(True)
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -355,10 +352,14 @@ class Broadcaster:
                 await self._drop(session)
 
         try:
+            transceiver = pc.addTransceiver(session.video, direction="sendonly")
+            prefer_codecs(transceiver)  # before the offer is applied: that is when the codecs are settled
             await pc.setRemoteDescription(offer)
-            pc.addTrack(ViewerTrack(self._relay.subscribe(self.track, buffered=False), session.on_frame))
             with gather_on(self._ice_hosts):
                 await pc.setLocalDescription(await pc.createAnswer())
+            codec = negotiated_codec(pc.localDescription.sdp, transceiver.mid)
+            self.video.subscribe(session.video, codec)
+            route_keyframe_requests(transceiver.sender, session.video)
         except Exception as exc:
             await self._drop(session)
             if isinstance(exc, ValueError):
@@ -366,7 +367,7 @@ class Broadcaster:
             # Anything else aiortc trips over in a hostile offer is still the offer's fault.
             raise ValueError(f"{type(exc).__name__}: {str(exc)[:100]}") from exc
         session.run_task(self._close_unless_connected(session))
-        log.info("viewer %s: answered (%d viewers)", session.id, len(self.sessions))
+        log.info("viewer %s: answered, video %s (%d viewers)", session.id, codec, len(self.sessions))
         return pc.localDescription
 
     async def close(self) -> None:
@@ -375,6 +376,7 @@ class Broadcaster:
         await asyncio.gather(*(self._drop(s) for s in list(self.sessions)), return_exceptions=True)
         if self._release is not None:
             self._release.cancel()
+        await self.video.close()
         self.track.stop()
 
     async def _close_unless_connected(self, session: ViewerSession) -> None:
@@ -390,7 +392,6 @@ class Broadcaster:
             self.sessions.discard(session)
             self._frames_sent_closed += session.frames_sent
             log.info("viewer %s: closed (%d viewers)", session.id, len(self.sessions))
-        self.track.set_demand(bool(self.sessions))
         await session.close()
         if not self._closed and (self._release is None or self._release.done()):
             self._release = asyncio.ensure_future(self._release_memory())

@@ -111,7 +111,7 @@ function scheduleReconnect(delay = retryDelay) {
 function onMessage(message) {
   if (message.type === "objects") {
     frame = message;
-    $("fps").textContent = message.fps.toFixed(1);
+    $("fps").textContent = rate(message.fps);
     $("latency").textContent = `${Math.round(message.latency_ms)} ms`;
     renderObjects(message.objects);
     renderConcepts();
@@ -123,12 +123,25 @@ function onMessage(message) {
     pending.delete(message.id);
     if (onAccepted && message.ok) onAccepted(message);
     const ids = message.obj_ids && message.obj_ids.length ? ` → objects ${message.obj_ids.join(", ")}` : "";
-    note(message.ok ? `${message.id}: ok${ids}` : `${message.id ?? "?"}: ${message.error}`, !message.ok);
+    note(message.ok ? `${message.id}: ok${ids}${placement(message)}` : `${message.id ?? "?"}: ${message.error}`, !message.ok);
   } else if (message.type === "event") {
     // A prompt that failed when applied, objects re-acquired after a tracker restart, objects left out.
     const about = message.id !== null && message.id !== undefined ? `${message.id}: ` : "";
     note(`${about}${message.event.replaceAll("_", " ")}: ${message.message}`, message.event === "prompt_failed");
   }
+}
+
+// Enough digits that a slow but moving feed never reads 0.0.
+function rate(fps) {
+  return fps >= 10 ? fps.toFixed(0) : fps >= 1 ? fps.toFixed(1) : fps > 0 ? fps.toPrecision(2) : "0";
+}
+
+// Where the tracker put a click or box drawn on a past frame, when that is not the frame it was drawn on.
+function placement(answer) {
+  const given = (value) => value !== null && value !== undefined;
+  // Later than asked only when the frame drawn on has left the tracker's ring (earlier: a frame it skipped).
+  if (!given(answer.requested) || !given(answer.placed_on) || answer.placed_on <= answer.requested) return "";
+  return ` (frame ${answer.requested} is older than the tracker keeps: placed on frame ${answer.placed_on})`;
 }
 
 function renderObjects(objects) {
@@ -198,7 +211,9 @@ function send(message, onAccepted = null) {
 }
 
 function addPrompt(prompt, onAccepted = null) {
-  if (frame) prompt.frame_index = frame.frame_index;
+  // The frame on screen: its objects message arrives with its picture, so the newest one is what the
+  // operator sees. Its seq lets the tracker place clicks and boxes on that very frame (the prompt ring).
+  if (frame) Object.assign(prompt, { seq: frame.seq, frame_index: frame.frame_index });
   send({ op: "add_prompt", prompt }, onAccepted);
 }
 
