@@ -195,7 +195,8 @@ def _listening(host: str, port: int) -> bool:
     return False
 
 
-def _child_argv(command: str, log_level: str, *args: str) -> list[str]:
+def child_argv(command: str, log_level: str, *args: str) -> list[str]:
+    """The command line running ``sam3-stream COMMAND`` with this Python (a supervised child)."""
     return [sys.executable, "-m", "streamer.cli", command, "--log-level", log_level, *args]
 
 
@@ -251,7 +252,7 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints, folder: Pa
     return [
         Child(
             name,
-            _child_argv(command, args.log_level, *argv),
+            child_argv(command, args.log_level, *argv),
             refusal_file=folder / f"refused-{name}",
             finished_file=folder / f"finished-{name}",
         )
@@ -382,6 +383,16 @@ class Command:
 
 
 COMMANDS = (
+    Command(
+        "cluster",
+        "streamer.cluster.command",
+        "add_arguments",
+        "run_from_args",
+        "trackers on a Ray cluster: streams placed, moved and rebalanced",
+        "Start or join a Ray cluster, run tracker actors (one per GPU, or --trackers N) and a registry placing "
+        "each stream on the tracker with the most spare frame budget, moving streams off a tracker that dies "
+        "and rebalancing when one is added. Needs the 'ray' extra (pip install 'sam3-stream[ray]').",
+    ),
     Command(
         "capture",
         "streamer.capture",

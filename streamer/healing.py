@@ -212,17 +212,21 @@ class HealingSocket(Generic[S]):
         broken = self._watch.check()
         if not broken or self._clock() - self._last_heal < HEAL_INTERVAL_S:
             return False
-        fresh = self._make()  # first: if this fails, the old socket is still there
-        self._watch.close()
-        self.socket.close(linger=0)
-        self.socket = fresh
-        self._watch = SocketWatch(fresh, self.name, connecting=True, causes=self.causes, clock=self._clock)
+        self.renew()  # makes the new socket first: if that fails, the old socket is still there
         self.heals += 1
         self._last_heal = self._clock()
         self.causes.count(
             f"connection to {', '.join(broken)} broken for good (libzmq gave up on it); socket re-created"
         )
         return True
+
+    def renew(self) -> None:
+        """Re-create the socket now (``make`` then sees the current endpoints); register the new one."""
+        fresh = self._make()
+        self._watch.close()
+        self.socket.close(linger=0)
+        self.socket = fresh
+        self._watch = SocketWatch(fresh, self.name, connecting=True, causes=self.causes, clock=self._clock)
 
     def close(self) -> None:
         """Stop monitoring and close the socket."""

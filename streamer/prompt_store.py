@@ -12,8 +12,8 @@ private run folder), which it replays when it opens. A tracker killed with SIGKI
 answered; a power cut may lose what the OS had not written yet (no fsync per prompt). The journal is
 rewritten as a snapshot when it grows past a few times the live state, so it stays small.
 
-A later store could live elsewhere (a cluster's key-value store, so a stream moved to another tracker
-host is re-applied there): it implements the same five methods.
+A stream moved to another tracker (``sam3-stream cluster``) takes its prompts along: the old holder's
+:meth:`PromptStore.export_stream` records, handed to the new holder's :meth:`PromptStore.import_stream`.
 
 Re-applying clicks is an approximation: they are pixel positions on a frame that is gone, applied to
 the first frame the new tracker sees. Viewers are told so (an ``objects_reacquired`` event).
@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 MAX_REFINEMENTS = 8  # clicks kept per object besides the prompt that made it (the newest ones)
 JOURNAL_NAME = "prompts.jsonl"
 _COMPACT_MIN_LINES = 1000
+_CHANGE_KEYS = {"drop", "reset", "add_text", "remove_text", "add_objects", "refine", "prompt", "remove_objects"}
 
 
 @dataclass
@@ -115,6 +116,31 @@ class PromptStore:
         with self._lock:
             return list(self._streams)
 
+    def export_stream(self, stream: str) -> list[dict[str, Any]] | None:
+        """The stream's active prompts as journal records (JSON-able; :meth:`import_stream` takes them),
+        or ``None`` for a stream never seen. A stream moved to another tracker carries them there."""
+        with self._lock:
+            entry = self._streams.get(stream)
+            return None if entry is None else _snapshot_changes(entry)
+
+    def import_stream(self, stream: str, changes: Sequence[dict[str, Any]]) -> None:
+        """Replace the stream's prompts by ``changes`` (from :meth:`export_stream`, maybe another host's).
+
+        Raises ``ValueError`` naming the record for a malformed one; the stream is then left without prompts.
+        """
+        self._change(stream, {"drop": True})
+        for i, change in enumerate(changes):
+            try:
+                if not isinstance(change, dict) or not change.keys() <= _CHANGE_KEYS:
+                    shown = sorted(change) if isinstance(change, dict) else repr(change)[:80]
+                    raise ValueError(f"not a change record ({shown})")
+                if any(not isinstance(change.get(k, ""), str) for k in ("add_text", "remove_text")):
+                    raise ValueError("add_text, remove_text: must be strings")
+                self._change(stream, dict(change))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                self._change(stream, {"drop": True})
+                raise ValueError(f"prompts[{i}]: {exc}") from exc
+
     def close(self) -> None:
         """Release what the store holds open."""
 
@@ -150,6 +176,16 @@ def _apply(streams: dict[str, StoredStream], stream: str, change: dict[str, Any]
         del prompts[1 : max(1, len(prompts) - MAX_REFINEMENTS)]
     for obj_id in change.get("remove_objects", []):
         entry.objects.pop(obj_id, None)
+
+
+def _snapshot_changes(entry: StoredStream) -> list[dict[str, Any]]:
+    """The changes (journal records) that rebuild ``entry`` from nothing, starting with a reset."""
+    changes: list[dict[str, Any]] = [{"reset": True}]
+    changes += [{"add_text": t} for t in entry.texts]
+    for obj_id, prompts in entry.objects.items():
+        changes.append({"add_objects": [[obj_id, prompts[0].to_dict()]]})
+        changes += [{"refine": obj_id, "prompt": p.to_dict()} for p in prompts[1:]]
+    return changes
 
 
 class JournalPromptStore(PromptStore):
@@ -197,11 +233,7 @@ class JournalPromptStore(PromptStore):
         lines = 0
         with open(temporary, "w", encoding="utf-8") as out:
             for stream, entry in self._streams.items():
-                changes: list[dict[str, Any]] = [{"reset": True}]
-                changes += [{"add_text": t} for t in entry.texts]
-                for obj_id, prompts in entry.objects.items():
-                    changes.append({"add_objects": [[obj_id, prompts[0].to_dict()]]})
-                    changes += [{"refine": obj_id, "prompt": p.to_dict()} for p in prompts[1:]]
+                changes = _snapshot_changes(entry)
                 for change in changes:
                     out.write(json.dumps({"stream": stream, "change": change}, separators=(",", ":")) + "\n")
                 lines += len(changes)

@@ -48,6 +48,7 @@ import zmq
 
 from models import ENCODER_NAMES, ENCODER_PRECISIONS, Prompt, check_encoder_choice
 from streamer import security
+from streamer.assignments import StreamAssignments
 from streamer.config import Endpoints
 from streamer.healing import CauseLog, HealingSocket, SocketWatch
 from streamer.keys import KeyFolder
@@ -76,6 +77,7 @@ from streamer.transport import (
     drain,
     frames_subscriber,
     latest_per_stream,
+    prepare_endpoint,
     publish_result,
     results_publisher,
 )
@@ -127,6 +129,7 @@ class _Stream:
     ages: list[float] = field(default_factory=list)  # received - t_capture, this stats window
     latencies: list[float] = field(default_factory=list)  # published - t_capture, this stats window
     errors: int = 0
+    busy_s: float = 0.0  # time spent on this stream's frames and prompts (its share of the frame budget)
     capped: bool = False  # results currently leave objects out (objects_capped said)
     restored: list[QueuedOp] = field(default_factory=list)  # re-applied after a restart, to announce
 
@@ -160,6 +163,8 @@ class TrackerService:
     long model load); :meth:`serve` starts the control thread, connects to the frames and runs until
     told to stop; :meth:`close` closes everything. ``prompts`` are text prompts given to every new
     stream (one the prompt store does not know); ``store`` keeps streams' active prompts across restarts.
+    With ``assignments`` (a cluster's registry decides), it serves only the streams assigned to it and
+    connects to their captures' endpoints as they are assigned.
     """
 
     def __init__(
@@ -176,6 +181,7 @@ class TrackerService:
         stream_idle_s: float = STREAM_IDLE_S,
         store: PromptStore | None = None,
         keys: KeyFolder | None = None,
+        assignments: StreamAssignments | None = None,
     ) -> None:
         self._prompts = [Prompt(text=text) for text in prompts]  # ValueError now, not on the first frame
         if max_streams < 1 or not stream_idle_s > 0:
@@ -186,6 +192,7 @@ class TrackerService:
         self._max_streams = max_streams
         self._stream_idle_s = stream_idle_s
         self._store = store if store is not None else PromptStore()
+        self.assignments = assignments  # None: serve every stream whose frames arrive
         self._heartbeat_s = heartbeat_s
         self._stats_interval_s = stats_interval_s
         self._make_tracker: TrackerFactory | None = None
@@ -229,10 +236,15 @@ class TrackerService:
         """Connect to the captures and serve until ``should_stop()`` (checked at least every 100 ms
         between frames). ``make_tracker`` makes one tracker per stream."""
         self._make_tracker = make_tracker
+        fixed = [frames_endpoints] if isinstance(frames_endpoints, str) else list(frames_endpoints)
+
+        def endpoints() -> list[str]:
+            return fixed + (self.assignments.endpoints() if self.assignments is not None else [])
+
         # Connected only now: frames sent during a model load would only pile up to the high-water mark.
         self._frames = HealingSocket(
-            lambda: frames_subscriber(frames_endpoints, context=self._context, security=self._curve_client),
-            f"frames {frames_endpoints if isinstance(frames_endpoints, str) else ', '.join(frames_endpoints)}",
+            lambda: frames_subscriber(endpoints(), context=self._context, security=self._curve_client),
+            f"frames {', '.join(fixed) or 'of the assigned streams'}",
         )
         poller = zmq.Poller()
         poller.register(self._frames.socket, zmq.POLLIN)  # the control socket is the control thread's
@@ -248,6 +260,7 @@ class TrackerService:
             busy = any(s.pending is not None for s in self._streams.values())
             poller.poll(0 if busy else _POLL_SLICE_MS)
             self._check_sockets(poller)
+            self._follow_assignments(poller)
             self._receive_frames()
             stream = self._next_stream()
             if stream is not None:
@@ -298,10 +311,44 @@ class TrackerService:
             poller.unregister(old)
             poller.register(self._frames.socket, zmq.POLLIN)
 
+    def _follow_assignments(self, poller: zmq.Poller) -> None:
+        """Connect to the captures of newly assigned streams, let go of released ones (this thread's sockets)."""
+        change = self.assignments.take_change() if self.assignments is not None else None
+        if change is None:
+            return
+        assert self._frames is not None
+        if change.disconnect:
+            # Re-created rather than disconnected: libzmq 4.3 aborts (fq.cpp "!_more") when a pipe is
+            # disconnected while a multipart frame from it is being read. Other captures reconnect in ms.
+            old = self._frames.socket
+            try:
+                self._frames.renew()
+            except (zmq.ZMQError, ValueError) as exc:  # the old socket stays: released frames are ignored
+                self._failures.count("frames socket not re-created", detail=str(exc))
+                return
+            poller.unregister(old)
+            poller.register(self._frames.socket, zmq.POLLIN)
+        else:
+            for endpoint in change.connect:
+                try:
+                    self._frames.socket.connect(prepare_endpoint(endpoint))
+                except zmq.ZMQError as exc:  # a malformed endpoint: never stop the other streams for it
+                    self._failures.count("frames endpoints not connected", detail=f"{endpoint}: {exc}")
+        for name in change.released:
+            if self.assignments is not None and self.assignments.holds(name):
+                continue  # assigned again since
+            with self._lock:
+                stream = self._streams.pop(name, None)
+            self._store.drop_stream(name)  # the new holder carries its prompts now
+            if stream is not None:
+                log.info("stream %s: released (moved to another tracker)", name)
+
     def _receive_frames(self) -> None:
         received, now = time.time(), time.monotonic()
         assert self._frames is not None
         for name, (header, pixels) in latest_per_stream(drain(self._frames.socket, 0), self._drain_stats).items():
+            if self.assignments is not None and not self.assignments.holds(name):
+                continue  # another tracker's stream from a shared capture, or one released a moment ago
             stream = self._streams.get(name) or self._new_stream(name, (header.width, header.height))
             if stream is None:
                 continue
@@ -360,6 +407,13 @@ class TrackerService:
         return min(waiting, key=lambda item: item[1].last_tracked) if waiting else None
 
     def _track(self, name: str, stream: _Stream) -> None:
+        started = time.perf_counter()
+        try:
+            self._track_pending(name, stream)
+        finally:
+            stream.busy_s += time.perf_counter() - started
+
+    def _track_pending(self, name: str, stream: _Stream) -> None:
         pending, stream.pending = stream.pending, None
         assert pending is not None
         header, tracker = pending.header, stream.tracker
@@ -550,6 +604,17 @@ class TrackerService:
                 log.exception("heartbeat failed")
             if self._stopping.wait(self._heartbeat_s):
                 return
+
+    def stream_stats(self) -> dict[str, dict]:
+        """Per stream: the heartbeat's fields plus ``busy_s``, the seconds spent tracking it so far (thread-safe)."""
+        now = time.monotonic()
+        with self._lock:
+            return {name: {**s.status(now), "busy_s": s.busy_s} for name, s in self._streams.items()}
+
+    @property
+    def store(self) -> PromptStore:
+        """The streams' active prompts."""
+        return self._store
 
     def _send_status(self) -> None:
         now = time.monotonic()

@@ -516,6 +516,23 @@ def free_endpoint(kind: str, folder: str) -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
+def free_port_block(count: int, first: int = 20000, last: int = 40000) -> int:
+    """The first of ``count`` consecutive loopback ports nothing listens on now (a random block)."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(first, last - count)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no block of {count} free ports found")
+
+
 def write_video(
     path: Path, frames: Iterable[np.ndarray], fps: int = 10, codec: str = "libx264", gop: int | None = None
 ) -> Path:

@@ -142,6 +142,7 @@ def test_top_level_help_lists_every_command() -> None:
         "segment-video",
         "segment-image",
         "api",
+        "cluster",
     ):
         assert re.search(rf"^\s+{command}\s+\S", text, re.MULTILINE), f"{command} missing from:\n{text}"
 
@@ -177,6 +178,7 @@ def test_top_level_help_lists_every_command() -> None:
         ),
         ("segment-image", ["IN", "--prompt", "--points", "--box", "-o", "--masks", "--no-overlay", "--model"]),
         ("api", ["--model", "--device", "--encoder", "--http-port", "--data-dir", "--token", "--max-video-seconds"]),
+        ("cluster", ["--address", "--trackers", "--model", "--stream", "--source", "--config", "--keys"]),
     ],
 )
 def test_each_command_has_help(command: str, options: list[str]) -> None:
@@ -192,6 +194,24 @@ def test_console_script_is_installed() -> None:
         pytest.skip("the package is not installed in this interpreter (pip install -e .)")
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, env=child_env())
     assert out.returncode == 0 and "usage: sam3-stream" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (["--trackers", "0"], "--trackers"),
+        (["--config", "/nonexistent/cluster.json"], "--config"),
+        (["--stream", "a=tcp://127.0.0.1:1", "--source", "a=synthetic"], "named twice"),
+        (["--tracker-host", "0.0.0.0"], "no --keys"),
+    ],
+)
+def test_cluster_refuses_bad_options_before_starting_ray(
+    options: list[str], says: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from streamer.cli import main
+
+    assert main(["cluster", "--model", "passthrough", *options]) == 2
+    assert says in caplog.text
 
 
 def test_bad_arguments_exit_with_usage_error() -> None:

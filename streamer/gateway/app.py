@@ -37,11 +37,13 @@ from streamer.gateway.access import (
 )
 from streamer.gateway.config import DEFAULT_CONTROL_ENDPOINT, DEFAULT_RESULTS_ENDPOINT, GatewayConfig
 from streamer.gateway.feed import FeedState, ResultFeed
+from streamer.gateway.follow import follow_map
 from streamer.gateway.ice import AUTO, check_hosts
 from streamer.gateway.memory import resident_bytes
 from streamer.gateway.prompts import PromptForwarder
 from streamer.gateway.webrtc import Broadcaster, TooManyViewers
 from streamer.keys import KeyFolder
+from streamer.prometheus import PrometheusText
 from streamer.transport import AsyncPromptClient
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         return (feed.latest.message.width, feed.latest.message.height) if feed.latest else None
 
     app[FEED] = feed
+    following = (
+        asyncio.create_task(follow_map(config.map_url, config.stream_id, feed, client)) if config.map_url else None
+    )
     app[PROMPTS] = PromptForwarder(client, stream=lambda: feed.stream, frame_size=frame_size)
     app[BROADCASTER] = Broadcaster(
         feed,
@@ -117,6 +122,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if following is not None:
+            following.cancel()
         await app[BROADCASTER].close()
         client.close()
         await feed.close()
@@ -176,6 +183,8 @@ def _snapshot(app: web.Application) -> dict[str, Any]:
         "video": broadcaster.video.stats(),  # per codec in use: viewers, frames encoded, keyframes
         "prompts": dict(app[PROMPTS].outcomes),
         "tracker_restarts": feed.tracker_restarts,
+        "stream_moves": feed.stream_moves,
+        "results_endpoint": feed.endpoint,
         "tracker_stream": feed.stream_status,  # the tracker's own view of the stream (its heartbeat)
         "viewers_expired": broadcaster.expired,
         "peer_connections": len(broadcaster.peer_connections),
@@ -193,15 +202,11 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     snap = _snapshot(request.app)
-    lines: list[str] = []
+    metric = (out := PrometheusText("sam3_gateway")).metric
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.extend([f"# HELP sam3_gateway_{name} {help_text}", f"# TYPE sam3_gateway_{name} {kind}"])
-        lines.extend(f"sam3_gateway_{name}{labels} {value:g}" for labels, value in samples)
-
-    metric("frames_sent_total", "counter", "Video frames handed to viewers' encoders.", [("", snap["frames_sent"])])
-    metric("frames_composited_total", "counter", "Results drawn onto their frames.", [("", snap["frames_composited"])])
-    metric("results_received_total", "counter", "Results received from the tracker.", [("", snap["results_received"])])
+    metric("frames_sent_total", "counter", "Video frames handed to viewers' encoders.", [({}, snap["frames_sent"])])
+    metric("frames_composited_total", "counter", "Results drawn onto their frames.", [({}, snap["frames_composited"])])
+    metric("results_received_total", "counter", "Results received from the tracker.", [({}, snap["results_received"])])
     video = snap["video"]
     for name, key, kind, help_text in (
         ("video_frames_encoded_total", "frames_encoded", "counter", "Frames encoded (once for all viewers), by codec."),
@@ -209,51 +214,57 @@ async def _metrics(request: web.Request) -> web.Response:
         ("video_keyframe_requests_total", "keyframe_requests", "counter", "Keyframes asked for (PLI, FIR, joins)."),
         ("video_viewers", "viewers", "gauge", "Viewers of each codec's stream."),
     ):
-        metric(name, kind, help_text, [(f'{{codec="{codec}"}}', float(v[key])) for codec, v in sorted(video.items())])
-    metric("viewers", "gauge", "Viewers holding a slot (connected or connecting).", [("", snap["viewers"])])
+        metric(name, kind, help_text, [({"codec": codec}, float(v[key])) for codec, v in sorted(video.items())])
+    metric("viewers", "gauge", "Viewers holding a slot (connected or connecting).", [({}, snap["viewers"])])
     metric(
         "viewers_expired_total",
         "counter",
         "Viewers closed for not connecting in time.",
-        [("", snap["viewers_expired"])],
+        [({}, snap["viewers_expired"])],
     )
     metric(
         "peer_connections",
         "gauge",
         "Peer connections in memory (open, or closed and not yet freed).",
-        [("", snap["peer_connections"])],
+        [({}, snap["peer_connections"])],
     )
-    metric("asyncio_tasks", "gauge", "Tasks on the gateway's event loop.", [("", snap["tasks"])])
+    metric("asyncio_tasks", "gauge", "Tasks on the gateway's event loop.", [({}, snap["tasks"])])
     if snap["resident_bytes"] is not None:
-        metric("resident_memory_bytes", "gauge", "Resident memory of the gateway.", [("", snap["resident_bytes"])])
+        metric("resident_memory_bytes", "gauge", "Resident memory of the gateway.", [({}, snap["resident_bytes"])])
     metric(
         "requests_refused_total",
         "counter",
         "HTTP requests refused, by the field at fault.",
-        [(f'{{field="{k}"}}', float(snap["refused"].get(k, 0))) for k in ("host", "origin", "token")],
+        [({"field": k}, float(snap["refused"].get(k, 0))) for k in ("host", "origin", "token")],
     )
-    metric("results_fps", "gauge", "Results received per second.", [("", snap["fps"])])
+    metric("results_fps", "gauge", "Results received per second.", [({}, snap["fps"])])
+    metric(
+        "stream_moves_total",
+        "counter",
+        "Times the stream moved to another tracker (sam3-stream cluster).",
+        [({}, snap["stream_moves"])],
+    )
     if snap["latency_ms"] is not None:
         metric(
             "latency_seconds",
             "gauge",
             "Capture to gateway latency of the newest result.",
-            [("", snap["latency_ms"] / 1000.0)],
+            [({}, snap["latency_ms"] / 1000.0)],
         )
     metric(
         "state",
         "gauge",
         "1 for the feed's current state.",
-        [(f'{{state="{s.value}"}}', float(s.value == snap["state"])) for s in FeedState],
+        [({"state": s.value}, float(s.value == snap["state"])) for s in FeedState],
     )
     metric(
         "prompts_total",
         "counter",
         "Prompt messages by outcome.",
-        [(f'{{outcome="{k}"}}', float(v)) for k, v in sorted(snap["prompts"].items())],
+        [({"outcome": k}, float(v)) for k, v in sorted(snap["prompts"].items())],
     )
     return web.Response(
-        text="\n".join(lines) + "\n",
+        text=out.text(),
         content_type="text/plain",
         charset="utf-8",
         headers={"X-Content-Type-Options": "nosniff"},
@@ -275,6 +286,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stream-id", default=None, help="stream to show and prompt (default: the first one results come for)"
+    )
+    parser.add_argument(
+        "--map-url",
+        default=None,
+        help="follow --stream-id wherever a cluster's map places it (GET /map of 'sam3-stream cluster'); "
+        "the results and control endpoints then come from the map",
     )
     parser.add_argument("--http-host", default=defaults.http_host, help="HTTP listen address (default %(default)s)")
     parser.add_argument("--http-port", type=int, default=defaults.http_port, help="HTTP port (default %(default)s)")
@@ -360,6 +377,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     check_exposure(args.http_host, token, args.insecure)  # before the sockets: one clear line and exit
     if args.connect_timeout <= 0:
         raise ValueError(f"connect_timeout: must be positive, got {args.connect_timeout}")
+    if args.map_url and not args.stream_id:
+        raise ValueError("map_url: name the stream to follow with --stream-id")
+    if args.map_url and not args.map_url.startswith(("http://", "https://")):
+        raise ValueError(f"map_url: expected an http:// or https:// URL, got {args.map_url[:80]!r}")
     if args.video_bitrate is not None and not 100 <= args.video_bitrate <= 100_000:
         raise ValueError(f"video_bitrate: must be between 100 and 100000 kb/s, got {args.video_bitrate}")
     return GatewayConfig(
@@ -379,6 +400,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         style=CompositeStyle(alpha=args.alpha, show_boxes=args.show_boxes),
         video_bitrate=None if args.video_bitrate is None else args.video_bitrate * 1000,
         keys=_checked_keys(args),
+        map_url=args.map_url,
     )
 
 

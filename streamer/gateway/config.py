@@ -36,6 +36,8 @@ class GatewayConfig:
       no_signal (heartbeats but no results) and to tracker_offline (no heartbeats either).
     - ``video_bitrate``: bits per second of the shared video encode; ``None``: by frame size (about 1.4 Mb/s
       at 720p, 3.1 Mb/s at 1080p).
+    - ``map_url``: a cluster's map (``sam3-stream cluster``'s ``/map``): the stream's results and control
+      endpoints follow it as the stream moves between trackers (``stream_id`` required).
     - ``keys``: CURVE keys for tcp:// results and control endpoints (``streamer.security``); ``None``: plain.
     """
 
@@ -60,3 +62,4 @@ class GatewayConfig:
     style: CompositeStyle = field(default_factory=CompositeStyle)
     video_bitrate: int | None = None
     keys: KeyFolder | None = None
+    map_url: str | None = None

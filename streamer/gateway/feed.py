@@ -114,6 +114,8 @@ class ResultFeed:
         self._status_received = 0.0  # monotonic, when it arrived
         self.instance: str | None = None  # the tracker process's, from its heartbeats
         self.tracker_restarts = 0
+        self.stream_moves = 0  # times the stream moved to another tracker (a cluster's map said so)
+        self._retarget: tuple[str, str | None] | None = None  # (endpoint, tracker) to follow next
         self.state = FeedState.TRACKER_OFFLINE
         self.latest: FeedItem | None = None
         self.results_received = 0
@@ -164,6 +166,11 @@ class ResultFeed:
         self._event_listeners.append(listener)
         return lambda: self._event_listeners.remove(listener) if listener in self._event_listeners else None
 
+    def retarget(self, endpoint: str, tracker: str | None = None) -> None:
+        """Follow the stream on another tracker's results ``endpoint`` (it moved; ``tracker`` names the new
+        holder, ``None`` when this is the first route known); the socket is re-created within 0.25 s."""
+        self._retarget = (endpoint, tracker)
+
     @property
     def stream_status(self) -> dict | None:
         """The followed stream's fields of the newest heartbeat (``protocol.STREAM_STATUS_FIELDS``)."""
@@ -202,6 +209,8 @@ class ResultFeed:
         loop = asyncio.get_running_loop()
         while True:
             results = []
+            if self._retarget is not None:
+                self._follow_move(*self._retarget)
             self._socket.check()  # a tracker that sent garbage or an oversized part: a fresh socket
             for parts in await drain_async(self._socket.socket, timeout_ms=int(CHECK_INTERVAL_S * 1000)):
                 try:
@@ -227,6 +236,24 @@ class ResultFeed:
                     await self._accept(message, frame)
                     break
             self._update_state()
+
+    def _follow_move(self, endpoint: str, tracker: str | None) -> None:
+        assert self._socket is not None
+        self._retarget, self.endpoint = None, endpoint
+        self._socket.renew()  # its factory reads self.endpoint
+        self.instance, self._status = None, None  # the new holder's heartbeats are not a restart
+        if tracker is None:
+            return
+        self.stream_moves += 1
+        log.info("feed: stream %s moved to tracker %s (%s)", self.stream, tracker, endpoint)
+        self._emit(
+            EventMessage(
+                self.stream or "",
+                "stream_moved",
+                f"the stream moved to tracker {tracker}; it re-applies this stream's prompts on its next frame",
+                time.time(),
+            )
+        )
 
     def _on_status(self, status: StatusMessage) -> None:
         if status.instance and self.instance is not None and status.instance != self.instance:
