@@ -57,6 +57,8 @@ T = TypeVar("T")
 WIDTH, HEIGHT = 320, 240
 BACKGROUND = 90
 FIRST_OBJECT = (1, 100, 120, 40)  # obj_id, centre x, centre y, radius
+# Feed states in which results come: a tracker slower than the camera (a loaded test box) is "slow".
+RESULTS_FLOWING = ("live", "slow")
 
 
 def run(coro: Awaitable[T], timeout: float = 40.0) -> T:
@@ -97,6 +99,10 @@ class FakeTracker:
         self.moving = False
         self.receiving: bool | None = None
         self.instance = "fake-1"
+        self.state = "serving"
+        self.source = "synthetic 320x240@30"
+        self.source_error: str | None = None
+        self.camera_fps: float | None = None
         self.frames_received = 0
         self.last_received_t: float | None = None
         self.seq = 0
@@ -159,8 +165,13 @@ class FakeTracker:
                     "fps": self.fps,
                     "frames_received": self.frames_received,
                     "last_received_t": self.last_received_t,
+                    "source": self.source,
+                    "source_error": self.source_error,
+                    "source_fps": self.camera_fps,
                 }
-                status = StatusMessage("fake", time.time(), {self.stream: info}, self.instance)
+                status = StatusMessage(
+                    "fake", time.time(), {self.stream: info}, self.instance, self.state, "fake-model"
+                )
                 await self.pub.send_multipart(encode_status(status))
             await asyncio.sleep(self.heartbeat_s)
 

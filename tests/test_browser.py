@@ -144,7 +144,7 @@ def test_page_plays_video_and_click_adds_mapped_point(tmp_path: Path) -> None:
             # The tracker's new object shows up in the page's list, with its answer.
             await page.wait_for_selector('#objects li[data-obj-id="2"]', timeout=5000)
             await page.wait_for_function(
-                "() => document.getElementById('answers').textContent.includes('objects 2')", timeout=5000
+                "() => document.getElementById('answers').textContent.includes('object #2')", timeout=5000
             )
             await page.screenshot(path=str(tmp_path / "operator_page.png"))
 

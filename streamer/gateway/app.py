@@ -165,7 +165,7 @@ def _snapshot(app: web.Application) -> dict[str, Any]:
     feed, broadcaster = app[FEED], app[BROADCASTER]
     latency = feed.latency_s
     return {
-        "state": feed.state.value,
+        **feed.status.to_json(),  # state, its cause (detail), stream, source, model, camera_fps
         "stream": feed.stream,
         "fps": round(feed.fps, 2),
         "latency_ms": None if latency is None else round(latency * 1000.0, 1),

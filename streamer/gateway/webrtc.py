@@ -39,7 +39,7 @@ from streamer.gateway.encoding import (
     prefer_codecs,
     route_keyframe_requests,
 )
-from streamer.gateway.feed import FeedItem, FeedState, ResultFeed
+from streamer.gateway.feed import FeedItem, FeedState, FeedStatus, ResultFeed
 from streamer.gateway.ice import gather_on
 from streamer.gateway.memory import release_memory
 from streamer.gateway.prompts import PromptForwarder
@@ -55,9 +55,11 @@ MAX_MEDIA_SECTIONS = 8
 MAX_CANDIDATES = 64
 # Viewers leaving close together are given back their memory in one go, once their teardown is over.
 RELEASE_MEMORY_AFTER_S = 1.0
-BANNERS = {
-    FeedState.NO_SIGNAL: ("No signal", "the tracker is running but gets no frames"),
-    FeedState.TRACKER_OFFLINE: ("Tracker offline", "no heartbeat from the tracker"),
+BANNER_TITLES = {
+    FeedState.LOADING: "Loading the model",
+    FeedState.SOURCE_FAILING: "Source failing",
+    FeedState.NO_SIGNAL: "No signal",
+    FeedState.TRACKER_OFFLINE: "Tracker offline",
 }
 
 
@@ -99,7 +101,7 @@ class CompositedTrack(MediaStreamTrack):
         loop = asyncio.get_running_loop()
         while self.readyState == "live":
             await self._demand.wait()
-            if self._feed.state is FeedState.LIVE:
+            if self._feed.state.shows_results:
                 item = await self._feed.wait_after(self._seen, timeout=self._banner_interval)
                 if item is None:
                     continue
@@ -110,8 +112,9 @@ class CompositedTrack(MediaStreamTrack):
                 await asyncio.sleep(self._next_banner - time.monotonic())
             else:
                 self._next_banner = time.monotonic() + self._banner_interval
-                title, detail = BANNERS[self._feed.state]
-                return self._video_frame(banner_frame(*self._size, title, detail), None)
+                status = self._feed.status
+                banner = banner_frame(*self._size, BANNER_TITLES[status.state], status.detail[:120])
+                return self._video_frame(banner, None)
         raise MediaStreamError
 
     def stop(self) -> None:
@@ -141,8 +144,9 @@ class CompositedTrack(MediaStreamTrack):
         return frame
 
 
-def objects_message(item: FeedItem, fps: float) -> dict[str, Any]:
-    """The data channel's per-frame ``objects`` message (no masks; ``color`` extends docs/interfaces.md)."""
+def objects_message(item: FeedItem, fps: float, camera_fps: float | None = None) -> dict[str, Any]:
+    """The data channel's per-frame ``objects`` message (no masks; ``color`` extends docs/interfaces.md);
+    ``fps`` is the results' rate, ``camera_fps`` the camera's (when the tracker knows it)."""
     m = item.message
     return {
         "type": "objects",
@@ -150,7 +154,8 @@ def objects_message(item: FeedItem, fps: float) -> dict[str, Any]:
         "frame_index": m.frame_index,
         "t_capture": m.t_capture,
         "latency_ms": round((time.time() - m.t_capture) * 1000.0, 1),
-        "fps": round(fps, 1),
+        "fps": round(fps, 2),
+        "camera_fps": None if camera_fps is None else round(camera_fps, 2),
         "width": m.width,
         "height": m.height,
         "objects": [
@@ -176,7 +181,10 @@ class ObjectsText:
 
     def __call__(self, item: FeedItem) -> str:
         if item.number != self._number:
-            self._number, self._text = item.number, json.dumps(objects_message(item, self._feed.fps))
+            self._number, self._text = (
+                item.number,
+                json.dumps(objects_message(item, self._feed.fps, self._feed.status.camera_fps)),
+            )
         return self._text
 
 
@@ -254,7 +262,7 @@ class ViewerSession:
             return
         self._channel = channel
         channel.on("message", self._on_message)
-        self._on_state(self._feed.state)  # the current state, so the page can show it at once
+        self._on_state(self._feed.status)  # the current state, so the page can show it at once
 
     def run_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run ``coroutine`` for this session; cancelled when the session closes."""
@@ -268,8 +276,8 @@ class ViewerSession:
     async def _answer(self, message: str | bytes) -> None:
         self._send(await self._prompts.handle(message), always=True)
 
-    def _on_state(self, state: FeedState) -> None:
-        self._send({"type": "status", "state": state.value}, always=True)
+    def _on_state(self, status: FeedStatus) -> None:
+        self._send({"type": "status", **status.to_json()}, always=True)
 
     def _send(self, payload: dict[str, Any], always: bool = False) -> None:
         self._send_text(json.dumps(payload), always)
