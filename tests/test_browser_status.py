@@ -1,0 +1,130 @@
+"""The operator page tells the truth, in a real headless Chromium against the gateway.
+
+A tracker taking 2 s per frame: the page's lists follow its results, not its answers (a remove shows as
+pending until a result no longer has the object; a refused one says why). Each feed state shows on the
+page with its cause, and ``/health`` says the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import FakeTracker, fetch_json, gateway, run
+from test_browser import CHROMIUM, chromium_page, geometry_of, operator_page, to_page, wait_playing
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
+]
+playwright_api = pytest.importorskip("playwright.async_api")
+
+SLOW_FPS = 0.5  # a result every 2 s
+
+
+def test_lists_follow_the_results_of_a_tracker_taking_two_seconds_per_frame(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with (
+            FakeTracker(fps=SLOW_FPS) as tracker,
+            gateway(tracker) as url,
+            playwright_api.async_playwright() as pw,
+            operator_page(pw, url, tmp_path / "profile") as page,
+        ):
+            await page.wait_for_selector('#objects li[data-obj-id="1"]:not(.pending)', timeout=5000)
+            await page.wait_for_selector('#concepts .chip.found[data-text="thing"]', timeout=5000)
+
+            # A click is answered at once but applied on a later frame: pending until a result shows it.
+            tracker.publishing = False  # hold the next result, so the pending state can be seen for sure
+            await page.mouse.click(*to_page(await geometry_of(page), 250, 60))
+            await page.wait_for_selector('#objects li[data-obj-id="2"].pending.adding', timeout=5000)
+            tracker.publishing = True
+            await page.wait_for_selector('#objects li[data-obj-id="2"]:not(.pending)', timeout=5000)
+
+            # A remove: the object stays listed, marked, until a result no longer has it.
+            tracker.publishing = False
+            await page.click('#objects li[data-obj-id="2"] button')
+            await page.wait_for_selector('#objects li[data-obj-id="2"].pending.removing', timeout=5000)
+            await page.wait_for_function(
+                "() => document.getElementById('answers').textContent.includes('Remove object #2: accepted')",
+                timeout=5000,
+            )
+            await page.wait_for_timeout(500)
+            assert await page.is_visible('#objects li[data-obj-id="2"]'), "removed before the results said so"
+            tracker.publishing = True
+            await page.wait_for_selector('#objects li[data-obj-id="2"]', state="detached", timeout=5000)
+
+            # A concept's removal: its chip and its object are marked until the results drop them.
+            tracker.publishing = False
+            await page.click('#concepts .chip[data-text="thing"] button')
+            await page.wait_for_selector('#concepts .chip.removing[data-text="thing"]', timeout=5000)
+            await page.wait_for_selector('#objects li[data-obj-id="1"].removing', timeout=5000)
+            tracker.publishing = True
+            await page.wait_for_selector("#concepts .chip", state="detached", timeout=5000)
+            await page.wait_for_selector('#objects li[data-obj-id="1"]', state="detached", timeout=5000)
+
+            # A refused prompt ends pending with the tracker's reason, in words.
+            await page.evaluate("send({op: 'remove_object', obj_id: 99}, 'Remove object #99')")
+            await page.wait_for_selector(
+                "#answers li.error:has-text('Remove object #99: refused — obj_id: unknown object 99')", timeout=5000
+            )
+
+            # A reset: pending (every object marked) until a result is empty.
+            await page.mouse.click(*to_page(await geometry_of(page), 60, 60))
+            await page.wait_for_selector("#objects li:not(.pending)", timeout=5000)
+            tracker.publishing = False
+            await page.click("#reset")
+            await page.wait_for_selector("#objects li.removing", timeout=5000)
+            tracker.publishing = True
+            await page.wait_for_selector("#objects li", state="detached", timeout=5000)
+
+    run(body(), timeout=90)
+
+
+def test_each_status_with_its_cause_on_the_page_and_in_health(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with (
+            FakeTracker() as tracker,
+            gateway(tracker) as url,
+            playwright_api.async_playwright() as pw,
+            chromium_page(pw, tmp_path / "profile") as page,
+        ):
+
+            async def shows(state: str, detail: str) -> None:
+                await page.wait_for_selector(f"#state.{state}", timeout=6000)
+                await page.wait_for_selector(f"#detail:has-text('{detail}')", timeout=2000)
+                status, health = await fetch_json(f"{url}/health")
+                assert status == 200 and health["state"] == state and detail in health["detail"], health
+
+            tracker.state = "loading"
+            await page.goto(url)
+            await shows("loading", "the tracker is loading fake-model")
+            assert await page.text_content("#state") == "loading model"
+            tracker.state = "serving"
+            await wait_playing(page)
+            # Stream, source and model, named.
+            assert await page.text_content("#stream") == tracker.stream
+            assert await page.text_content("#source") == tracker.source
+            assert await page.text_content("#model") == "fake-model"
+
+            # Slower than the camera: both rates shown, never 0 while results come.
+            tracker.camera_fps = 100.0
+            await shows("slow", "the tracker is slower than the camera")
+            await page.wait_for_function("() => document.getElementById('camera-fps').textContent === '100'")
+            tracker_fps = float(await page.text_content("#fps") or "0")
+            assert 10 <= tracker_fps <= 40, tracker_fps
+            tracker.camera_fps = 30.0
+            await shows("live", "keep up")
+
+            # The capture says why its source fails; no frames reach the tracker.
+            tracker.source_error = "source failed: camera 7 not present"
+            tracker.receiving = tracker.publishing = False
+            await shows("source_failing", "camera 7 not present")
+            tracker.source_error = None
+            await shows("no_signal", f"gets no frames of {tracker.stream}")
+            tracker.receiving, tracker.publishing = None, True
+            await shows("live", "keep up")
+
+            tracker.heartbeats = tracker.publishing = False
+            await shows("tracker_offline", "no heartbeat from the tracker")
+
+    run(body(), timeout=90)
