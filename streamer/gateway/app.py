@@ -35,12 +35,14 @@ from streamer.gateway.access import (
     is_loopback,
     login_routes,
 )
+from streamer.gateway.camera import CameraFeed, SmoothTrack, held_objects_message
 from streamer.gateway.config import DEFAULT_CONTROL_ENDPOINT, DEFAULT_RESULTS_ENDPOINT, GatewayConfig
+from streamer.gateway.encoding import SharedVideo
 from streamer.gateway.feed import FeedState, ResultFeed
 from streamer.gateway.ice import AUTO, check_hosts
 from streamer.gateway.memory import resident_bytes
 from streamer.gateway.prompts import PromptForwarder
-from streamer.gateway.webrtc import Broadcaster, TooManyViewers
+from streamer.gateway.webrtc import Broadcaster, ObjectsText, TooManyViewers, View
 from streamer.keys import KeyFolder
 from streamer.transport import AsyncPromptClient
 
@@ -97,6 +99,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
     app[FEED] = feed
     app[PROMPTS] = PromptForwarder(client, stream=lambda: feed.stream, frame_size=frame_size)
+    camera = smooth = None
+    if config.frames_endpoint is not None:  # the smooth view reads the camera itself, while someone watches it
+        camera = CameraFeed(config.frames_endpoint, lambda: feed.stream, security=curve)
+        smooth_track = SmoothTrack(feed, camera, config.style, config.banner_fps)
+        smooth = View(SharedVideo(smooth_track, config.video_bitrate), ObjectsText(feed, held_objects_message))
     app[BROADCASTER] = Broadcaster(
         feed,
         app[PROMPTS],
@@ -107,6 +114,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         max_viewers=config.max_viewers,
         connect_timeout_s=config.connect_timeout_s,
         video_bitrate=config.video_bitrate,
+        smooth=smooth,
     )
     log.info(
         "gateway: results %s, control %s, stream %s",
@@ -118,6 +126,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[BROADCASTER].close()
+        if camera is not None:
+            await camera.close()
         client.close()
         await feed.close()
 
@@ -274,6 +284,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tracker control ROUTER for prompts (default %(default)s)",
     )
     parser.add_argument(
+        "--frames-endpoint",
+        default=None,
+        help="the capture's frames PUB: lets the page show the smooth view (video at the camera's rate, the "
+        "newest masks drawn on newer frames, marked as held) besides the exact one (default: exact only)",
+    )
+    parser.add_argument(
         "--stream-id", default=None, help="stream to show and prompt (default: the first one results come for)"
     )
     parser.add_argument("--http-host", default=defaults.http_host, help="HTTP listen address (default %(default)s)")
@@ -365,6 +381,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         results_endpoint=args.results_endpoint,
         control_endpoint=args.control_endpoint,
+        frames_endpoint=args.frames_endpoint,
         stream_id=args.stream_id,
         http_host=args.http_host,
         http_port=args.http_port,
@@ -384,7 +401,12 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 def _checked_keys(args: argparse.Namespace) -> KeyFolder | None:
     """``--keys``, with its client files read once now so that a missing one stops ``serve`` at start."""
-    keys = security.key_folder_from_args(args, [args.results_endpoint, args.control_endpoint])
+    endpoints = [
+        args.results_endpoint,
+        args.control_endpoint,
+        *([args.frames_endpoint] if args.frames_endpoint else []),
+    ]
+    keys = security.key_folder_from_args(args, endpoints)
     if keys is not None:
         security.CurveClient(keys)
     return keys

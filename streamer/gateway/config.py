@@ -36,6 +36,8 @@ class GatewayConfig:
       no_signal (heartbeats but no results) and to tracker_offline (no heartbeats either).
     - ``video_bitrate``: bits per second of the shared video encode; ``None``: by frame size (about 1.4 Mb/s
       at 720p, 3.1 Mb/s at 1080p).
+    - ``frames_endpoint``: the captures' frames PUB; with it the page offers the smooth view (camera rate,
+      newest masks marked as held: ``streamer.gateway.camera``); ``None``: the exact view only.
     - ``keys``: CURVE keys for tcp:// results and control endpoints (``streamer.security``); ``None``: plain.
     """
 
@@ -59,4 +61,5 @@ class GatewayConfig:
     banner_fps: float = 10.0
     style: CompositeStyle = field(default_factory=CompositeStyle)
     video_bitrate: int | None = None
+    frames_endpoint: str | None = None
     keys: KeyFolder | None = None

@@ -7,6 +7,7 @@ const DRAG_MIN_PX = 6;
 
 let pc = null;
 let channel = null;
+let viewChannel = null;  // "exact" or "smooth": which video this page watches
 let frame = null;          // the newest "objects" message: frame size, index and objects
 let selected = null;       // obj_id that clicks refine; null makes a new object
 let objectsKey = "";
@@ -31,6 +32,13 @@ async function connect() {
   const myPc = pc;
   pc.addTransceiver("video", { direction: "recvonly" });
   channel = pc.createDataChannel("prompts");
+  viewChannel = pc.createDataChannel("view");
+  viewChannel.onopen = () => viewChannel.send($("view").value);
+  viewChannel.onmessage = (event) => {
+    const answer = JSON.parse(event.data);
+    $("view").value = answer.view;
+    if (!answer.ok) note(`Video view refused: ${answer.error}`, true);
+  };
   channel.onmessage = (event) => onMessage(JSON.parse(event.data));
   channel.onclose = () => { if (myPc === pc) scheduleReconnect(); };  // the gateway closed or restarted
   pc.ontrack = (event) => {
@@ -118,6 +126,9 @@ function onMessage(message) {
     $("fps").textContent = rate(message.fps);
     $("camera-fps").textContent = message.camera_fps ? rate(message.camera_fps) : "–";
     $("latency").textContent = `${Math.round(message.latency_ms)} ms`;
+    // Smooth view: the masks drawn were computed on an earlier frame than the one shown.
+    $("held").hidden = !message.held;
+    if (message.held) $("held").textContent = `masks held from ${message.seq - message.masks_seq} frames earlier`;
     settle();
     render();
     highlight();
@@ -125,6 +136,9 @@ function onMessage(message) {
     setBadge("state", message.state);
     $("state").title = $("detail").textContent = message.detail || "";
     for (const key of ["stream", "source", "model"]) $(key).textContent = message[key] || "–";
+    const smooth = $("view").querySelector('option[value="smooth"]');
+    smooth.disabled = !(message.views || []).includes("smooth");
+    smooth.title = smooth.disabled ? "this gateway does not read the camera (serve --frames-endpoint)" : "";
     if (!["live", "slow"].includes(message.state)) { frame = null; render(); highlight(); }
   } else if (message.type === "answer") {
     onAnswer(message);
@@ -447,6 +461,10 @@ $("reset").addEventListener("click", () => {
   selected = null;
   send({ op: "reset_session" }, "Reset (every object and concept)");
   render();
+});
+
+$("view").addEventListener("change", () => {
+  if (viewChannel && viewChannel.readyState === "open") viewChannel.send($("view").value);
 });
 
 // ---- page bits --------------------------------------------------------------------------------
