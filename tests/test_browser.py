@@ -92,7 +92,7 @@ async def chromium_page(pw: Any, profile: Path) -> AsyncIterator[Any]:
 
 async def wait_playing(page: Any) -> None:
     await page.wait_for_function(PLAYING, timeout=15000)
-    await page.wait_for_selector("#state.live", timeout=5000)
+    await page.wait_for_selector("#state.live, #state.slow", timeout=5000)  # results come
 
 
 @contextlib.asynccontextmanager
@@ -204,7 +204,7 @@ def test_selection_box_concepts_and_reconnect(tmp_path: Path) -> None:
                         assert time.monotonic() < deadline, "the page did not reconnect"
                         await asyncio.sleep(0.2)
                     await page.wait_for_selector("#connection.connected", timeout=10000)
-                    await page.wait_for_selector("#state.live", timeout=5000)
+                    await page.wait_for_selector("#state.live, #state.slow", timeout=5000)  # results come
                     await page.wait_for_function(PLAYING, timeout=5000)
 
     run(body(), timeout=60)

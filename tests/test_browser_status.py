@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
-from helpers import FakeTracker, fetch_json, gateway, run
-from test_browser import CHROMIUM, chromium_page, geometry_of, operator_page, to_page, wait_playing
+from helpers import FIRST_OBJECT, FakeTracker, expected_tint, fetch_json, gateway, run
+from test_browser import CHROMIUM, chromium_page, geometry_of, operator_page, to_page, wait_playing, wait_until
 
 pytestmark = [
     pytest.mark.browser,
@@ -130,3 +132,69 @@ def test_each_status_with_its_cause_on_the_page_and_in_health(tmp_path: Path) ->
             await shows("tracker_offline", "no heartbeat from the tracker")
 
     run(body(), timeout=90)
+
+
+# How many different frames the page shows in ``ms`` milliseconds (the seq of each, sampled every 10 ms).
+FRAMES_SHOWN = """async (ms) => {
+  const sleep = (t) => new Promise((resolve) => setTimeout(resolve, t));
+  const seen = new Set();
+  for (const end = Date.now() + ms; Date.now() < end; await sleep(10)) if (frame) seen.add(frame.seq);
+  return seen.size;
+}"""
+
+
+def test_exact_or_smooth_video_with_a_tracker_slower_than_the_camera(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with (
+            FakeTracker(fps=SLOW_FPS, camera_fps=10.0, camera=True) as tracker,
+            gateway(tracker, frames_endpoint=tracker.frames_endpoint) as url,
+            playwright_api.async_playwright() as pw,
+            operator_page(pw, url, tmp_path / "profile") as page,
+        ):
+            # Exact by default: the results' own frames, at the tracker's rate; nothing held.
+            assert await page.input_value("#view") == "exact"
+            await page.wait_for_selector("#state.slow", timeout=RESULT_WAIT_MS)
+            assert await page.evaluate(FRAMES_SHOWN, 2500) <= 3  # a result every 2 s
+            assert await page.is_hidden("#held")
+
+            # Smooth: every camera frame, the newest masks drawn on it and marked as held.
+            await page.select_option("#view", "smooth")
+            await page.wait_for_selector("#held:has-text('masks held from')", timeout=RESULT_WAIT_MS)
+            assert await page.evaluate(FRAMES_SHOWN, 1500) >= 8, "smooth video is not at the camera's rate (10 fps)"
+            held = await page.evaluate("() => ({held: frame.held, seq: frame.seq, masks: frame.masks_seq})")
+            assert held["held"] and held["masks"] < held["seq"], held
+            # The masks are on the picture (the object has not moved: its tint is where it was).
+            geometry = await geometry_of(page)
+            shot = cv2.imdecode(np.frombuffer(await page.screenshot(), np.uint8), cv2.IMREAD_COLOR)
+            obj_id, cx, cy, _ = FIRST_OBJECT
+            px, py = (round(v) for v in to_page(geometry, cx, cy))
+            assert np.abs(shot[py, px, ::-1].astype(float)[:2] - expected_tint(obj_id)[:2]).max() < 40
+            # A click names the camera frame on screen.
+            await page.mouse.click(*to_page(geometry, 250, 60))
+            await wait_until(lambda: tracker.requests, 5, "the click at the tracker")
+            click = tracker.requests[-1].prompt
+            assert click is not None and click.seq is not None and click.seq > held["masks"], click
+
+            # Back to exact.
+            await page.select_option("#view", "exact")
+            await page.wait_for_function("() => frame && !frame.held", timeout=RESULT_WAIT_MS)
+            assert await page.evaluate(FRAMES_SHOWN, 2500) <= 3
+
+    run(body(), timeout=90)
+
+
+def test_a_gateway_without_the_camera_offers_the_exact_view_only(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with (
+            FakeTracker() as tracker,
+            gateway(tracker) as url,
+            playwright_api.async_playwright() as pw,
+            operator_page(pw, url, tmp_path / "profile") as page,
+        ):
+            assert await page.is_disabled('#view option[value="smooth"]')
+            # Asked anyway (an old page, a script): refused, naming the field, the view unchanged.
+            await page.evaluate("viewChannel.send('smooth')")
+            await page.wait_for_selector("#answers li.error:has-text('view: this gateway offers exact')", timeout=5000)
+            assert await page.input_value("#view") == "exact"
+
+    run(body(), timeout=60)
