@@ -111,22 +111,34 @@ async def geometry_of(page: Any) -> dict[str, Any]:
     return geometry
 
 
+async def first_object_tinted(page: Any, geometry: dict[str, Any]) -> np.ndarray:
+    """Assert the page shows the fake tracker's first object tinted where it is; returns the screenshot (BGR)."""
+    obj_id, cx, cy, _ = FIRST_OBJECT
+    shot = cv2.imdecode(np.frombuffer(await page.screenshot(), np.uint8), cv2.IMREAD_COLOR)
+    px, py = (round(v) for v in to_page(geometry, cx, cy))
+    pixel = shot[py, px, ::-1].astype(float)  # BGR -> RGB
+    assert np.abs(pixel[:2] - expected_tint(obj_id)[:2]).max() < 40, pixel
+    return shot
+
+
+@contextlib.asynccontextmanager
+async def page_of(tracker: FakeTracker, profile: Path, **overrides: Any) -> AsyncIterator[tuple[Any, str]]:
+    """The operator page (once its video plays) of a gateway in front of ``tracker``, and the gateway's URL."""
+    async with (
+        gateway(tracker, **overrides) as url,
+        playwright_api.async_playwright() as pw,
+        operator_page(pw, url, profile) as page,
+    ):
+        yield page, url
+
+
 def test_page_plays_video_and_click_adds_mapped_point(tmp_path: Path) -> None:
     async def body() -> None:
-        async with (
-            FakeTracker() as tracker,
-            gateway(tracker) as url,
-            playwright_api.async_playwright() as pw,
-            operator_page(pw, url, tmp_path / "profile") as page,
-        ):
+        async with FakeTracker() as tracker, page_of(tracker, tmp_path / "profile") as (page, _):
             geometry = await geometry_of(page)
 
             # The screenshot shows the object's tint where the object is.
-            obj_id, cx, cy, _ = FIRST_OBJECT
-            shot = cv2.imdecode(np.frombuffer(await page.screenshot(), np.uint8), cv2.IMREAD_COLOR)
-            px, py = (round(v) for v in to_page(geometry, cx, cy))
-            pixel = shot[py, px, ::-1].astype(float)  # BGR -> RGB
-            assert np.abs(pixel[:2] - expected_tint(obj_id)[:2]).max() < 40, pixel
+            shot = await first_object_tinted(page, geometry)
             assert shot.mean() > 20, "the page shows more than black"
 
             # A click on frame pixel (250, 60) reaches the tracker as that point.

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
-from helpers import FIRST_OBJECT, FakeTracker, expected_tint, fetch_json, gateway, run
-from test_browser import CHROMIUM, chromium_page, geometry_of, operator_page, to_page, wait_playing, wait_until
+from helpers import FakeTracker, fetch_json, gateway, run
+from test_browser import (
+    CHROMIUM,
+    chromium_page,
+    first_object_tinted,
+    geometry_of,
+    page_of,
+    to_page,
+    wait_playing,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.browser,
@@ -27,12 +34,7 @@ RESULT_WAIT_MS = 10_000  # a few of its results, on a loaded machine
 
 def test_lists_follow_the_results_of_a_tracker_taking_two_seconds_per_frame(tmp_path: Path) -> None:
     async def body() -> None:
-        async with (
-            FakeTracker(fps=SLOW_FPS) as tracker,
-            gateway(tracker) as url,
-            playwright_api.async_playwright() as pw,
-            operator_page(pw, url, tmp_path / "profile") as page,
-        ):
+        async with FakeTracker(fps=SLOW_FPS) as tracker, page_of(tracker, tmp_path / "profile") as (page, _):
             await page.wait_for_selector('#objects li[data-obj-id="1"]:not(.pending)', timeout=RESULT_WAIT_MS)
             await page.wait_for_selector('#concepts .chip.found[data-text="thing"]', timeout=RESULT_WAIT_MS)
 
@@ -147,9 +149,7 @@ def test_exact_or_smooth_video_with_a_tracker_slower_than_the_camera(tmp_path: P
     async def body() -> None:
         async with (
             FakeTracker(fps=SLOW_FPS, camera_fps=10.0, camera=True) as tracker,
-            gateway(tracker, frames_endpoint=tracker.frames_endpoint) as url,
-            playwright_api.async_playwright() as pw,
-            operator_page(pw, url, tmp_path / "profile") as page,
+            page_of(tracker, tmp_path / "profile", frames_endpoint=tracker.frames_endpoint) as (page, _),
         ):
             # Exact by default: the results' own frames, at the tracker's rate; nothing held.
             assert await page.input_value("#view") == "exact"
@@ -165,10 +165,7 @@ def test_exact_or_smooth_video_with_a_tracker_slower_than_the_camera(tmp_path: P
             assert held["held"] and held["masks"] < held["seq"], held
             # The masks are on the picture (the object has not moved: its tint is where it was).
             geometry = await geometry_of(page)
-            shot = cv2.imdecode(np.frombuffer(await page.screenshot(), np.uint8), cv2.IMREAD_COLOR)
-            obj_id, cx, cy, _ = FIRST_OBJECT
-            px, py = (round(v) for v in to_page(geometry, cx, cy))
-            assert np.abs(shot[py, px, ::-1].astype(float)[:2] - expected_tint(obj_id)[:2]).max() < 40
+            await first_object_tinted(page, geometry)
             # A click names the camera frame on screen.
             await page.mouse.click(*to_page(geometry, 250, 60))
             await wait_until(lambda: tracker.requests, 5, "the click at the tracker")
@@ -185,12 +182,7 @@ def test_exact_or_smooth_video_with_a_tracker_slower_than_the_camera(tmp_path: P
 
 def test_a_gateway_without_the_camera_offers_the_exact_view_only(tmp_path: Path) -> None:
     async def body() -> None:
-        async with (
-            FakeTracker() as tracker,
-            gateway(tracker) as url,
-            playwright_api.async_playwright() as pw,
-            operator_page(pw, url, tmp_path / "profile") as page,
-        ):
+        async with FakeTracker() as tracker, page_of(tracker, tmp_path / "profile") as (page, _):
             assert await page.is_disabled('#view option[value="smooth"]')
             # Asked anyway (an old page, a script): refused, naming the field, the view unchanged.
             await page.evaluate("viewChannel.send('smooth')")
