@@ -26,7 +26,7 @@ from streamer.config import Endpoints
 from streamer.exit_notes import report_finished
 from streamer.healing import SocketWatch
 from streamer.keys import KeyFolder
-from streamer.protocol import FrameHeader, encode_frame
+from streamer.protocol import MAX_ERROR_CHARS, FrameHeader, SourceStatus, encode_frame, encode_source
 from streamer.signals import StopSignals
 from streamer.sources import FrameSource, SourceError, network_scheme, open_source
 from streamer.transport import frames_publisher
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FRAMES_ENDPOINT = Endpoints.tcp_defaults().frames
 STATS_INTERVAL = 30.0  # seconds between "published N frames" log lines
+# Seconds between the source's status messages: often enough that a tracker connecting late (after its
+# model load) soon hears why no frames come, and that the page can name the source.
+SOURCE_STATUS_S = 1.0
 _SLEEP_SLICE = 0.05  # longest uninterrupted sleep, so a stop is noticed within this
 _TICK_TOLERANCE = 1e-6  # seconds; float rounding on the tick grid must not turn "due" into "not yet"
 
@@ -156,7 +159,10 @@ class _Publisher:
         self.stream_id = stream_id
         self.seq = 0  # counts across reopens, so subscribers see one stream
         self.dropped = 0
+        self.source = ""  # the open source's description, for the status messages
+        self.source_fps: float | None = None
         self._window_start, self._window_seq, self._window_dropped = time.monotonic(), 0, 0
+        self._announced = -math.inf  # monotonic time of the last status message
 
     def publish(self, pixels: np.ndarray, t_capture: float) -> None:
         height, width = pixels.shape[:2]
@@ -164,7 +170,17 @@ class _Publisher:
         self.sock.send_multipart(encode_frame(header, pixels), copy=False)
         self.seq += 1
         self.watch.check()
+        if time.monotonic() - self._announced >= SOURCE_STATUS_S:
+            self.announce()
         self._maybe_log_stats()
+
+    def announce(self, error: str | None = None) -> None:
+        """Say what the source is and, with ``error``, why it delivers no frames (trackers pass it on)."""
+        status = SourceStatus(
+            self.stream_id, time.time(), self.source, error and error[:MAX_ERROR_CHARS], self.source_fps
+        )
+        self.sock.send_multipart(encode_source(status))
+        self._announced = time.monotonic()
 
     def _maybe_log_stats(self) -> None:
         elapsed = time.monotonic() - self._window_start
@@ -260,9 +276,11 @@ def run_capture(
                 except (SourceError, ValueError) as exc:
                     if not ever_opened and (not isinstance(exc, SourceError) or network_scheme(spec) is None):
                         raise  # a typo, a missing camera or a broken file: say so now rather than retry forever
-                    _retry_later(f"cannot open source {spec!r}: {exc}", backoff, stopper)
+                    _retry_later(f"cannot open source {spec!r}: {exc}", backoff, stopper, publisher)
                     continue
                 ever_opened = True
+                publisher.source, publisher.source_fps = source.description, source.fps
+                publisher.announce()
                 log.info("stream %s: opened %s (%.1f fps) -> %s", stream_id, source.description, source.fps, endpoint)
                 played_out = False
                 try:
@@ -281,7 +299,7 @@ def run_capture(
                     report_finished(f"{source.description} played to its end ({publisher.seq} frames)")
                     break
                 if not stopper.stopped:
-                    _retry_later(reason, backoff, stopper)
+                    _retry_later(reason, backoff, stopper, publisher)
     finally:
         publisher.watch.close()
         sock.close()
@@ -292,10 +310,14 @@ def run_capture(
     return publisher.seq
 
 
-def _retry_later(reason: str, backoff: Backoff, stopper: _Stopper) -> None:
+def _retry_later(reason: str, backoff: Backoff, stopper: _Stopper, publisher: _Publisher) -> None:
+    """Wait out the back-off, telling subscribers every ``SOURCE_STATUS_S`` why no frames come."""
     delay = backoff.next_delay()
     log.warning("%s; reopening in %.1f s", reason, delay)
-    stopper.sleep(delay)
+    end = time.monotonic() + delay
+    while not stopper.stopped and (left := end - time.monotonic()) > 0:
+        publisher.announce(reason)
+        stopper.sleep(min(left, SOURCE_STATUS_S))
 
 
 def positive(kind: Callable[[str], float]) -> Callable[[str], float]:

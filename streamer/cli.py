@@ -232,6 +232,8 @@ def pipeline_children(args: argparse.Namespace, endpoints: Endpoints, folder: Pa
     if args.passthrough_objects:
         track_args += ["--passthrough-objects", str(args.passthrough_objects)]
     serve_args = [
+        "--frames-endpoint",  # the page's smooth view reads the camera itself
+        endpoints.frames,
         "--results-endpoint",
         endpoints.results,
         "--control-endpoint",

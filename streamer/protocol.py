@@ -43,7 +43,9 @@ from streamer.masks import BoxMask, box_from_runs, box_runs
 
 PROTOCOL_VERSION = 3
 READ_VERSIONS = (1, 2, 3)
-KINDS = ("frame", "prompt", "answer", "result", "status", "event")
+KINDS = ("frame", "source", "prompt", "answer", "result", "status", "event")
+# What a tracker's heartbeat says it is doing: loading its model (no frames taken yet), or serving.
+TRACKER_STATES = ("loading", "serving")
 PROMPT_OPS = ("add_prompt", "remove_object", "remove_prompt", "reset_session")
 # prompt_failed: an accepted prompt failed when applied (dropped, never retried); objects_reacquired: a
 # restarted tracker re-applied a stream's prompts; objects_capped: objects left out of results (cap).
@@ -152,16 +154,32 @@ class ResultMessage:
     objects: list[WireObject]
 
 
+@dataclass(frozen=True)
+class SourceStatus:
+    """A capture's word on its source, on the frames socket beside the frames: ``source`` describes it
+    (``camera 0``, a file's name), ``error`` says why it delivers no frames (``None``: it delivers), ``fps``
+    is its rate when known."""
+
+    stream: str
+    t: float
+    source: str
+    error: str | None = None
+    fps: float | None = None
+
+
 @dataclass
 class StatusMessage:
     """The tracker's heartbeat: its name, the time (unix seconds), ``instance`` (new at every start of
-    the process: a change means the tracker restarted) and per stream the fields of
-    ``STREAM_STATUS_FIELDS`` (``null`` until known)."""
+    the process: a change means the tracker restarted), ``state`` (``TRACKER_STATES``: loading its model,
+    or serving), ``model`` (what it loaded or loads) and per stream the fields of ``STREAM_STATUS_FIELDS``
+    (``null`` until known)."""
 
     tracker: str
     t: float
     streams: dict[str, dict]
     instance: str = ""
+    state: str = "serving"
+    model: str = ""
 
 
 @dataclass
@@ -571,6 +589,35 @@ def decode_frame(parts: Sequence) -> tuple[FrameHeader, np.ndarray]:
     return header, _pixels_view("frame.pixels", parts[1], header.width, header.height)
 
 
+def peek_frames_kind(parts: Sequence) -> str:
+    """The kind of a frames-socket message: ``frame`` or ``source``."""
+    kind = _load_header(_parts_list(parts)[0], MAX_HEADER_BYTES)["kind"]
+    if kind not in ("frame", "source"):
+        raise ProtocolError(f"header.kind: a frames socket carries frame and source messages, got {kind!r}")
+    return kind
+
+
+def encode_source(status: SourceStatus) -> list[bytes]:
+    """``[header]``: a capture's word on its source (see :class:`SourceStatus`)."""
+    fields = {"stream": status.stream, "t": status.t, "source": status.source, "error": status.error, "fps": status.fps}
+    parts = [_dump_header("source", fields)]
+    decode_source(parts)
+    return parts
+
+
+def decode_source(parts: Sequence) -> SourceStatus:
+    """Parse a capture's :class:`SourceStatus`."""
+    h, _ = _open(parts, "source", (1,))
+    error, fps = h.get("error", optional=True), h.get("fps", optional=True)
+    return SourceStatus(
+        stream=h.stream(),
+        t=h.number("t"),
+        source=h.text("source", empty_ok=True),
+        error=None if error is None else _check_str(h.path("error"), error, max_chars=MAX_ERROR_CHARS),
+        fps=None if fps is None else _check_number(h.path("fps"), fps),
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # prompt / answer
 
@@ -956,6 +1003,12 @@ STREAM_STATUS_FIELDS = {
     "prompts_queued": _check_int,  # accepted prompts not yet applied
     "prompts_applied": _check_int,  # accepted prompts applied, in all
     "prompts_failed": _check_int,  # accepted prompts that failed when applied, in all
+    # Seconds the tracker listened without a frame of this stream arriving; time spent tracking does not
+    # count (frames that arrive meanwhile wait in the socket), so a slow model never reads as no signal.
+    "frames_silent_s": _check_number,
+    "source_fps": _check_number,  # the camera's rate, from the frames' seq and capture times
+    "source": lambda path, value: _check_str(path, value, empty_ok=True),  # the capture's description
+    "source_error": lambda path, value: _check_str(path, value, max_chars=MAX_ERROR_CHARS),  # why no frames
 }
 
 
@@ -969,18 +1022,23 @@ def _read_status(h: _Header) -> StatusMessage:
             if info.get(key) is not None:  # null until the stream's first frame
                 check(f"{path}.{key}", info[key])
         streams[name] = info
-    instance = h.get("instance", optional=True)
+    instance, state, model = (h.get(name, optional=True) for name in ("instance", "state", "model"))
+    if state is not None and state not in TRACKER_STATES:
+        raise ProtocolError(f"{h.path('state')}: unknown state {_short(state)} (known: {', '.join(TRACKER_STATES)})")
     return StatusMessage(
         tracker=h.text("tracker"),
         t=h.number("t"),
         streams=streams,
         instance="" if instance is None else _check_str(h.path("instance"), instance, empty_ok=True),
+        state="serving" if state is None else state,  # a tracker that does not say heartbeats once it serves
+        model="" if model is None else _check_str(h.path("model"), model, empty_ok=True),
     )
 
 
 def encode_status(s: StatusMessage) -> list[bytes]:
     """``[topic, header]``: a heartbeat for the results socket."""
-    data = _dump_header("status", {"tracker": s.tracker, "t": s.t, "streams": s.streams, "instance": s.instance})
+    fields = {"tracker": s.tracker, "t": s.t, "streams": s.streams, "instance": s.instance, "state": s.state}
+    data = _dump_header("status", {**fields, "model": s.model})
     parts = [topics.STATUS, data]
     decode_status(parts)
     return parts

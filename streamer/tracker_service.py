@@ -40,7 +40,7 @@ import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 
 import numpy as np
@@ -63,10 +63,13 @@ from streamer.protocol import (
     PromptRequest,
     ProtocolError,
     ResultMessage,
+    SourceStatus,
     StatusMessage,
+    decode_source,
     encode_event,
     encode_result,
     encode_status,
+    peek_frames_kind,
     result_from_frame_result,
 )
 from streamer.signals import StopSignals
@@ -121,6 +124,8 @@ class _Stream:
     frames_received: int = 0
     last_received_t: float | None = None  # unix seconds, when the newest frame arrived
     last_received: float = 0.0  # monotonic, the same (for expiry)
+    busy_at_receipt: float = 0.0  # the busy clock's total then (see frames_silent_s)
+    captures: deque[tuple[float, int]] = field(default_factory=deque)  # recent frames' (t_capture, seq)
     frames_tracked: int = 0
     last_seq: int | None = None
     last_frame_t: float | None = None  # t_capture of the newest frame tracked
@@ -140,9 +145,29 @@ class _Stream:
             return 0.0
         return (len(self.arrivals) - 1) / max(self.arrivals[-1] - self.arrivals[0], 1e-6)
 
-    def status(self, now: float) -> dict:
-        """This stream's fields of the heartbeat (``protocol.STREAM_STATUS_FIELDS``)."""
+    def source_fps(self) -> float | None:
+        """The camera's rate, from the seq and capture times of the frames that reached us (skipped ones
+        count: the seq says how many there were)."""
+        if len(self.captures) < 2:
+            return None
+        (t0, seq0), (t1, seq1) = self.captures[0], self.captures[-1]
+        return (seq1 - seq0) / (t1 - t0) if t1 > t0 and seq1 > seq0 else None
+
+    def note_capture(self, header: FrameHeader) -> None:
+        if self.captures and header.seq < self.captures[-1][1]:
+            self.captures.clear()  # a restarted capture counts from 0 again
+        self.captures.append((header.t_capture, header.seq))
+        while header.t_capture - self.captures[0][0] > _FPS_WINDOW_S:
+            self.captures.popleft()
+
+    def status(self, now: float, busy_total: float) -> dict:
+        """This stream's fields of the heartbeat (``protocol.STREAM_STATUS_FIELDS``); ``busy_total`` is the
+        busy clock's reading now."""
+        listened = (now - self.last_received) - (busy_total - self.busy_at_receipt)
+        source_fps = self.source_fps()
         return {
+            "frames_silent_s": round(max(listened, 0.0), 3) if self.frames_received else None,
+            "source_fps": None if source_fps is None else round(source_fps, 2),
             "last_seq": self.last_seq,
             "last_frame_t": self.last_frame_t,
             "fps": round(self.fps(now), 2),
@@ -154,6 +179,25 @@ class _Stream:
             "prompts_applied": self.prompts.applied,
             "prompts_failed": self.prompts.failed,
         }
+
+
+class _BusyClock:
+    """Seconds the tracking thread spent tracking rather than listening for frames; the heartbeat thread
+    reads it (one tuple, swapped whole, so a reader never sees half an update)."""
+
+    def __init__(self) -> None:
+        self._reading: tuple[float, float | None] = (0.0, None)  # (total of finished steps, current start)
+
+    def __enter__(self) -> None:
+        self._reading = (self._reading[0], time.monotonic())
+
+    def __exit__(self, *exc: object) -> None:
+        total, since = self._reading
+        self._reading = (total + time.monotonic() - (since or time.monotonic()), None)
+
+    def total(self, now: float) -> float:
+        total, since = self._reading
+        return total + (now - since if since is not None else 0.0)
 
 
 class TrackerService:
@@ -195,7 +239,10 @@ class TrackerService:
         self.assignments = assignments  # None: serve every stream whose frames arrive
         self._heartbeat_s = heartbeat_s
         self._stats_interval_s = stats_interval_s
-        self._make_tracker: TrackerFactory | None = None
+        self._make_tracker: TrackerFactory | None = None  # set by serve(): until then the model loads
+        self.model = ""  # what start_loading() named, for the heartbeats
+        self._busy = _BusyClock()
+        self._sources: dict[str, SourceStatus] = {}  # each capture's newest word on its source
         self._streams: dict[str, _Stream] = {}
         self._stored_deadline: dict[str, float] = {}  # stored streams not seen since start: expire by then
         self._drain_stats = DrainStats()
@@ -226,6 +273,13 @@ class TrackerService:
         self._control_thread = threading.Thread(target=self._serve_control, name="control", daemon=True)
 
     # ---------------------------------------------------------------------------------- lifecycle
+
+    def start_loading(self, model: str) -> None:
+        """Heartbeat from now on, saying the tracker loads ``model`` (until :meth:`serve`), so a viewer sees
+        "loading" rather than an offline tracker during a long model load."""
+        self.model = model
+        if not self._heartbeat.is_alive():
+            self._heartbeat.start()
 
     def serve(
         self,
@@ -264,7 +318,8 @@ class TrackerService:
             self._receive_frames()
             stream = self._next_stream()
             if stream is not None:
-                self._track(*stream)
+                with self._busy:
+                    self._track(*stream)
             now = time.monotonic()
             if now >= next_expiry:
                 self._expire_idle(now)
@@ -346,7 +401,8 @@ class TrackerService:
     def _receive_frames(self) -> None:
         received, now = time.time(), time.monotonic()
         assert self._frames is not None
-        for name, (header, pixels) in latest_per_stream(drain(self._frames.socket, 0), self._drain_stats).items():
+        frames = self._take_source_statuses(drain(self._frames.socket, 0))
+        for name, (header, pixels) in latest_per_stream(frames, self._drain_stats).items():
             if self.assignments is not None and not self.assignments.holds(name):
                 continue  # another tracker's stream from a shared capture, or one released a moment ago
             stream = self._streams.get(name) or self._new_stream(name, (header.width, header.height))
@@ -358,6 +414,32 @@ class TrackerService:
             stream.prompts.frame_size = (header.width, header.height)
             stream.frames_received += 1
             stream.last_received_t, stream.last_received = received, now
+            stream.busy_at_receipt = self._busy.total(now)
+            stream.note_capture(header)
+            source = self._sources.get(name)
+            if source is not None and source.error is not None and header.t_capture > source.t:
+                self._sources[name] = replace(source, error=None)  # frames again: the source recovered
+
+    def _take_source_statuses(self, messages: list) -> list:
+        """Keep the captures' source statuses (for the heartbeat); return the other messages (frames)."""
+        frames = []
+        for parts in messages:
+            try:
+                kind = peek_frames_kind(parts)
+            except ProtocolError:
+                kind = "frame"  # latest_per_stream counts and logs it as malformed
+            if kind != "source":
+                frames.append(parts)
+                continue
+            try:
+                status = decode_source(parts)
+            except ProtocolError as exc:
+                self._failures.count("malformed source statuses dropped", detail=str(exc))
+                continue
+            if status.stream in self._sources or len(self._sources) < self._max_streams:
+                with self._lock:
+                    self._sources[status.stream] = status
+        return frames
 
     def _new_stream(self, name: str, frame_size: tuple[int, int]) -> _Stream | None:
         if len(self._streams) >= self._max_streams:
@@ -608,8 +690,9 @@ class TrackerService:
     def stream_stats(self) -> dict[str, dict]:
         """Per stream: the heartbeat's fields plus ``busy_s``, the seconds spent tracking it so far (thread-safe)."""
         now = time.monotonic()
+        busy_total = self._busy.total(now)
         with self._lock:
-            return {name: {**s.status(now), "busy_s": s.busy_s} for name, s in self._streams.items()}
+            return {name: {**s.status(now, busy_total), "busy_s": s.busy_s} for name, s in self._streams.items()}
 
     @property
     def store(self) -> PromptStore:
@@ -618,9 +701,17 @@ class TrackerService:
 
     def _send_status(self) -> None:
         now = time.monotonic()
+        busy_total = self._busy.total(now)
         with self._lock:
-            streams = {name: s.status(now) for name, s in self._streams.items()}
-            self._results.send_multipart(encode_status(StatusMessage(self.name, time.time(), streams, self.instance)))
+            streams: dict[str, dict] = {name: s.status(now, busy_total) for name, s in self._streams.items()}
+            for name, source in self._sources.items():  # a camera failing before its first frame is listed too
+                info = streams.setdefault(name, {})
+                info.update(source=source.source, source_error=source.error)
+                if info.get("source_fps") is None:  # measured from the frames when they come; else the capture's
+                    info["source_fps"] = source.fps
+            state = "serving" if self._make_tracker is not None else "loading"
+            status = StatusMessage(self.name, time.time(), streams, self.instance, state, self.model)
+            self._results.send_multipart(encode_status(status))
 
     def _log_stats(self) -> None:
         now = time.monotonic()
@@ -707,6 +798,7 @@ def run_tracker_service(
             raise CannotStart(str(exc)) from exc
         with service:
             log.info("loading %s ...", model)
+            service.start_loading(model)
             start = time.monotonic()
             try:
                 with stop.interruptible():  # SIGTERM while loading stops us now, not after the load

@@ -42,21 +42,25 @@ from streamer.gateway import GatewayConfig, create_app
 from streamer.gateway.ice import gather_on
 from streamer.protocol import (
     EventMessage,
+    FrameHeader,
     PromptAnswer,
     PromptRequest,
     ResultMessage,
     StatusMessage,
     WireObject,
     encode_event,
+    encode_frame,
     encode_result,
     encode_status,
 )
-from streamer.transport import ControlServer, bound_endpoint, results_publisher
+from streamer.transport import ControlServer, bound_endpoint, frames_publisher, results_publisher
 
 T = TypeVar("T")
 WIDTH, HEIGHT = 320, 240
 BACKGROUND = 90
 FIRST_OBJECT = (1, 100, 120, 40)  # obj_id, centre x, centre y, radius
+# Feed states in which results come: a tracker slower than the camera (a loaded test box) is "slow".
+RESULTS_FLOWING = ("live", "slow")
 
 
 def run(coro: Awaitable[T], timeout: float = 40.0) -> T:
@@ -79,12 +83,26 @@ class FakeTracker:
     reach the tracker while ``receiving`` (``None``: while publishing); ``instance`` is the process id
     its heartbeats carry (change it to play a restart); :meth:`send_event` publishes an event. With
     ``moving`` a bright bar crosses the frames, so that every frame's picture differs.
+    ``state`` (``loading`` / ``serving``), ``source``, ``source_error`` and ``camera_fps`` are what its
+    heartbeats say of the tracker and the capture (``camera_fps`` ``None``: not said). With ``camera``
+    it also plays the capture: frames at ``camera_fps`` on ``frames_endpoint``, each result naming the
+    newest one's seq (a tracker slower than its camera).
     """
 
-    def __init__(self, stream: str = "cam0", fps: float = 30.0, heartbeat_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        stream: str = "cam0",
+        fps: float = 30.0,
+        heartbeat_s: float = 0.25,
+        camera_fps: float | None = None,
+        camera: bool = False,
+    ) -> None:
         self.stream, self.fps, self.heartbeat_s = stream, fps, heartbeat_s
         self.context = zmq.asyncio.Context()
         self.pub = results_publisher("tcp://127.0.0.1:*", context=self.context)
+        self.frames = frames_publisher("tcp://127.0.0.1:*", context=self.context) if camera else None
+        self.frames_endpoint = bound_endpoint(self.frames) if self.frames is not None else None
+        self.camera_seq = 0
         self.results_endpoint = bound_endpoint(self.pub)
         self.control = ControlServer("tcp://127.0.0.1:*")
         self.control_endpoint = self.control.endpoint
@@ -97,13 +115,18 @@ class FakeTracker:
         self.moving = False
         self.receiving: bool | None = None
         self.instance = "fake-1"
+        self.state = "serving"
+        self.source = "synthetic 320x240@30"
+        self.source_error: str | None = None
+        self.camera_fps = camera_fps
         self.frames_received = 0
         self.last_received_t: float | None = None
         self.seq = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> FakeTracker:
-        self._tasks = [asyncio.create_task(t()) for t in (self._publish, self._heartbeat, self._answer)]
+        tasks = (self._publish, self._heartbeat, self._answer) + ((self._capture,) if self.frames is not None else ())
+        self._tasks = [asyncio.create_task(t()) for t in tasks]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -111,12 +134,27 @@ class FakeTracker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.pub.close()
+        if self.frames is not None:
+            self.frames.close()
         self.control.close()
         self.context.term()
 
-    def result(self) -> tuple[ResultMessage, np.ndarray]:
+    @staticmethod
+    def picture() -> np.ndarray:
         frame = np.full((HEIGHT, WIDTH, 3), BACKGROUND, np.uint8)
         frame[:, :, 2] = np.linspace(70, 110, WIDTH, dtype=np.uint8)  # a little texture for the encoder
+        return frame
+
+    async def _capture(self) -> None:
+        assert self.frames is not None
+        while True:
+            header = FrameHeader(self.stream, self.camera_seq, time.time(), WIDTH, HEIGHT)
+            await self.frames.send_multipart(encode_frame(header, self.picture()), copy=False)
+            self.camera_seq += 1
+            await asyncio.sleep(1.0 / (self.camera_fps or 10.0))
+
+    def result(self) -> tuple[ResultMessage, np.ndarray]:
+        frame = self.picture()
         if self.moving:
             x = (self.seq * 6) % (WIDTH - 8)
             frame[:, x : x + 8] = 230
@@ -129,7 +167,7 @@ class FakeTracker:
         now = time.time()
         message = ResultMessage(
             self.stream,
-            self.seq,
+            max(self.camera_seq - 1, 0) if self.frames is not None else self.seq,  # the newest camera frame's
             self.seq,
             now - 0.01,
             WIDTH,
@@ -159,8 +197,13 @@ class FakeTracker:
                     "fps": self.fps,
                     "frames_received": self.frames_received,
                     "last_received_t": self.last_received_t,
+                    "source": self.source,
+                    "source_error": self.source_error,
+                    "source_fps": self.camera_fps,
                 }
-                status = StatusMessage("fake", time.time(), {self.stream: info}, self.instance)
+                status = StatusMessage(
+                    "fake", time.time(), {self.stream: info}, self.instance, self.state, "fake-model"
+                )
                 await self.pub.send_multipart(encode_status(status))
             await asyncio.sleep(self.heartbeat_s)
 

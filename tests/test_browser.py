@@ -92,7 +92,7 @@ async def chromium_page(pw: Any, profile: Path) -> AsyncIterator[Any]:
 
 async def wait_playing(page: Any) -> None:
     await page.wait_for_function(PLAYING, timeout=15000)
-    await page.wait_for_selector("#state.live", timeout=5000)
+    await page.wait_for_selector("#state.live, #state.slow", timeout=5000)  # results come
 
 
 @contextlib.asynccontextmanager
@@ -111,22 +111,34 @@ async def geometry_of(page: Any) -> dict[str, Any]:
     return geometry
 
 
+async def first_object_tinted(page: Any, geometry: dict[str, Any]) -> np.ndarray:
+    """Assert the page shows the fake tracker's first object tinted where it is; returns the screenshot (BGR)."""
+    obj_id, cx, cy, _ = FIRST_OBJECT
+    shot = cv2.imdecode(np.frombuffer(await page.screenshot(), np.uint8), cv2.IMREAD_COLOR)
+    px, py = (round(v) for v in to_page(geometry, cx, cy))
+    pixel = shot[py, px, ::-1].astype(float)  # BGR -> RGB
+    assert np.abs(pixel[:2] - expected_tint(obj_id)[:2]).max() < 40, pixel
+    return shot
+
+
+@contextlib.asynccontextmanager
+async def page_of(tracker: FakeTracker, profile: Path, **overrides: Any) -> AsyncIterator[tuple[Any, str]]:
+    """The operator page (once its video plays) of a gateway in front of ``tracker``, and the gateway's URL."""
+    async with (
+        gateway(tracker, **overrides) as url,
+        playwright_api.async_playwright() as pw,
+        operator_page(pw, url, profile) as page,
+    ):
+        yield page, url
+
+
 def test_page_plays_video_and_click_adds_mapped_point(tmp_path: Path) -> None:
     async def body() -> None:
-        async with (
-            FakeTracker() as tracker,
-            gateway(tracker) as url,
-            playwright_api.async_playwright() as pw,
-            operator_page(pw, url, tmp_path / "profile") as page,
-        ):
+        async with FakeTracker() as tracker, page_of(tracker, tmp_path / "profile") as (page, _):
             geometry = await geometry_of(page)
 
             # The screenshot shows the object's tint where the object is.
-            obj_id, cx, cy, _ = FIRST_OBJECT
-            shot = cv2.imdecode(np.frombuffer(await page.screenshot(), np.uint8), cv2.IMREAD_COLOR)
-            px, py = (round(v) for v in to_page(geometry, cx, cy))
-            pixel = shot[py, px, ::-1].astype(float)  # BGR -> RGB
-            assert np.abs(pixel[:2] - expected_tint(obj_id)[:2]).max() < 40, pixel
+            shot = await first_object_tinted(page, geometry)
             assert shot.mean() > 20, "the page shows more than black"
 
             # A click on frame pixel (250, 60) reaches the tracker as that point.
@@ -144,7 +156,7 @@ def test_page_plays_video_and_click_adds_mapped_point(tmp_path: Path) -> None:
             # The tracker's new object shows up in the page's list, with its answer.
             await page.wait_for_selector('#objects li[data-obj-id="2"]', timeout=5000)
             await page.wait_for_function(
-                "() => document.getElementById('answers').textContent.includes('objects 2')", timeout=5000
+                "() => document.getElementById('answers').textContent.includes('object #2')", timeout=5000
             )
             await page.screenshot(path=str(tmp_path / "operator_page.png"))
 
@@ -204,7 +216,7 @@ def test_selection_box_concepts_and_reconnect(tmp_path: Path) -> None:
                         assert time.monotonic() < deadline, "the page did not reconnect"
                         await asyncio.sleep(0.2)
                     await page.wait_for_selector("#connection.connected", timeout=10000)
-                    await page.wait_for_selector("#state.live", timeout=5000)
+                    await page.wait_for_selector("#state.live, #state.slow", timeout=5000)  # results come
                     await page.wait_for_function(PLAYING, timeout=5000)
 
     run(body(), timeout=60)

@@ -22,7 +22,7 @@ import zmq
 
 from streamer.capture import Backoff, Pacer, build_arg_parser, run_capture, run_from_args
 from streamer.exit_notes import FINISHED_ENV
-from streamer.protocol import FrameHeader, decode_frame
+from streamer.protocol import FrameHeader, SourceStatus, decode_frame, decode_source, peek_frames_kind
 from streamer.sources import SyntheticSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,9 +105,24 @@ def receive(sock: zmq.Socket, until: Callable[[list[Received]], bool], timeout: 
         left = deadline - time.monotonic()
         assert left > 0, f"timed out after {len(frames)} frames"
         if sock.poll(int(min(left, 0.2) * 1000)):
-            header, pixels = decode_frame(sock.recv_multipart())
+            parts = sock.recv_multipart()
+            if peek_frames_kind(parts) == "source":  # the capture's word on its source, beside the frames
+                continue
+            header, pixels = decode_frame(parts)
             frames.append(Received(header, pixels, time.time()))
     return frames
+
+
+def source_statuses(sock: zmq.Socket, until: Callable[[SourceStatus], bool], timeout: float) -> SourceStatus:
+    """The first source status from the capture for which ``until`` holds (frames are skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, "no matching source status"
+        if sock.poll(int(min(left, 0.2) * 1000)):
+            parts = sock.recv_multipart()
+            if peek_frames_kind(parts) == "source" and until(status := decode_source(parts)):
+                return status
 
 
 def drain(sock: zmq.Socket) -> None:
@@ -168,7 +183,10 @@ def test_folder_that_disappears_is_reopened_and_publishing_resumes(tmp_path, sta
     before = receive(sub, lambda fs: len(fs) >= 5, timeout=15)
 
     shutil.rmtree(folder)
-    time.sleep(1.0)  # long enough to fail once more on reopen; short enough that back-off is at 2 s at most
+    # While it fails, the capture says why on the frames socket (the tracker passes it on to viewers).
+    failing = source_statuses(sub, lambda s: s.error is not None, timeout=3)
+    assert failing.source.startswith("folder") or str(folder.name) in failing.source, failing
+    assert "source failed" in failing.error or "cannot open source" in failing.error, failing.error
     assert proc.poll() is None
     drain(sub)
     write_folder(folder, [30, 40], size=(48, 36))
@@ -213,7 +231,9 @@ def test_source_without_loop_plays_once_and_says_it_finished(tmp_path, start_cap
     assert "played to its end (3 frames)" in finished.read_text()
     levels = []
     while sub.poll(500):
-        levels.append(int(decode_frame(sub.recv_multipart())[1][0, 0, 0]))
+        parts = sub.recv_multipart()
+        if peek_frames_kind(parts) == "frame":
+            levels.append(int(decode_frame(parts)[1][0, 0, 0]))
     assert levels == [0, 50, 100][3 - len(levels) :]  # each image once (the first may come before we joined)
 
 

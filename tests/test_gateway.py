@@ -173,7 +173,7 @@ def test_state_follows_heartbeats_not_result_age() -> None:
         async with FakeTracker(fps=0.5) as tracker:  # a result every 2 s, slower than no_signal_after_s
             feed = ResultFeed(tracker.results_endpoint, tracker.stream, no_signal_after_s=1.0, offline_after_s=1.0)
             changes: list[FeedState] = []
-            feed.add_listener(changes.append)
+            feed.add_listener(lambda status: changes.append(status.state))
             await feed.start()
             try:
                 deadline = time.monotonic() + 5

@@ -14,7 +14,7 @@ from pathlib import Path
 from subprocess import Popen
 
 import pytest
-from helpers import Viewer, run
+from helpers import RESULTS_FLOWING, Viewer, run
 from test_cli import children_of, get_json, launched, wait_for
 from test_cli import free_port as free_http_port
 
@@ -57,7 +57,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         url = wait_for(
             lambda: (m := re.search(r"open (http://\S+/)", log_path.read_text())) and m[1], 60, "the page URL", log_path
         )
-        wait_for(lambda: (h := get_json(f"{url}health")) and h["state"] == "live", 60, "a live feed", log_path)
+        wait_for(lambda: (h := get_json(f"{url}health")) and h["state"] in RESULTS_FLOWING, 60, "a live feed", log_path)
         yield Pipeline(proc, url.rstrip("/"), log_path)
         assert proc.poll() is None, "sam3-stream run stopped on its own"
 
@@ -83,7 +83,7 @@ def test_viewer_prompts_and_sees_objects(pipeline: Pipeline) -> None:
             await viewer.connect(pipeline.url)
             image = await viewer.frame()
             assert image.shape == (HEIGHT, WIDTH, 3)
-            await watch(viewer, lambda v: v.objects is not None and v.statuses[-1:] == ["live"], 10, "metadata")
+            await watch(viewer, lambda v: v.objects is not None and v.statuses[-1] in RESULTS_FLOWING, 10, "metadata")
             assert viewer.objects["width"] == WIDTH and not viewer.objects["objects"]
 
             answer = await viewer.request({"op": "add_prompt", "prompt": {"points": [[40, 60]], "point_labels": [1]}})
@@ -134,7 +134,7 @@ def test_a_killed_capture_shows_no_signal_then_comes_back(pipeline: Pipeline) ->
         viewer = Viewer()
         try:
             await viewer.connect(pipeline.url)
-            await watch(viewer, lambda v: v.objects is not None and v.statuses[-1:] == ["live"], 10, "live")
+            await watch(viewer, lambda v: v.objects is not None and v.statuses[-1] in RESULTS_FLOWING, 10, "live")
             capture = pipeline.child("capture")
 
             last_seq = viewer.objects["seq"]
@@ -142,7 +142,9 @@ def test_a_killed_capture_shows_no_signal_then_comes_back(pipeline: Pipeline) ->
             seen = len(viewer.statuses)
             await watch(viewer, lambda v: "no_signal" in v.statuses[seen:], 10, "no_signal after the kill")
             seen = len(viewer.statuses)
-            await watch(viewer, lambda v: "live" in v.statuses[seen:], 30, "live again after the restart")
+            await watch(
+                viewer, lambda v: set(RESULTS_FLOWING) & set(v.statuses[seen:]), 30, "live again after the restart"
+            )
             await watch(viewer, lambda v: v.objects["seq"] < last_seq, 10, "frames of the new capture")
             assert pipeline.child("capture") != capture
             assert pipeline.child("track") and pipeline.child("serve"), "the others kept running"

@@ -32,15 +32,18 @@ from streamer.protocol import (
     PromptAnswer,
     PromptRequest,
     ResultMessage,
+    SourceStatus,
     StatusMessage,
     decode_answer,
     decode_event,
     decode_result,
     decode_status,
     encode_frame,
+    encode_source,
     new_request_id,
     peek_kind,
 )
+from streamer.tracker_service import TrackerService
 from streamer.tracking import PassThroughTracker, make_tracker
 from streamer.tracking import Tracker as TrackerInterface
 from streamer.transport import PromptClient, control_requester, drain, frames_publisher, results_subscriber
@@ -418,3 +421,72 @@ def test_passthrough_tracker_validates_prompts_and_reports_its_synthetic_object(
     assert moving.add_prompt({"points": [[3, 4]], "point_labels": [1]}) == [5], "prompts' ids follow the made-up ones"
     with pytest.raises(ValueError, match="^moving_objects: must be between 0 and 256"):
         PassThroughTracker(moving_objects=-1)
+
+
+def test_a_slow_tracker_never_reads_as_no_signal_and_says_the_cameras_rate_and_its_sources_error(
+    tmp_path: Path,
+) -> None:
+    """Regression: with 1.5 s per frame the heartbeats said no frame for over a second while the camera
+    delivered 20 fps (the page showed "no signal"). Time spent tracking is not silence; a camera that
+    stops is, and a capture's word on its failing source reaches the heartbeat."""
+    fps = 20.0
+    with running_tracker(
+        "--model", "passthrough", "--passthrough-delay-ms", "1500", log_path=tmp_path / "tracker.log"
+    ) as tracker:
+        stop = threading.Event()
+
+        def camera() -> None:
+            seq, start = 0, time.monotonic()
+            while not stop.is_set():
+                tracker.send("slow", seq, np.zeros((HEIGHT, WIDTH, 3), np.uint8), t_capture=start + seq / fps)
+                seq += 1
+                time.sleep(max(0.0, start + seq / fps - time.monotonic()))
+
+        thread = threading.Thread(target=camera, daemon=True)
+        thread.start()
+        try:
+            tracker.receive(1.0)  # the first frame: the stream is made
+            _, statuses = tracker.receive(4.5)  # three tracker steps of 1.5 s
+        finally:
+            stop.set()
+            thread.join(5)
+        infos = [s.streams["slow"] for s in statuses if "slow" in s.streams]
+        assert len(infos) >= 6 and all(s.state == "serving" for s in statuses)
+        silences = [info["frames_silent_s"] for info in infos]
+        assert max(silences) < 0.5, silences  # frames kept arriving: never silent, however slow the model
+        assert all(15 <= info["source_fps"] <= 25 for info in infos[1:]), [i["source_fps"] for i in infos]
+        assert infos[-1]["fps"] < 1.5
+
+        # The camera stopped: once the step in progress ends, the tracker listens and hears nothing.
+        deadline = time.monotonic() + 5
+        while tracker.status("slow")["frames_silent_s"] <= 1.0:
+            assert time.monotonic() < deadline, "silence not reported"
+
+        # The capture says why its source delivers nothing; the heartbeat carries its words.
+        failing = SourceStatus("slow", time.time(), "camera 7", "camera 7 not present", None)
+        deadline = time.monotonic() + 5
+        while (info := tracker.status("slow")).get("source_error") is None:
+            tracker.pub.send_multipart(encode_source(failing))
+            assert time.monotonic() < deadline, "the source's error did not reach the heartbeat"
+        assert info["source_error"] == "camera 7 not present" and info["source"] == "camera 7"
+        tracker.send("slow", 10_000)  # frames again: the source recovered
+        deadline = time.monotonic() + 5
+        while tracker.status("slow").get("source_error") is not None:
+            assert time.monotonic() < deadline, "the error outlived the source's recovery"
+
+
+def test_heartbeats_say_loading_while_the_model_loads() -> None:
+    """Before the model is loaded the tracker heartbeats "loading" with the model's name, so a viewer sees
+    a loading tracker rather than an offline one."""
+    folder = tempfile.mkdtemp(prefix="trk-")  # ipc:// paths must stay short
+    endpoints = Endpoints.ipc_in(folder)
+    with TrackerService(endpoints.results, endpoints.control, name="t") as service:
+        sub = results_subscriber(endpoints.results, frames=True)
+        try:
+            service.start_loading("facebook/sam3")
+            assert sub.poll(3000), "no heartbeat while loading"
+            status = decode_status(sub.recv_multipart())
+            assert (status.state, status.model) == ("loading", "facebook/sam3")
+        finally:
+            sub.close(linger=0)
+    shutil.rmtree(folder, ignore_errors=True)

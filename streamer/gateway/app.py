@@ -35,13 +35,15 @@ from streamer.gateway.access import (
     is_loopback,
     login_routes,
 )
+from streamer.gateway.camera import CameraFeed, SmoothTrack, held_objects_message
 from streamer.gateway.config import DEFAULT_CONTROL_ENDPOINT, DEFAULT_RESULTS_ENDPOINT, GatewayConfig
+from streamer.gateway.encoding import SharedVideo
 from streamer.gateway.feed import FeedState, ResultFeed
 from streamer.gateway.follow import follow_map
 from streamer.gateway.ice import AUTO, check_hosts
 from streamer.gateway.memory import resident_bytes
 from streamer.gateway.prompts import PromptForwarder
-from streamer.gateway.webrtc import Broadcaster, TooManyViewers
+from streamer.gateway.webrtc import Broadcaster, ObjectsText, TooManyViewers, View
 from streamer.keys import KeyFolder
 from streamer.prometheus import PrometheusText
 from streamer.transport import AsyncPromptClient
@@ -102,6 +104,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(follow_map(config.map_url, config.stream_id, feed, client)) if config.map_url else None
     )
     app[PROMPTS] = PromptForwarder(client, stream=lambda: feed.stream, frame_size=frame_size)
+    camera = smooth = None
+    if config.frames_endpoint is not None:  # the smooth view reads the camera itself, while someone watches it
+        camera = CameraFeed(config.frames_endpoint, lambda: feed.stream, security=curve)
+        smooth_track = SmoothTrack(feed, camera, config.style, config.banner_fps)
+        smooth = View(SharedVideo(smooth_track, config.video_bitrate), ObjectsText(feed, held_objects_message))
     app[BROADCASTER] = Broadcaster(
         feed,
         app[PROMPTS],
@@ -112,6 +119,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         max_viewers=config.max_viewers,
         connect_timeout_s=config.connect_timeout_s,
         video_bitrate=config.video_bitrate,
+        smooth=smooth,
     )
     log.info(
         "gateway: results %s, control %s, stream %s",
@@ -125,6 +133,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         if following is not None:
             following.cancel()
         await app[BROADCASTER].close()
+        if camera is not None:
+            await camera.close()
         client.close()
         await feed.close()
 
@@ -172,7 +182,7 @@ def _snapshot(app: web.Application) -> dict[str, Any]:
     feed, broadcaster = app[FEED], app[BROADCASTER]
     latency = feed.latency_s
     return {
-        "state": feed.state.value,
+        **feed.status.to_json(),  # state, its cause (detail), stream, source, model, camera_fps
         "stream": feed.stream,
         "fps": round(feed.fps, 2),
         "latency_ms": None if latency is None else round(latency * 1000.0, 1),
@@ -285,6 +295,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tracker control ROUTER for prompts (default %(default)s)",
     )
     parser.add_argument(
+        "--frames-endpoint",
+        default=None,
+        help="the capture's frames PUB: lets the page show the smooth view (video at the camera's rate, the "
+        "newest masks drawn on newer frames, marked as held) besides the exact one (default: exact only)",
+    )
+    parser.add_argument(
         "--stream-id", default=None, help="stream to show and prompt (default: the first one results come for)"
     )
     parser.add_argument(
@@ -386,6 +402,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         results_endpoint=args.results_endpoint,
         control_endpoint=args.control_endpoint,
+        frames_endpoint=args.frames_endpoint,
         stream_id=args.stream_id,
         http_host=args.http_host,
         http_port=args.http_port,
@@ -406,7 +423,12 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 def _checked_keys(args: argparse.Namespace) -> KeyFolder | None:
     """``--keys``, with its client files read once now so that a missing one stops ``serve`` at start."""
-    keys = security.key_folder_from_args(args, [args.results_endpoint, args.control_endpoint])
+    endpoints = [
+        args.results_endpoint,
+        args.control_endpoint,
+        *([args.frames_endpoint] if args.frames_endpoint else []),
+    ]
+    keys = security.key_folder_from_args(args, endpoints)
     if keys is not None:
         security.CurveClient(keys)
     return keys

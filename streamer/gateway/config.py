@@ -38,6 +38,8 @@ class GatewayConfig:
       at 720p, 3.1 Mb/s at 1080p).
     - ``map_url``: a cluster's map (``sam3-stream cluster``'s ``/map``): the stream's results and control
       endpoints follow it as the stream moves between trackers (``stream_id`` required).
+    - ``frames_endpoint``: the captures' frames PUB; with it the page offers the smooth view (camera rate,
+      newest masks marked as held: ``streamer.gateway.camera``); ``None``: the exact view only.
     - ``keys``: CURVE keys for tcp:// results and control endpoints (``streamer.security``); ``None``: plain.
     """
 
@@ -61,5 +63,6 @@ class GatewayConfig:
     banner_fps: float = 10.0
     style: CompositeStyle = field(default_factory=CompositeStyle)
     video_bitrate: int | None = None
+    frames_endpoint: str | None = None
     keys: KeyFolder | None = None
     map_url: str | None = None

@@ -219,8 +219,13 @@ class PacketTrack(MediaStreamTrack):
         self._asked = False  # asked for a keyframe and not yet got one
 
     def join(self, stream: EncodedStream, leave: Callable[[PacketTrack], None]) -> None:
-        """Take ``stream``'s frames from now on; ``leave(self)`` is called once when the track stops."""
+        """Take ``stream``'s frames from now on, from its next keyframe; ``leave(self)`` is called once when
+        the track stops (or moves to another stream: see :meth:`SharedVideo.unsubscribe`)."""
+        previous = self.stream
         self.stream, self._leave = stream, leave
+        self._sent, self._in_order, self._asked = 0, False, False  # frame numbers are the old stream's
+        if previous is not None:
+            previous.wake()  # a recv waiting on the old stream looks again
 
     async def recv(self) -> av.Packet:
         while self.readyState == "live" and self.stream is not None:
@@ -289,6 +294,11 @@ class SharedVideo:
         self.source.set_demand(True)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
+
+    def unsubscribe(self, track: PacketTrack) -> None:
+        """Stop feeding ``track`` (it is about to join another ``SharedVideo``: a viewer switching views)."""
+        if track.stream is not None and track.stream in self.streams.values():
+            self._unsubscribe(track)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per codec in use, :meth:`EncodedStream.stats`."""

@@ -7,14 +7,18 @@ It subscribes to the heartbeats and to its stream's events and results with thei
 (``streamer.topics``: every stream's until it knows which one it follows), so the tracker sends it
 nothing it would not show; masks are decoded by their bounding boxes, for the compositor.
 
-The feed's state follows the tracker's heartbeats, not the age of the last result:
+The feed's state follows the tracker's heartbeats, not the age of the last result; each comes with a
+``detail`` in words (the cause), shown to the operator:
 
 - ``tracker_offline``: nothing from the tracker (heartbeat, result or event) for ``offline_after_s``.
   A slow tracker that dies is offline 1.5 s later, however long its frames take.
-- ``no_signal``: the tracker is up but its heartbeats say no frame of this stream reached it for
-  ``no_signal_after_s`` (the camera or its link is down).
-- ``live``: frames reach the tracker. A slow model (one result every few seconds) is live: slow, not
-  without signal.
+- ``loading``: the tracker's heartbeats say it is loading its model.
+- ``source_failing``: the capture says its source delivers no frames, and why ("camera 7 not present").
+- ``no_signal``: the tracker is up but listened ``no_signal_after_s`` without a frame of this stream
+  (time it spends tracking does not count: frames wait in its socket meanwhile, so a slow model or a
+  long text prompt never reads as no signal).
+- ``slow``: frames reach the tracker, but results come at under ``SLOW_RATIO`` of the camera's rate.
+- ``live``: frames reach the tracker and results keep up with the camera.
 
 A tracker that does not report when frames arrive (protocol version 1) is judged by its results.
 Heartbeats carry the tracker process's ``instance`` id: when it changes, the tracker restarted, and
@@ -54,14 +58,49 @@ log = logging.getLogger(__name__)
 
 FPS_WINDOW_S = 5.0  # long enough to see a slow tracker's rate
 STATE_CHECK_S = 0.1
+# Results at under this share of the camera's rate make the feed "slow"; back to "live" above
+# KEEPS_UP_RATIO (apart, so that a rate near the line does not flip the state every check).
+SLOW_RATIO = 0.8
+KEEPS_UP_RATIO = 0.9
 
 
 class FeedState(str, Enum):
-    """What the viewers should see: the live feed, or a banner saying why there is none."""
+    """What the viewers should see: the live feed (``live``, ``slow``), or a banner saying why there is none."""
 
     LIVE = "live"
+    SLOW = "slow"
+    LOADING = "loading"
+    SOURCE_FAILING = "source_failing"
     NO_SIGNAL = "no_signal"
     TRACKER_OFFLINE = "tracker_offline"
+
+    @property
+    def shows_results(self) -> bool:
+        """Whether results come (the video shows them) rather than a banner."""
+        return self in (FeedState.LIVE, FeedState.SLOW)
+
+
+@dataclass(frozen=True)
+class FeedStatus:
+    """The feed's state with its cause in words (``detail``) and what the operator should know of it."""
+
+    state: FeedState
+    detail: str
+    stream: str | None = None
+    source: str | None = None  # the capture's description of its source
+    model: str | None = None  # what the tracker loaded (or loads)
+    camera_fps: float | None = None  # the source's rate, as the tracker measures it
+
+    def to_json(self) -> dict:
+        """The data channel's ``status`` message and ``/health``'s fields."""
+        return {
+            "state": self.state.value,
+            "detail": self.detail,
+            "stream": self.stream,
+            "source": self.source,
+            "model": self.model,
+            "camera_fps": None if self.camera_fps is None else round(self.camera_fps, 2),
+        }
 
 
 @dataclass(frozen=True)
@@ -79,7 +118,7 @@ class FeedItem:
         return self.received - self.message.t_capture
 
 
-StateListener = Callable[[FeedState], None]
+StateListener = Callable[[FeedStatus], None]
 EventListener = Callable[[EventMessage], None]
 
 
@@ -117,6 +156,7 @@ class ResultFeed:
         self.stream_moves = 0  # times the stream moved to another tracker (a cluster's map said so)
         self._retarget: tuple[str, str | None] | None = None  # (endpoint, tracker) to follow next
         self.state = FeedState.TRACKER_OFFLINE
+        self.status = FeedStatus(FeedState.TRACKER_OFFLINE, "no heartbeat from the tracker yet")
         self.latest: FeedItem | None = None
         self.results_received = 0
         # The stream followed: the configured one, else the first one results arrive for.
@@ -157,7 +197,8 @@ class ResultFeed:
             self._context.term()
 
     def add_listener(self, listener: StateListener) -> Callable[[], None]:
-        """Call ``listener(state)`` on every state change; returns a function that unsubscribes."""
+        """Call ``listener(status)`` whenever the state, its cause or what it names changes; returns a
+        function that unsubscribes."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
@@ -271,7 +312,9 @@ class ResultFeed:
         self._status, self._status_received = status, time.monotonic()
         if self.stream is None:  # follow the first stream whose frames reach the tracker
             receiving = [name for name, info in sorted(status.streams.items()) if info.get("frames_received")]
-            self.stream = receiving[0] if receiving else None
+            # Else one whose capture speaks (failing, say): its state is what this gateway can show.
+            speaking = [name for name, info in sorted(status.streams.items()) if info.get("source") is not None]
+            self.stream = (receiving or speaking or [None])[0]
             self._follow_stream()
 
     def _on_event(self, event: EventMessage) -> None:
@@ -304,26 +347,55 @@ class ResultFeed:
             self._update_state()
 
     def _update_state(self) -> None:
-        now = time.monotonic()
+        status = self._judge(time.monotonic())
+        if status == self.status:
+            return
+        if status.state != self.state:
+            log.info("feed %s: %s -> %s (%s)", self.endpoint, self.state.value, status.state.value, status.detail)
+        self.state, self.status = status.state, status
+        for listener in list(self._listeners):
+            listener(status)
+
+    def _judge(self, now: float) -> FeedStatus:
+        """The state with its cause, from the newest heartbeat and the results' rate."""
+        heartbeat, info = self._status, self.stream_status or {}
+        named = {
+            "stream": self.stream,
+            "source": info.get("source"),
+            "model": (heartbeat.model or heartbeat.tracker) if heartbeat else None,
+            "camera_fps": info.get("source_fps"),
+        }
         if self._last_sign_of_life is None or now - self._last_sign_of_life > self._offline_after:
-            state = FeedState.TRACKER_OFFLINE
-        elif self._frames_reach_tracker(now):
-            state = FeedState.LIVE
-        else:
-            state = FeedState.NO_SIGNAL
-        if state != self.state:
-            log.info("feed %s: %s -> %s", self.endpoint, self.state.value, state.value)
-            self.state = state
-            for listener in list(self._listeners):
-                listener(state)
+            silence = "yet" if self._last_sign_of_life is None else f"for over {self._offline_after:g} s"
+            return FeedStatus(FeedState.TRACKER_OFFLINE, f"no heartbeat from the tracker {silence}", **named)
+        if heartbeat is not None and heartbeat.state == "loading":
+            return FeedStatus(FeedState.LOADING, f"the tracker is loading {heartbeat.model or 'its model'}", **named)
+        if info.get("source_error"):
+            return FeedStatus(FeedState.SOURCE_FAILING, str(info["source_error"]), **named)
+        if not self._frames_reach_tracker(now):
+            return FeedStatus(
+                FeedState.NO_SIGNAL,
+                f"the tracker is running but gets no frames of {self.stream or 'any stream'}",
+                **named,
+            )
+        camera = info.get("source_fps")
+        if camera:
+            ratio = self.fps / camera
+            slow = ratio < KEEPS_UP_RATIO if self.state is FeedState.SLOW else ratio < SLOW_RATIO
+            if slow:
+                return FeedStatus(FeedState.SLOW, "the tracker is slower than the camera", **named)
+        return FeedStatus(FeedState.LIVE, "frames reach the tracker and its results keep up", **named)
 
     def _frames_reach_tracker(self, now: float) -> bool:
-        """Whether the heartbeats say a frame of our stream reached the tracker within ``no_signal_after_s``."""
+        """Whether the heartbeats say the tracker listened less than ``no_signal_after_s`` without a frame."""
         info = self.stream_status
         if self._status is None or info is None or "frames_received" not in info:
             # A tracker that does not say (protocol 1) is judged by its results.
             return self._last_result is not None and now - self._last_result <= self._no_signal_after
-        received_t = info.get("last_received_t")
+        silent = info.get("frames_silent_s")
+        if silent is not None:  # time spent tracking is left out by the tracker itself
+            return silent <= self._no_signal_after
+        received_t = info.get("last_received_t")  # a tracker of before frames_silent_s
         if received_t is None:
             return False
         age = (self._status.t - received_t) + (now - self._status_received)

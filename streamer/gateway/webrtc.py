@@ -20,7 +20,8 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import av
@@ -39,7 +40,7 @@ from streamer.gateway.encoding import (
     prefer_codecs,
     route_keyframe_requests,
 )
-from streamer.gateway.feed import FeedItem, FeedState, ResultFeed
+from streamer.gateway.feed import FeedItem, FeedState, FeedStatus, ResultFeed
 from streamer.gateway.ice import gather_on
 from streamer.gateway.memory import release_memory
 from streamer.gateway.prompts import PromptForwarder
@@ -55,9 +56,11 @@ MAX_MEDIA_SECTIONS = 8
 MAX_CANDIDATES = 64
 # Viewers leaving close together are given back their memory in one go, once their teardown is over.
 RELEASE_MEMORY_AFTER_S = 1.0
-BANNERS = {
-    FeedState.NO_SIGNAL: ("No signal", "the tracker is running but gets no frames"),
-    FeedState.TRACKER_OFFLINE: ("Tracker offline", "no heartbeat from the tracker"),
+BANNER_TITLES = {
+    FeedState.LOADING: "Loading the model",
+    FeedState.SOURCE_FAILING: "Source failing",
+    FeedState.NO_SIGNAL: "No signal",
+    FeedState.TRACKER_OFFLINE: "Tracker offline",
 }
 
 
@@ -99,25 +102,31 @@ class CompositedTrack(MediaStreamTrack):
         loop = asyncio.get_running_loop()
         while self.readyState == "live":
             await self._demand.wait()
-            if self._feed.state is FeedState.LIVE:
-                item = await self._feed.wait_after(self._seen, timeout=self._banner_interval)
-                if item is None:
-                    continue
-                self._seen = item.number
-                if item.frame is not None and self.readyState == "live":  # stop() shuts the drawing thread
-                    return await loop.run_in_executor(self._drawing, self._render, item)
+            if self._feed.state.shows_results:
+                shown = await self._next_shown()
+                if shown is not None and self.readyState == "live":  # stop() shuts the drawing thread
+                    return await loop.run_in_executor(self._drawing, self._render, shown)
             elif time.monotonic() < self._next_banner:
                 await asyncio.sleep(self._next_banner - time.monotonic())
             else:
                 self._next_banner = time.monotonic() + self._banner_interval
-                title, detail = BANNERS[self._feed.state]
-                return self._video_frame(banner_frame(*self._size, title, detail), None)
+                status = self._feed.status
+                banner = banner_frame(*self._size, BANNER_TITLES[status.state], status.detail[:120])
+                return self._video_frame(banner, None)
         raise MediaStreamError
 
     def stop(self) -> None:
         super().stop()
         self._demand.set()  # wake a pending recv so it sees the stop
         self._drawing.shutdown(wait=False)
+
+    async def _next_shown(self) -> Any:
+        """What the next frame shows (waiting up to a banner interval), or ``None``: a new result with its frame."""
+        item = await self._feed.wait_after(self._seen, timeout=self._banner_interval)
+        if item is None:
+            return None
+        self._seen = item.number
+        return item if item.frame is not None else None
 
     def _render(self, item: FeedItem) -> av.VideoFrame:
         assert item.frame is not None
@@ -141,8 +150,9 @@ class CompositedTrack(MediaStreamTrack):
         return frame
 
 
-def objects_message(item: FeedItem, fps: float) -> dict[str, Any]:
-    """The data channel's per-frame ``objects`` message (no masks; ``color`` extends docs/interfaces.md)."""
+def objects_message(item: FeedItem, fps: float, camera_fps: float | None = None) -> dict[str, Any]:
+    """The data channel's per-frame ``objects`` message (no masks; ``color`` extends docs/interfaces.md);
+    ``fps`` is the results' rate, ``camera_fps`` the camera's (when the tracker knows it)."""
     m = item.message
     return {
         "type": "objects",
@@ -150,7 +160,8 @@ def objects_message(item: FeedItem, fps: float) -> dict[str, Any]:
         "frame_index": m.frame_index,
         "t_capture": m.t_capture,
         "latency_ms": round((time.time() - m.t_capture) * 1000.0, 1),
-        "fps": round(fps, 1),
+        "fps": round(fps, 2),
+        "camera_fps": None if camera_fps is None else round(camera_fps, 2),
         "width": m.width,
         "height": m.height,
         "objects": [
@@ -167,16 +178,21 @@ def objects_message(item: FeedItem, fps: float) -> dict[str, Any]:
 
 
 class ObjectsText:
-    """The per-frame ``objects`` message as JSON text, made once per frame for every viewer showing it."""
+    """The per-frame ``objects`` message as JSON text, made once per frame for every viewer showing it;
+    ``describe`` makes it from what the frame shows (a ``FeedItem`` for the exact view)."""
 
-    def __init__(self, feed: ResultFeed) -> None:
+    def __init__(
+        self, feed: ResultFeed, describe: Callable[[Any, float, float | None], dict] = objects_message
+    ) -> None:
         self._feed = feed
+        self._describe = describe
         self._number = -1
         self._text = ""
 
-    def __call__(self, item: FeedItem) -> str:
+    def __call__(self, item: Any) -> str:
         if item.number != self._number:
-            self._number, self._text = item.number, json.dumps(objects_message(item, self._feed.fps))
+            message = self._describe(item, self._feed.fps, self._feed.status.camera_fps)
+            self._number, self._text = item.number, json.dumps(message)
         return self._text
 
 
@@ -203,6 +219,17 @@ def check_offer(sdp: str) -> None:
         )
 
 
+VIEWS = ("exact", "smooth")
+
+
+@dataclass(frozen=True)
+class View:
+    """One way of watching: its shared video (one encode per frame) and its per-frame metadata text."""
+
+    video: SharedVideo
+    objects_text: ObjectsText
+
+
 class ViewerSession:
     """One operator: a peer connection, its video track and its ``prompts`` data channel.
 
@@ -210,14 +237,17 @@ class ViewerSession:
     """
 
     def __init__(
-        self, pc: RTCPeerConnection, feed: ResultFeed, prompts: PromptForwarder, objects_text: ObjectsText
+        self, pc: RTCPeerConnection, feed: ResultFeed, prompts: PromptForwarder, views: dict[str, View]
     ) -> None:
         self.id = uuid.uuid4().hex[:8]
         self.pc = pc
         self.frames_sent = 0
+        self.codec: str | None = None  # settled by the answer
+        self.view = "exact"  # a client that does not choose (a robot, a script) gets results on their frames
+        self._views = views
         self._feed = feed
         self._prompts = prompts
-        self._objects_text = objects_text
+        self._objects_text = views[self.view].objects_text
         self._channel: RTCDataChannel | None = None
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -249,12 +279,29 @@ class ViewerSession:
         self.video.stop()  # a sender that never started would not stop it
         await self.pc.close()
 
+    def choose_view(self, name: object) -> dict[str, Any]:
+        """Watch the ``exact`` or ``smooth`` view from the next keyframe on; the answer for the ``view`` channel."""
+        if name not in self._views:
+            why = "" if name in VIEWS else f"must be one of {', '.join(VIEWS)}; "
+            error = f"view: {why}this gateway offers {', '.join(self._views)} (smooth needs --frames-endpoint)"
+            return {"type": "view", "ok": False, "view": self.view, "error": error}
+        old, new = self._views[self.view], self._views[str(name)]
+        if new is not old and self.codec is not None and self.video.readyState == "live":
+            old.video.unsubscribe(self.video)
+            new.video.subscribe(self.video, self.codec)
+            self._objects_text = new.objects_text
+        self.view = str(name)
+        return {"type": "view", "ok": True, "view": self.view, "error": None}
+
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label == "view":  # plain text: "exact" or "smooth"; each answered on the channel
+            channel.on("message", lambda text: channel.send(json.dumps(self.choose_view(_view_name(text)))))
+            return
         if channel.label != "prompts":
             return
         self._channel = channel
         channel.on("message", self._on_message)
-        self._on_state(self._feed.state)  # the current state, so the page can show it at once
+        self._on_state(self._feed.status)  # the current state, so the page can show it at once
 
     def run_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run ``coroutine`` for this session; cancelled when the session closes."""
@@ -268,8 +315,8 @@ class ViewerSession:
     async def _answer(self, message: str | bytes) -> None:
         self._send(await self._prompts.handle(message), always=True)
 
-    def _on_state(self, state: FeedState) -> None:
-        self._send({"type": "status", "state": state.value}, always=True)
+    def _on_state(self, status: FeedStatus) -> None:
+        self._send({"type": "status", **status.to_json(), "views": list(self._views)}, always=True)
 
     def _send(self, payload: dict[str, Any], always: bool = False) -> None:
         self._send_text(json.dumps(payload), always)
@@ -281,6 +328,11 @@ class ViewerSession:
         if not always and channel.bufferedAmount > MAX_CHANNEL_BACKLOG:
             return
         channel.send(text)
+
+
+def _view_name(text: str | bytes) -> str | None:
+    """A view channel message's view name (bounded: anything long or not text names no view)."""
+    return text.strip() if isinstance(text, str) and len(text) <= 16 else None
 
 
 class TooManyViewers(Exception):
@@ -307,9 +359,13 @@ class Broadcaster:
         max_viewers: int = 8,
         connect_timeout_s: float = 5.0,
         video_bitrate: int | None = None,
+        smooth: View | None = None,
     ) -> None:
         self.track = CompositedTrack(feed, style, banner_fps)
         self.video = SharedVideo(self.track, video_bitrate)
+        self.views = {"exact": View(self.video, ObjectsText(feed))}
+        if smooth is not None:  # the camera's frames with the newest masks: streamer.gateway.camera
+            self.views["smooth"] = smooth
         self.sessions: set[ViewerSession] = set()
         self.max_viewers = max_viewers
         self.connect_timeout_s = connect_timeout_s
@@ -321,7 +377,6 @@ class Broadcaster:
         self._frames_sent_closed = 0  # by sessions gone, so the total only grows
         self._feed = feed
         self._prompts = prompts
-        self._objects_text = ObjectsText(feed)
         self._ice_hosts = tuple(ice_hosts)
         self._ice_servers = [RTCIceServer(url) for url in ice_servers]
 
@@ -341,7 +396,7 @@ class Broadcaster:
             raise TooManyViewers(f"{len(self.sessions)} viewers connected, the limit is {self.max_viewers}")
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
         self.peer_connections.add(pc)
-        session = ViewerSession(pc, self._feed, self._prompts, self._objects_text)
+        session = ViewerSession(pc, self._feed, self._prompts, self.views)
         self.sessions.add(session)
 
         @pc.on("connectionstatechange")
@@ -357,8 +412,8 @@ class Broadcaster:
             await pc.setRemoteDescription(offer)
             with gather_on(self._ice_hosts):
                 await pc.setLocalDescription(await pc.createAnswer())
-            codec = negotiated_codec(pc.localDescription.sdp, transceiver.mid)
-            self.video.subscribe(session.video, codec)
+            codec = session.codec = negotiated_codec(pc.localDescription.sdp, transceiver.mid)
+            self.views[session.view].video.subscribe(session.video, codec)
             route_keyframe_requests(transceiver.sender, session.video)
         except Exception as exc:
             await self._drop(session)
@@ -376,8 +431,9 @@ class Broadcaster:
         await asyncio.gather(*(self._drop(s) for s in list(self.sessions)), return_exceptions=True)
         if self._release is not None:
             self._release.cancel()
-        await self.video.close()
-        self.track.stop()
+        for view in self.views.values():
+            await view.video.close()
+            view.video.source.stop()
 
     async def _close_unless_connected(self, session: ViewerSession) -> None:
         try:
