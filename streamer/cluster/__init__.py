@@ -10,5 +10,6 @@ Ray is the control plane only; frames, results and prompts stay on ZeroMQ as els
 - :mod:`streamer.cluster.command`: the ``cluster`` command, its HTTP control API, ``/health``, ``/metrics``, ``/map``.
 - :mod:`streamer.cluster.route`: following the map from outside Ray (robots, gateways).
 
-Only ``tracker_actor``, ``registry``, ``cluster`` and ``command`` import ``ray`` (the optional extra ``ray``).
+``registry`` and ``cluster`` import ``ray`` (the optional extra ``ray``); ``tracker_actor`` only to find its
+node's address, ``command`` only when it runs; ``placement`` and ``route`` never.
 """
