@@ -35,6 +35,8 @@ RESULT_WAIT_MS = 10_000  # a few of its results, on a loaded machine
 def test_lists_follow_the_results_of_a_tracker_taking_two_seconds_per_frame(tmp_path: Path) -> None:
     async def body() -> None:
         async with FakeTracker(fps=SLOW_FPS) as tracker, page_of(tracker, tmp_path / "profile") as (page, _):
+            # Frames keep reaching the tracker while the test holds its results back (a slow model, not no signal).
+            tracker.receiving = True
             await page.wait_for_selector('#objects li[data-obj-id="1"]:not(.pending)', timeout=RESULT_WAIT_MS)
             await page.wait_for_selector('#concepts .chip.found[data-text="thing"]', timeout=RESULT_WAIT_MS)
 

@@ -27,6 +27,7 @@ if (new URLSearchParams(location.search).has("token")) history.replaceState(null
 async function connect() {
   clearTimeout(reconnectTimer);
   if (pc) pc.close();
+  pending.clear();  // a closed connection's prompts are answered no more
   setBadge("connection", "connecting");
   pc = new RTCPeerConnection({ iceServers: [] });
   const myPc = pc;
@@ -81,10 +82,14 @@ function refused(status, answer) {
   pc.close();
   setBadge("connection", "refused");
   // Nothing shown any more is known: no feed state, objects or rates from a connection that is gone.
-  $("state").textContent = $("fps").textContent = $("latency").textContent = "–";
+  for (const id of ["state", "fps", "camera-fps", "latency", "stream", "source", "model"]) $(id).textContent = "–";
   $("state").className = "badge";
+  $("detail").textContent = "";
+  $("held").hidden = true;
   frame = null;
+  pending.clear();
   render();
+  highlight();
   const banner = $("auth");
   if (status === 401) {
     banner.replaceChildren("Not authorised: this gateway needs its token (the session may have ended or the " +
@@ -204,14 +209,15 @@ function settle() {
     if (op.op === "remove_object") done = !shown.has(op.obj_id);
     else if (op.op === "remove_prompt") done = !labels.has(op.text);
     else if (op.op === "reset_session") done = frame.objects.length === 0;
-    else done = op.objIds.every((objId) => shown.has(objId));  // a concept's objects come as it finds them
-    if (op.op === "add_prompt" && op.prompt.text !== undefined && !op.objIds.length) done = true;
+    else done = true;  // an add is applied by the frame it names: what the result shows is the truth
     if (!done) continue;
+    const missing = op.op === "add_prompt" ? op.objIds.filter((objId) => !shown.has(objId)) : [];
     pending.delete(id);
     if (op.op === "remove_prompt") concepts.delete(op.text);
     if (op.op === "reset_session") { concepts.clear(); names.clear(); }
     if (op.op === "remove_object") names.delete(op.obj_id);
-    note(`${op.what}: done`);
+    note(missing.length ? `${op.what}: applied, but frame ${frame.frame_index} shows no object ` +
+      `${missing.map((objId) => `#${objId}`).join(", ")}` : `${op.what}: done`, missing.length > 0);
   }
 }
 
