@@ -13,7 +13,10 @@ outputs and session updates, that runs the per-object work as batches:
   since) are stacked along the batch dimension and go through ``memory_attention`` in one call.
   Grouping, rather than padding the shorter memories with an attention mask, keeps the model's
   own attention untouched (it takes no mask) and every object's arithmetic exactly what it would
-  be alone. Objects starting on this frame read no memory: their features are shared.
+  be alone. Objects starting on this frame read no memory: their features are shared. Within a
+  group, the first layer's self-attention reads only the frame, the same for every object, so it
+  runs once (on a batch of one, as the one-object step runs it) and is shared: on SAM 3's 72x72
+  token grid that is the largest per-object cost memory attention can avoid.
 - **The mask decoder is grouped by prompt shape**: objects with the same number of clicks (or
   none, while tracking) and the same multimask choice decode in one call.
 - **The memory encoder** stays transformers' batched call, over the same objects in the same
@@ -209,12 +212,13 @@ def _memory_conditioned_features(
 
     for (_, pointer_tokens), members in groups.items():
         size = len(members)
-        fused = tracker.memory_attention(
-            current_vision_features=current.expand(-1, size, -1),
-            current_vision_position_embeddings=current_pos.expand(-1, size, -1),
+        fused = hf.memory_attention_on_one_frame(
+            tracker.memory_attention,
+            current,
+            current_pos,
             memory=torch.cat([m for _, m, _ in members], dim=1),
-            memory_posision_embeddings=torch.cat([p for _, _, p in members], dim=1),
-            num_object_pointer_tokens=pointer_tokens,
+            memory_pos=torch.cat([p for _, _, p in members], dim=1),
+            pointer_tokens=pointer_tokens,
         )  # 1 x N x HW x C
         maps = fused[0].transpose(1, 2).reshape(size, channels, height, width)
         for i, (obj_idx, _, _) in enumerate(members):

@@ -48,6 +48,8 @@ _PROCESSOR = "Sam3TrackerVideoProcessor"
 _TRACKER_MODULE = "modeling_sam3_tracker_video"
 _MASK_DECODER = "Sam3TrackerVideoMaskDecoder"
 _FEED_FORWARD = "Sam3TrackerVideoFeedForward"
+_MEMORY_ATTENTION = "Sam3TrackerVideoMemoryAttention"
+_MEMORY_LAYER = "Sam3TrackerVideoMemoryAttentionLayer"
 # Attributes of both session types.
 _SESSION_STATE = {
     "_obj_id_to_idx": "object id -> positional index; renumbered when an object is removed",
@@ -113,6 +115,27 @@ MODEL_RELIED_ON: tuple[Reliance, ...] = (
     Reliance(_FEED_FORWARD, "sigmoid_output", "whether a head ends with a sigmoid"),
     Reliance(_MASK_DECODER, "iou_prediction_head", "per-object head, run one object at a time"),
     Reliance(_MASK_DECODER, "pred_obj_score_head", "per-object head, run one object at a time"),
+    *(
+        Reliance(_MEMORY_ATTENTION, name, "memory attention's forward, restated to share the first layer's start")
+        for name in ("layers", "rotary_emb", "position_ids", "layer_norm")
+    ),
+    *(
+        Reliance(_MEMORY_LAYER, name, "a memory-attention layer's forward, restated to share its self-attention")
+        for name in (
+            "layer_norm1",
+            "self_attn",
+            "dropout1",
+            "layer_norm2",
+            "cross_attn_image",
+            "dropout2",
+            "layer_norm3",
+            "linear1",
+            "activation",
+            "dropout",
+            "linear2",
+            "dropout3",
+        )
+    ),
     Reliance(_VIDEO, "tracker_model", "the tracker the text model calls as tracker_model(...)"),
     Reliance(_VIDEO, "detector_model", "the detector whose get_vision_features the text model calls per frame"),
 )
@@ -185,6 +208,8 @@ def check_model(video_model: Sam3VideoModel) -> None:
         _VIDEO: video_model,
         _MASK_DECODER: getattr(tracker, "mask_decoder", None),
         _FEED_FORWARD: getattr(tracker, "object_pointer_proj", None),
+        _MEMORY_ATTENTION: getattr(tracker, "memory_attention", None),
+        _MEMORY_LAYER: next(iter(getattr(getattr(tracker, "memory_attention", None), "layers", [])), None),
     }
     gone = missing(MODEL_RELIED_ON, instances)
     if gone:
@@ -528,6 +553,53 @@ def uses_multimask(tracker: Sam3TrackerVideoModel, is_init_cond_frame: bool, poi
 
 
 # ---------------------------------------------------------------------------------- overrides
+
+
+def memory_attention_on_one_frame(
+    attention: torch.nn.Module,
+    current: torch.Tensor,
+    current_pos: torch.Tensor,
+    memory: torch.Tensor,
+    memory_pos: torch.Tensor,
+    pointer_tokens: int,
+) -> torch.Tensor:
+    """``Sam3TrackerVideoMemoryAttention.forward`` for ``N`` objects of one frame, their memories stacked.
+
+    Every object starts from the same frame features, so the first layer's self-attention (which reads
+    nothing else) is the same for all of them: it runs once, on a batch of one exactly as transformers'
+    one-object step runs it, and its result is shared. The rest is the model's forward, restated.
+    ``current``/``current_pos``: ``HW x 1 x C``; ``memory``/``memory_pos``: ``L x N x C``. Returns ``1 x N x HW x C``.
+    """
+    size = memory.shape[1]
+    output = (current + 0.1 * current_pos).transpose(0, 1)  # 1 x HW x C
+    memory = memory.transpose(0, 1).unsqueeze(1)
+    memory_pos = memory_pos.transpose(0, 1).unsqueeze(1)
+    rope = attention.rotary_emb(output, attention.position_ids)
+    first, *rest = attention.layers
+    queries = output.unsqueeze(1)  # 1 x 1 x HW x C
+    query = first.layer_norm1(queries)
+    query, _ = first.self_attn(query=query, key=query, value=query, position_embeddings=rope)
+    queries = (queries + first.dropout1(query)).expand(size, -1, -1, -1)
+    query = first.layer_norm2(queries)
+    query, _ = first.cross_attn_image(
+        query=query,
+        key=memory + memory_pos,
+        value=memory,
+        position_embeddings=rope,
+        num_k_exclude_rope=pointer_tokens,
+    )
+    queries = queries + first.dropout2(query)
+    query = first.layer_norm3(queries)
+    queries = queries + first.dropout3(first.linear2(first.dropout(first.activation(first.linear1(query)))))
+    for layer in rest:
+        queries = layer(
+            queries=queries,
+            keys=memory,
+            key_point_embedding=memory_pos,
+            rope_position_embeddings=rope,
+            num_k_exclude_rope=pointer_tokens,
+        )
+    return attention.layer_norm(queries).transpose(0, 1)
 
 
 @contextlib.contextmanager

@@ -91,3 +91,48 @@ def test_batched_objects_equal_the_per_object_loop_bit_for_bit(tiny_models) -> N
     assert ran == [50, 70], f"the text object's correction (50) and removal (70) should have run, ran: {ran}"
     print(f"{FRAMES} frames in {time.perf_counter() - start:.1f} s, at most {most_objects} objects at once")
     assert most_objects >= 6, f"the stream should batch several objects at once (at most {most_objects} seen)"
+
+
+def test_shared_first_layer_equals_the_models_memory_attention_with_several_layers() -> None:
+    """The restated forward (first layer's self-attention run once for all objects) gives the model's
+    own memory attention bit for bit, also past the first layer (the tiny model has one; SAM 3 has four)."""
+    import torch
+    from transformers import Sam3VideoModel
+
+    from models import hf_internals as hf
+    from models.tiny import tiny_video_config
+
+    config = tiny_video_config()
+    config.tracker_config.memory_attention_num_layers = 3
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tracker = Sam3VideoModel(config).tracker_model.eval()
+    attention = tracker.memory_attention
+    channels = tracker.hidden_dim
+    height, width = tracker.backbone_feature_sizes[-1]
+    gen = torch.Generator().manual_seed(1)
+    objects, pointers = 5, 4
+    current = torch.randn(height * width, 1, channels, generator=gen)
+    current_pos = torch.randn(height * width, 1, channels, generator=gen)
+    memory_tokens = 2 * height * width + pointers
+    memory = torch.randn(memory_tokens, objects, 64, generator=gen)
+    memory_pos = torch.randn(memory_tokens, objects, 64, generator=gen)
+    with torch.inference_mode():
+        ours = hf.memory_attention_on_one_frame(attention, current, current_pos, memory, memory_pos, pointers)
+        theirs = attention(
+            current_vision_features=current.expand(-1, objects, -1),
+            current_vision_position_embeddings=current_pos.expand(-1, objects, -1),
+            memory=memory,
+            memory_posision_embeddings=memory_pos,
+            num_object_pointer_tokens=pointers,
+        )
+        alone = attention(
+            current_vision_features=current,
+            current_vision_position_embeddings=current_pos,
+            memory=memory[:, 2:3],
+            memory_posision_embeddings=memory_pos[:, 2:3],
+            num_object_pointer_tokens=pointers,
+        )
+    assert len(attention.layers) == 3
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours[:, 2:3], alone)
