@@ -16,7 +16,7 @@ outputs and session updates, that runs the per-object work as batches:
   be alone. Objects starting on this frame read no memory: their features are shared. Within a
   group, the first layer's self-attention reads only the frame, the same for every object, so it
   runs once (on a batch of one, as the one-object step runs it) and is shared: on SAM 3's 72x72
-  token grid that is the largest per-object cost memory attention can avoid.
+  token grid that is an attention over 5,184 tokens saved per extra object.
 - **The mask decoder is grouped by prompt shape**: objects with the same number of clicks (or
   none, while tracking) and the same multimask choice decode in one call.
 - **The memory encoder** stays transformers' batched call, over the same objects in the same
