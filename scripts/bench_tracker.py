@@ -55,7 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--objects", type=int, nargs="+", default=[2], help="click objects in the points workload; several: a curve"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny models)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: figures that hold on a shared box; the core count is faster on a quiet one)",
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="leave out transformers' own session")
     parser.add_argument("--skip-unbatched", action="store_true", help="leave out the unbatched StreamingTracker")
     args = parser.parse_args(argv)
