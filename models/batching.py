@@ -291,7 +291,7 @@ def decode_batch(
     # On CPU the small per-object heads run one object at a time, so every object gets exactly the
     # numbers of its own one-object step. On a GPU that would be a kernel launch per object and layer,
     # and batched GPU kernels do not promise the same rounding anyway: there they run as one batch.
-    one_by_one = device.type == "cpu"
+    one_by_one = device.type == "cpu" and size > 1  # a batch of one is one row already
     with hf.heads_one_row_at_a_time(tracker) if one_by_one else contextlib.nullcontext():
         low_res, iou_scores, tokens, score_logits = tracker.mask_decoder(
             image_embeddings=image_embeddings[-1],
