@@ -204,6 +204,37 @@ def test_state_follows_heartbeats_not_result_age() -> None:
     run(body())
 
 
+def test_a_gateway_that_falls_behind_does_not_call_the_tracker_slow(monkeypatch) -> None:
+    """Results the gateway skips because it cannot decode them all still count in its rate: the page must
+    not say "the tracker is slower than the camera" of a tracker that keeps up (it would be false)."""
+    import streamer.gateway.feed as feed_module
+
+    decode = feed_module._decode_for_compositor
+    decoded: list[int] = []
+
+    def slow_decode(parts: list) -> object:
+        time.sleep(0.2)  # a gateway that can take 5 results a second, from a tracker sending 30
+        decoded.append(1)
+        return decode(parts)
+
+    monkeypatch.setattr(feed_module, "_decode_for_compositor", slow_decode)
+
+    async def body() -> None:
+        async with FakeTracker(fps=30, camera_fps=20.0) as tracker:  # a tracker that keeps up with its camera
+            feed = ResultFeed(tracker.results_endpoint, tracker.stream)
+            await feed.start()
+            try:
+                await asyncio.sleep(3.5)
+                assert len(decoded) < tracker.seq / 3, "the gateway was meant to fall behind"
+                assert feed.results_received >= tracker.seq - 12, (feed.results_received, tracker.seq)
+                assert feed.fps > 20, feed.fps
+                assert feed.state is FeedState.LIVE, feed.status
+            finally:
+                await feed.close()
+
+    run(body())
+
+
 def test_data_channel_prompts_reach_the_tracker_in_the_order_sent() -> None:
     """Regression: one REQ socket per request let add-then-reset arrive as reset-then-add."""
 
