@@ -39,6 +39,8 @@ def masks_to_frame(low_res_logits: torch.Tensor, height: int, width: int) -> tor
     """``N x h x w`` mask logits -> ``N x H x W`` boolean masks at the frame's resolution."""
     count = low_res_logits.shape[0]
     out = torch.empty(count, height, width, dtype=torch.bool, device=low_res_logits.device)
+    if count == 0:
+        return out
     chunk = count if out.device.type != "cpu" else max(1, _CPU_CHUNK_BYTES // (4 * height * width))
     for start in range(0, count, chunk):
         logits = low_res_logits[start : start + chunk].unsqueeze(1).float()

@@ -78,6 +78,12 @@ def test_masks_come_back_at_frame_resolution() -> None:
     assert masks[0, 45, 60] and not masks[0, 5, 5] and not masks[1].any()
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: the one-call path GPUs take, without a GPU
+def test_no_objects_give_no_masks_on_any_device(device) -> None:
+    masks = masks_to_frame(torch.zeros(0, 32, 32, device=device), 48, 64)
+    assert masks.shape == (0, 48, 64) and masks.dtype == torch.bool
+
+
 def test_resolve_overlaps_equals_the_argmax_rule() -> None:
     torch.manual_seed(0)
     masks = torch.rand(5, 40, 60) > 0.4
