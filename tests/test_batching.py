@@ -9,9 +9,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
+from transformers import Sam3VideoModel
 
 from models import Prompt, StreamingTracker, TrackerConfig
-from models.tiny import moving_shapes
+from models import hf_internals as hf
+from models.tiny import moving_shapes, tiny_video_config
 
 FRAMES = 300
 W, H = 128, 96
@@ -96,12 +99,6 @@ def test_batched_objects_equal_the_per_object_loop_bit_for_bit(tiny_models) -> N
 def test_shared_first_layer_equals_the_models_memory_attention_with_several_layers() -> None:
     """The restated forward (first layer's self-attention run once for all objects) gives the model's
     own memory attention bit for bit, also past the first layer (the tiny model has one; SAM 3 has four)."""
-    import torch
-    from transformers import Sam3VideoModel
-
-    from models import hf_internals as hf
-    from models.tiny import tiny_video_config
-
     config = tiny_video_config()
     config.tracker_config.memory_attention_num_layers = 3
     with torch.random.fork_rng(devices=[]):
