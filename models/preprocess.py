@@ -7,6 +7,7 @@ resolution and are upsampled to the frame's own size; boxes are read off the fin
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,11 +36,18 @@ def frame_to_pixels(frame: np.ndarray, image_size: int, device: torch.device, dt
 _CPU_CHUNK_BYTES = 4 << 20
 
 
-def masks_to_frame(low_res_logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``N x h x w`` mask logits -> ``N x H x W`` boolean masks at the frame's resolution."""
+def masks_to_frame(low_res_logits: torch.Tensor, height: int, width: int, exact: bool = True) -> torch.Tensor:
+    """``N x h x w`` mask logits -> ``N x H x W`` boolean masks at the frame's resolution.
+
+    ``exact`` upsamples with PyTorch's bilinear kernel, as transformers' processors do, so masks equal
+    theirs bit for bit. ``exact=False`` upsamples CPU logits with OpenCV instead (see ``_masks_to_frame_opencv``).
+    """
     count = low_res_logits.shape[0]
     out = torch.empty(count, height, width, dtype=torch.bool, device=low_res_logits.device)
     if count == 0:
+        return out
+    if not exact and out.device.type == "cpu":
+        _masks_to_frame_opencv(low_res_logits, out)
         return out
     chunk = count if out.device.type != "cpu" else max(1, _CPU_CHUNK_BYTES // (4 * height * width))
     for start in range(0, count, chunk):
@@ -47,6 +55,22 @@ def masks_to_frame(low_res_logits: torch.Tensor, height: int, width: int) -> tor
         upsampled = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
         torch.gt(upsampled.squeeze(1), 0, out=out[start : start + chunk])
     return out
+
+
+def _masks_to_frame_opencv(low_res_logits: torch.Tensor, out: torch.Tensor) -> None:
+    """Fill the CPU tensor ``out`` with ``low_res_logits`` upsampled by OpenCV and thresholded at 0.
+
+    OpenCV's bilinear resize samples at pixel centres as PyTorch's ``align_corners=False`` does and is
+    about 7x faster on one-channel maps (32x32 -> 640x480: 0.11 ms against 0.8 ms on one core of this
+    project's box), which at 8 objects is a fifth of a tiny model's frame. It rounds differently in
+    the last bits (at most ~1e-5 apart on unit-scale logits), so a pixel whose logit is that close to
+    zero may fall on the other side: 2 of 2.4 million pixels on random logits.
+    """
+    height, width = out.shape[1:]
+    source = np.ascontiguousarray(low_res_logits.detach().float().numpy())
+    target = out.numpy()
+    for i in range(source.shape[0]):
+        np.greater(cv2.resize(source[i], (width, height), interpolation=cv2.INTER_LINEAR), 0, out=target[i])
 
 
 def boxes_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

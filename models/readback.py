@@ -44,10 +44,11 @@ def frame_masks(
     width: int,
     labels: list[str | None],
     overlap_scores: torch.Tensor | None = None,
+    exact: bool = True,
 ) -> torch.Tensor:
     """``N x h x w`` mask logits -> ``N x H x W`` boolean masks on their device, overlaps among objects of
-    one label settled by ``overlap_scores`` when given."""
-    masks = masks_to_frame(logits, height, width)
+    one label settled by ``overlap_scores`` when given (``exact``: see ``masks_to_frame``)."""
+    masks = masks_to_frame(logits, height, width, exact)
     if overlap_scores is not None:
         masks = resolve_overlaps_per_label(masks, overlap_scores, labels)
     return masks

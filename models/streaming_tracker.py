@@ -57,9 +57,11 @@ class TrackerConfig:
       making the host wait on the GPU at each one). Off, stage timings on CUDA come from CUDA events and
       the host waits only to read the frame's results back (``models.readback``: twice per frame).
     - ``batch_objects``: run the tracker's per-object work (memory attention, mask decoder) once per
-      frame for all objects as a batch (``models.batching``). ``False`` runs transformers' own
-      per-object loop: with ``max_conditioning_frames=None, retire_after_frames=None`` too, masks
-      and scores equal transformers' unbounded session bit for bit.
+      frame for all objects as a batch (``models.batching``), and on CPU upsample masks to the frame
+      with OpenCV; answers match the per-object loop's to rounding (scores within 1e-4, masks but for
+      near-zero pixels). ``False`` runs transformers' own per-object loop and PyTorch's upsampling:
+      with ``max_conditioning_frames=None, retire_after_frames=None`` too, masks and scores equal
+      transformers' unbounded session bit for bit.
     - ``prompt_ring_seconds`` / ``prompt_ring_frames``: how far back a click, box or correction can be
       placed (``Prompt.frame_index``, see :meth:`StreamingTracker.prompt_frame`): frames tracked within
       this many seconds of the newest (by ``track``'s timestamps; ``None``: no time limit), at most this
@@ -427,7 +429,8 @@ class StreamingTracker:
         outputs = [out for out in outputs if out.obj_ids]
         if not outputs:
             return []
-        masks = [frame_masks(o.mask_logits, height, width, o.labels, o.overlap_scores) for o in outputs]
+        exact = not self.config.batch_objects
+        masks = [frame_masks(o.mask_logits, height, width, o.labels, o.overlap_scores, exact) for o in outputs]
         objects = objects_from_masks(
             [obj_id for out in outputs for obj_id in out.obj_ids],
             masks[0] if len(masks) == 1 else torch.cat(masks),

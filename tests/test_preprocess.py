@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import Prompt
 from models.preprocess import (
@@ -76,6 +77,24 @@ def test_masks_come_back_at_frame_resolution() -> None:
     masks = masks_to_frame(logits, 120, 160)
     assert masks.shape == (2, 120, 160) and masks.dtype == torch.bool
     assert masks[0, 45, 60] and not masks[0, 5, 5] and not masks[1].any()
+
+
+def test_opencv_upsampling_differs_from_pytorchs_only_where_the_logit_is_all_but_zero() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 32, 32, generator=gen) * 4
+    exact = masks_to_frame(logits, 480, 640)
+    fast = masks_to_frame(logits, 480, 640, exact=False)
+    assert fast.shape == exact.shape and fast.dtype == torch.bool
+    flipped = fast != exact
+    upsampled = F.interpolate(logits[:, None], size=(480, 640), mode="bilinear", align_corners=False)[:, 0]
+    assert int(flipped.sum()) <= 10, f"{int(flipped.sum())} of {flipped.numel()} pixels differ"
+    if flipped.any():
+        assert float(upsampled[flipped].abs().max()) < 1e-4
+    strided = logits.transpose(1, 2)  # rows of a larger tensor, bfloat16: as a GPU-less bf16 model gives them
+    assert torch.equal(
+        masks_to_frame(strided, 48, 64, exact=False), masks_to_frame(strided.contiguous(), 48, 64, exact=False)
+    )
+    assert masks_to_frame(logits.bfloat16(), 48, 64, exact=False).shape == (6, 48, 64)
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: the one-call path GPUs take, without a GPU
