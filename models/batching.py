@@ -7,30 +7,34 @@ outputs and session updates, that runs the per-object work as batches:
 
 - **What each object reads is chosen per object, by SAM 3's own rules**: transformers' methods
   pick the memory frames (conditioning frames closest in time, the last ``num_maskmem - 1``
-  frames) and the object pointers, and build their temporal encodings. Nothing about that changes.
-- **Memory attention is grouped by memory layout.** Objects whose memory has the same number of
-  tokens and of object-pointer tokens (the usual case: objects prompted together and tracked
-  since) are stacked along the batch dimension and go through ``memory_attention`` in one call.
-  Grouping, rather than padding the shorter memories with an attention mask, keeps the model's
-  own attention untouched (it takes no mask) and every object's arithmetic exactly what it would
-  be alone. Objects starting on this frame read no memory: their features are shared. Within a
-  group, the first layer's self-attention reads only the frame, the same for every object, so it
-  runs once (on a batch of one, as the one-object step runs it) and is shared: on SAM 3's 72x72
-  token grid that is an attention over 5,184 tokens saved per extra object.
+  frames) and the object pointers, and build their temporal encodings (once for all objects whose
+  pointers sit at the same frame offsets). Nothing about the choice changes.
+- **Memory attention is grouped by memory layout** (``models.memory_attention``). Objects whose
+  memory has the same number of frames and of object-pointer tokens (the usual case: objects
+  prompted together and tracked since) are stacked along the batch dimension and attend in one
+  call. Grouping, rather than padding the shorter memories with an attention mask, keeps the
+  model's own attention (it takes no mask). Each memory frame's keys and values are projected
+  and rotated once, when first read, not on each of the up to seven frames that read it, and the
+  first layer's self-attention, which reads only the frame, runs once per frame for all objects.
+  Objects starting on this frame read no memory: their features are shared.
 - **The mask decoder is grouped by prompt shape**: objects with the same number of clicks (or
-  none, while tracking) and the same multimask choice decode in one call.
+  none, while tracking) and the same multimask choice decode in one call, small heads included;
+  only the kept one of a multimask output's three masks is upsampled for the memory encoder.
 - **The memory encoder** stays transformers' batched call, over the same objects in the same
   order (including its rule that clicks on any object binarize every object's memory mask).
+- On CPU, the channels-first layer norms of the decoder and memory encoder normalize by formula
+  (``hf_internals.channel_norms_by_formula``: PyTorch's kernel is 9x slower on their 4 channels).
 - Objects prompted with a mask (the text model's new detections) take transformers' own
   one-object step: the mask path is rare and its shape differs.
 
-Bit for bit. A matrix product with one row (one object) can round differently from the same rows
-inside a larger product, so on CPU the few places where a per-object computation is a single row
-(the embedding of clicks, the mask decoder's small heads, the object-pointer head) still run one
-object at a time; everything large is batched. In float32 on CPU the batched step's outputs then
-equal the per-object loop's bit for bit (tested over a 300-frame stream). On a GPU the heads run
-batched too (a launch per object would cost more than it saves) and results may differ from the
-loop in the last bits, as they may in bfloat16.
+Not bit for bit. A batched matrix product rounds differently from one object's, and so do the
+split key projection and the norm formula: outputs differ from the per-object loop's in the last
+bits (about 1e-6 on scores), and a mask pixel whose logit is that close to zero may flip; where
+clicks binarize a memory mask, such a flip persists in the memory (scores then drift by up to
+6.5e-5 in the test's stream).
+``tests/test_batching.py`` holds a 300-frame stream of adds, corrections and removals to the
+loop: the same ids every frame, scores within 1e-4, each object's masks within IoU 0.999 over
+the stream. ``TrackerConfig(batch_objects=False)`` runs transformers' own loop, bit for bit.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from transformers import Sam3TrackerVideoModel
 from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoSegmentationOutput
 
 from models import hf_internals as hf
+from models.memory_attention import attend
 
 
 @dataclass
@@ -127,7 +132,9 @@ def step_and_store(
     """Run the objects' steps on one frame and record them as transformers' forward does: each output
     stored (a conditioning frame when the object starts there), the frame marked tracked, and the
     objects' memories encoded in one batch. Returns ``obj_idx -> output``."""
-    outputs = run_steps(tracker, session, frame_idx, steps, streaming=streaming, batched=batched)
+    by_formula = batched and tracker.no_memory_embedding.device.type == "cpu"
+    with hf.channel_norms_by_formula(tracker) if by_formula else contextlib.nullcontext():
+        outputs = run_steps(tracker, session, frame_idx, steps, streaming=streaming, batched=batched)
     memory_objects, memory_masks, memory_scores, from_points = [], [], [], []
     for step in steps:
         out = outputs[step.obj_idx]
@@ -139,7 +146,8 @@ def step_and_store(
             from_points.append(step.point_inputs is not None or step.mask_inputs is not None)
         if not step.is_init_cond_frame:
             hf.mark_tracked(session, step.obj_idx, frame_idx, step.reverse)
-    hf.encode_memories(tracker, session, frame_idx, memory_objects, memory_masks, memory_scores, from_points)
+    with hf.channel_norms_by_formula(tracker) if by_formula else contextlib.nullcontext():
+        hf.encode_memories(tracker, session, frame_idx, memory_objects, memory_masks, memory_scores, from_points)
     return outputs
 
 
@@ -200,28 +208,28 @@ def _memory_conditioned_features(
         no_memory = (current + tracker.no_memory_embedding).permute(1, 2, 0).view(1, channels, height, width)
         out.update(dict.fromkeys(starting, no_memory))
 
-    groups: dict[tuple[int, int], list[tuple[int, torch.Tensor, torch.Tensor]]] = defaultdict(list)
+    groups: dict[tuple[int, int], list[tuple[int, hf.ObjectMemory]]] = defaultdict(list)
+    by_direction: dict[bool, list[int]] = defaultdict(list)
     for step in steps:
-        if step.is_init_cond_frame:
-            continue
-        memories, memory_pos, pointer_tokens = hf.object_memory(
-            tracker, session, step.obj_idx, frame_idx, step.reverse, streaming
-        )
-        memory = torch.cat(memories, dim=0).to(dtype=session.dtype)
-        groups[(memory.shape[0], pointer_tokens)].append((step.obj_idx, memory, torch.cat(memory_pos, dim=0)))
+        if not step.is_init_cond_frame:
+            by_direction[step.reverse].append(step.obj_idx)
+    for reverse, obj_indices in by_direction.items():
+        memories = hf.object_memories(tracker, session, obj_indices, frame_idx, reverse, streaming)
+        for obj_idx, memory in zip(obj_indices, memories, strict=True):
+            groups[memory.layout].append((obj_idx, memory))
 
-    for (_, pointer_tokens), members in groups.items():
-        size = len(members)
-        fused = hf.memory_attention_on_one_frame(
+    keep = current.device.type == "cpu"  # see models.memory_attention: on a GPU nothing is kept
+    for members in groups.values():
+        fused = attend(
             tracker.memory_attention,
+            tracker.memory_temporal_positional_encoding,
             current,
             current_pos,
-            memory=torch.cat([m for _, m, _ in members], dim=1),
-            memory_pos=torch.cat([p for _, _, p in members], dim=1),
-            pointer_tokens=pointer_tokens,
-        )  # 1 x N x HW x C
-        maps = fused[0].transpose(1, 2).reshape(size, channels, height, width)
-        for i, (obj_idx, _, _) in enumerate(members):
+            [memory for _, memory in members],
+            keep,
+        )  # N x HW x C
+        maps = fused.transpose(1, 2).reshape(len(members), channels, height, width)
+        for i, (obj_idx, _) in enumerate(members):
             out[obj_idx] = maps[i : i + 1]
     return out
 
@@ -275,58 +283,34 @@ def decode_batch(
             input_masks=None,
         )
     else:
-        # Clicks are embedded one object at a time: the embedding's tiny matrix product (2 columns)
-        # rounds differently with the number of rows, and each object must get what it gets alone.
-        per_object = [
-            tracker.prompt_encoder(
-                input_points=point_coords[i : i + 1],
-                input_labels=point_labels[i : i + 1],  # type: ignore[index]
-                input_boxes=None,
-                input_masks=None,
-            )
-            for i in range(size)
-        ]
-        sparse = torch.cat([p[0] for p in per_object], dim=0)
-        dense = per_object[0][1].expand(size, -1, -1, -1)  # no mask prompt: the same for every object
-    # On CPU the small per-object heads run one object at a time, so every object gets exactly the
-    # numbers of its own one-object step. On a GPU that would be a kernel launch per object and layer,
-    # and batched GPU kernels do not promise the same rounding anyway: there they run as one batch.
-    one_by_one = device.type == "cpu" and size > 1  # a batch of one is one row already
-    with hf.heads_one_row_at_a_time(tracker) if one_by_one else contextlib.nullcontext():
-        low_res, iou_scores, tokens, score_logits = tracker.mask_decoder(
-            image_embeddings=image_embeddings[-1],
-            image_positional_embeddings=tracker.get_image_wide_positional_embeddings().repeat(size, 1, 1, 1),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-            high_resolution_features=image_embeddings[:-1],
+        sparse, dense = tracker.prompt_encoder(
+            input_points=point_coords, input_labels=point_labels, input_boxes=None, input_masks=None
         )
+    low_res, iou_scores, tokens, score_logits = tracker.mask_decoder(
+        image_embeddings=image_embeddings[-1],
+        image_positional_embeddings=tracker.get_image_wide_positional_embeddings().repeat(size, 1, 1, 1),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask_output,
+        high_resolution_features=image_embeddings[:-1],
+    )
     appearing = score_logits > 0  # N x 1 x 1
     # Masks of objects judged absent are a hard "nothing", also for the memory built from them.
     low_res = torch.where(appearing[:, None, None], low_res, hf.NO_OBJECT_SCORE)
-    high_res = (
-        F.interpolate(
-            low_res.squeeze(1).float(),
-            size=(tracker.image_size, tracker.image_size),
-            mode="bilinear",
-            align_corners=False,
-        )
-        .unsqueeze(1)
-        .to(low_res.dtype)
-    )
     token = tokens[:, :, 0]
     if multimask_output:  # keep the mask (and token) with the highest predicted IoU, per object
         rows = torch.arange(size, device=device)
         best = torch.argmax(iou_scores, dim=-1)[:, 0]
-        low_res, high_res = low_res[rows, 0, best].unsqueeze(1), high_res[rows, 0, best].unsqueeze(1)
+        low_res = low_res[rows, 0, best].unsqueeze(1)
         if tokens.size(2) > 1:
             token = tokens[rows, 0, best].unsqueeze(1)
     else:
-        low_res, high_res = low_res[:, :, 0], high_res[:, :, 0]
-    if one_by_one:
-        pointer = hf.feed_forward_one_row_at_a_time(tracker.object_pointer_proj, token)
-    else:
-        pointer = tracker.object_pointer_proj(token)
+        low_res = low_res[:, :, 0]
+    # Only the kept mask is upsampled (transformers upsamples all three, then picks one).
+    side = tracker.image_size
+    high_res = F.interpolate(low_res.float(), size=(side, side), mode="bilinear", align_corners=False)
+    high_res = high_res.to(low_res.dtype)
+    pointer = tracker.object_pointer_proj(token)
     weight = appearing.to(pointer.dtype)
     pointer = weight * pointer + (1 - weight) * tracker.no_object_pointer
     return {

@@ -1,30 +1,48 @@
-"""The batched tracker step gives exactly the per-object loop's answers (fp32, CPU), bit for bit.
+"""The batched tracker step gives the per-object loop's answers (fp32, CPU).
 
 One 300-frame stream, fed to two ``StreamingTracker``s that differ only in ``batch_objects``: text
-concepts and clicked/boxed objects, added, corrected and removed mid-stream, several per frame.
+concepts and clicked/boxed objects, added, corrected and removed mid-stream, several per frame. The
+batched step rounds differently in the last bits (batched matrix products, memory keys projected once,
+channel norms by formula, OpenCV's upsampling), so a pixel whose logit is within about 1e-5 of zero may
+flip: the same ids every frame, every score within 1e-4 every frame, every object's masks within IoU
+0.999 of the loop's over the stream, and no frame's mask off by more than a few boundary pixels.
 """
 
 from __future__ import annotations
 
+import gc
+import threading
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import Sam3VideoModel
 
 from models import Prompt, StreamingTracker, TrackerConfig
 from models import hf_internals as hf
+from models.memory_attention import attend, kept_keys
+from models.results import MaskAgreement
 from models.tiny import moving_shapes, tiny_video_config
 
 FRAMES = 300
-W, H = 128, 96
+W, H = 640, 480  # a camera's size: a flipped boundary pixel weighs what it weighs in use
+CLICK_SCALE = W / 128  # the schedule's clicks are written on a 128 x 96 grid
+MIN_STREAM_IOU = 0.999  # per object, intersections and unions summed over the stream
+MAX_SCORE_GAP = 1e-4
+MAX_FLIPPED_PIXELS = 64  # per mask and frame: boundary pixels only (a frame here has 307,200)
+
+
+def _clicks(*points: tuple[float, float], labels: tuple[int, ...] = (1,), obj_id: int | None = None) -> Prompt:
+    scaled = tuple((x * CLICK_SCALE, y * CLICK_SCALE) for x, y in points)
+    return Prompt(points=scaled, point_labels=labels, obj_id=obj_id)
 
 
 def _click(x: float, y: float, obj_id: int | None = None) -> Prompt:
-    return Prompt(points=((x, y),), point_labels=(1,), obj_id=obj_id)
+    return _clicks((x, y), obj_id=obj_id)
 
 
-def test_batched_objects_equal_the_per_object_loop_bit_for_bit(tiny_models) -> None:
+def test_batched_objects_give_the_per_object_loops_answers(tiny_models) -> None:
     batched = StreamingTracker(tiny_models, TrackerConfig(batch_objects=True))
     alone = StreamingTracker(tiny_models, TrackerConfig(batch_objects=False))
     ran: list[int] = []
@@ -46,7 +64,7 @@ def test_batched_objects_equal_the_per_object_loop_bit_for_bit(tiny_models) -> N
                 Prompt(bounding_boxes=((0.25, 0.7, 0.3, 0.3), (0.75, 0.75, 0.2, 0.2)), bounding_box_labels=(1, 1))
             )
         elif frame == 40:
-            tracker.add_prompt(Prompt(points=((60.0, 50.0), (10.0, 10.0)), point_labels=(1, 0), obj_id=clicked[0]))
+            tracker.add_prompt(_clicks((60.0, 50.0), (10.0, 10.0), labels=(1, 0), obj_id=clicked[0]))
         elif frame == 50 and text_target is not None:
             tracker.add_prompt(_click(64.0, 48.0, obj_id=text_target))
         elif frame == 70 and text_target is not None:
@@ -62,7 +80,7 @@ def test_batched_objects_equal_the_per_object_loop_bit_for_bit(tiny_models) -> N
             tracker.add_prompt(_click(100.0, 80.0, obj_id=clicked[3]))
         elif frame == 230:  # a new object, a correction of another and a new concept on the same frame
             created += tracker.add_prompt(_click(50.0, 20.0))
-            tracker.add_prompt(Prompt(points=((95.0, 35.0),), point_labels=(1,), obj_id=50))
+            tracker.add_prompt(_click(95.0, 35.0, obj_id=50))
             tracker.add_prompt(Prompt(text="red circle"))
         elif frame == 260:
             tracker.remove_object(clicked[0])
@@ -72,6 +90,8 @@ def test_batched_objects_equal_the_per_object_loop_bit_for_bit(tiny_models) -> N
 
     clicked: list[int] = []
     most_objects = 0
+    widest_gap = 0.0
+    agreement = MaskAgreement()
     start = time.perf_counter()
     for frame in range(FRAMES):
         text_target = text_object() if frame in (50, 70) else None
@@ -85,51 +105,112 @@ def test_batched_objects_equal_the_per_object_loop_bit_for_bit(tiny_models) -> N
         got, expected = ours.by_id(), reference.by_id()
         assert sorted(got) == sorted(expected), f"frame {frame}: ids {sorted(got)} != {sorted(expected)}"
         for obj_id, obj in expected.items():
-            assert np.array_equal(got[obj_id].mask, obj.mask), f"frame {frame}: mask of object {obj_id} differs"
-            assert got[obj_id].score == obj.score, (
-                f"frame {frame}: score of {obj_id}: {got[obj_id].score} != {obj.score}"
-            )
+            flipped = int(np.count_nonzero(got[obj_id].mask != obj.mask))
+            assert flipped <= MAX_FLIPPED_PIXELS, f"frame {frame}: mask of object {obj_id}: {flipped} pixels differ"
+            score_gap = abs(got[obj_id].score - obj.score)
+            assert score_gap <= MAX_SCORE_GAP, f"frame {frame}: score of {obj_id}: {got[obj_id].score} != {obj.score}"
             assert got[obj_id].label == obj.label
+            widest_gap = max(widest_gap, score_gap)
+        agreement.add(ours, reference)
         most_objects = max(most_objects, len(got))
     assert ran == [50, 70], f"the text object's correction (50) and removal (70) should have run, ran: {ran}"
-    print(f"{FRAMES} frames in {time.perf_counter() - start:.1f} s, at most {most_objects} objects at once")
+    stream_iou = agreement.per_object()
+    print(
+        f"{FRAMES} frames in {time.perf_counter() - start:.1f} s, at most {most_objects} objects at once, "
+        f"lowest stream IoU {min(stream_iou.values()):.6f}, lowest frame IoU {agreement.worst_frame_iou:.6f}, "
+        f"widest score gap {widest_gap:.2e}"
+    )
+    assert all(iou >= MIN_STREAM_IOU for iou in stream_iou.values()), f"IoU over the stream per object: {stream_iou}"
     assert most_objects >= 6, f"the stream should batch several objects at once (at most {most_objects} seen)"
 
 
-def test_shared_first_layer_equals_the_models_memory_attention_with_several_layers() -> None:
-    """The restated forward (first layer's self-attention run once for all objects) gives the model's
-    own memory attention bit for bit, also past the first layer (the tiny model has one; SAM 3 has four)."""
+def _memory_attention_inputs(tracker, objects: int, pointers: int) -> tuple[torch.Tensor, ...]:
+    """Random frame features and, per object, two memory frames (a conditioning frame and one 3
+    frames back) and ``pointers`` object-pointer tokens: each object's ``ObjectMemory`` and the same
+    memory as the model's forward takes it (``L x 1 x 64`` tokens and encodings)."""
+    channels = tracker.hidden_dim
+    tokens = tracker.backbone_feature_sizes[-1][0] * tracker.backbone_feature_sizes[-1][1]
+    gen = torch.Generator().manual_seed(1)
+    current = torch.randn(tokens, 1, channels, generator=gen)
+    current_pos = torch.randn(tokens, 1, channels, generator=gen)
+    temporal = tracker.memory_temporal_positional_encoding  # T x 1 x 1 x 64
+    memories, flat = [], []
+    for _ in range(objects):
+        frames = [
+            hf.MemoryFrame(index, torch.randn(tokens, 1, 64, generator=gen), torch.randn(tokens, 1, 64, generator=gen))
+            for index in (-1, 2)
+        ]
+        tokens_p, pos_p = torch.randn(pointers, 1, 64, generator=gen), torch.randn(pointers, 1, 64, generator=gen)
+        memories.append(hf.ObjectMemory(frames, tokens_p, pos_p))
+        memory = torch.cat([f.features for f in frames] + [tokens_p])
+        memory_pos = torch.cat([f.spatial_pos + temporal[f.temporal_index] for f in frames] + [pos_p])
+        flat.append((memory, memory_pos))
+    return current, current_pos, memories, flat
+
+
+def _three_layer_tracker():
     config = tiny_video_config()
-    config.tracker_config.memory_attention_num_layers = 3
+    config.tracker_config.memory_attention_num_layers = 3  # the tiny model has one; SAM 3 has four
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        tracker = Sam3VideoModel(config).tracker_model.eval()
+        return Sam3VideoModel(config).tracker_model.eval()
+
+
+def test_memory_attention_with_keys_made_once_gives_the_models_forward() -> None:
+    """The restated memory attention (memory keys and values projected once, their temporal term added
+    from a table, the first layer's start shared) gives the model's own forward for each object alone,
+    within float32 rounding, past the first layer too."""
+    tracker = _three_layer_tracker()
     attention = tracker.memory_attention
-    channels = tracker.hidden_dim
-    height, width = tracker.backbone_feature_sizes[-1]
-    gen = torch.Generator().manual_seed(1)
     objects, pointers = 5, 4
-    current = torch.randn(height * width, 1, channels, generator=gen)
-    current_pos = torch.randn(height * width, 1, channels, generator=gen)
-    memory_tokens = 2 * height * width + pointers
-    memory = torch.randn(memory_tokens, objects, 64, generator=gen)
-    memory_pos = torch.randn(memory_tokens, objects, 64, generator=gen)
+    current, current_pos, memories, flat = _memory_attention_inputs(tracker, objects, pointers)
     with torch.inference_mode():
-        ours = hf.memory_attention_on_one_frame(attention, current, current_pos, memory, memory_pos, pointers)
-        theirs = attention(
-            current_vision_features=current.expand(-1, objects, -1),
-            current_vision_position_embeddings=current_pos.expand(-1, objects, -1),
-            memory=memory,
-            memory_posision_embeddings=memory_pos,
-            num_object_pointer_tokens=pointers,
-        )
-        alone = attention(
-            current_vision_features=current,
-            current_vision_position_embeddings=current_pos,
-            memory=memory[:, 2:3],
-            memory_posision_embeddings=memory_pos[:, 2:3],
-            num_object_pointer_tokens=pointers,
-        )
-    assert len(attention.layers) == 3
-    assert torch.equal(ours, theirs)
-    assert torch.equal(ours[:, 2:3], alone)
+        ours = attend(attention, tracker.memory_temporal_positional_encoding, current, current_pos, memories, False)
+        for i, (memory, memory_pos) in enumerate(flat):
+            alone = attention(
+                current_vision_features=current,
+                current_vision_position_embeddings=current_pos,
+                memory=memory,
+                memory_posision_embeddings=memory_pos,
+                num_object_pointer_tokens=pointers,
+            )[0, 0]
+            torch.testing.assert_close(ours[i], alone, atol=2e-5, rtol=1e-5)
+            assert not torch.equal(ours[i], ours[(i + 1) % objects]), "objects with different memories must differ"
+
+
+def test_kept_memory_keys_are_reused_and_released_with_their_frames() -> None:
+    tracker = _three_layer_tracker()
+    attention = tracker.memory_attention
+    current, current_pos, memories, _ = _memory_attention_inputs(tracker, objects=3, pointers=2)
+    store = kept_keys(attention)
+    with torch.inference_mode():
+        fresh = attend(attention, tracker.memory_temporal_positional_encoding, current, current_pos, memories, False)
+        assert len(store) == 0, "keep=False keeps nothing"
+        first = attend(attention, tracker.memory_temporal_positional_encoding, current, current_pos, memories, True)
+        assert len(store) == 6  # 3 objects x 2 memory frames
+        projections = store.get(memories[0].frames[0].features)
+        again = attend(attention, tracker.memory_temporal_positional_encoding, current, current_pos, memories, True)
+    assert torch.equal(first, fresh) and torch.equal(again, first)
+    assert store.get(memories[0].frames[0].features) is projections, "a kept frame is not projected again"
+    del memories, projections
+    gc.collect()
+    assert len(store) == 0, "projections must go with their memory frames"
+
+
+def test_channel_norms_by_formula_only_inside_the_block_and_only_on_its_thread(tiny_models) -> None:
+    tracker = tiny_models.video_model.tracker_model
+    norm = tracker.mask_decoder.upscale_layer_norm  # channels-first
+    features = torch.randn(3, norm.normalized_shape[0], 16, 16, generator=torch.Generator().manual_seed(2))
+    channels_last = features.permute(0, 2, 3, 1)
+    kernel = F.layer_norm(channels_last, norm.normalized_shape, norm.weight, norm.bias, norm.eps).permute(0, 3, 1, 2)
+    elsewhere: list[torch.Tensor] = []
+    with torch.inference_mode():
+        with hf.channel_norms_by_formula(tracker):
+            inside = norm(features)
+            other = threading.Thread(target=lambda: elsewhere.append(norm(features).detach()))
+            other.start()
+            other.join()
+        after = norm(features)
+    torch.testing.assert_close(inside, kernel, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, kernel), "outside the block the model's own kernel runs"
+    assert torch.equal(elsewhere[0], kernel), "another thread's step is not switched"

@@ -29,8 +29,8 @@ def test_a_missing_internal_fails_naming_it_and_the_pinned_version(monkeypatch) 
 
 
 def test_a_missing_model_attribute_fails_naming_it(tiny_models, monkeypatch) -> None:
-    monkeypatch.delattr(tiny_models.tracker_model.mask_decoder, "iou_prediction_head")
-    with pytest.raises(hf.TransformersInternalsError, match=r"Sam3TrackerVideoMaskDecoder\.iou_prediction_head"):
+    monkeypatch.delattr(tiny_models.tracker_model.memory_attention.layers[0].cross_attn_image, "k_proj")
+    with pytest.raises(hf.TransformersInternalsError, match=r"Sam3TrackerVideoRoPEAttention\.k_proj"):
         hf.check_model(tiny_models.video_model)
 
 
