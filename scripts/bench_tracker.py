@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -58,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch CPU threads (1: figures that hold on a shared box; the core count is faster on a quiet one)",
+        default=None,
+        help="torch CPU threads (default: torch's, one per core, as the tracker service runs; "
+        "1: figures that hold on a shared box)",
     )
     parser.add_argument("--skip-baseline", action="store_true", help="leave out transformers' own session")
     parser.add_argument("--skip-unbatched", action="store_true", help="leave out the unbatched StreamingTracker")
@@ -273,7 +275,9 @@ def curve(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)  # the batched tracker upsamples masks with OpenCV on CPU
     models = load_models(args.model, device=args.device, dtype=args.dtype)
     sync = torch.cuda.synchronize if models.device.type == "cuda" else (lambda: None)
     counts = args.objects if args.workload == "points" else [1]
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": args.model,
         "device": str(models.device),
         "dtype": str(models.dtype).replace("torch.", ""),
-        "threads": args.threads,
+        "threads": torch.get_num_threads(),
         "workload": args.workload,
         "frames": args.frames,
         "frame_size": [args.width, args.height],
