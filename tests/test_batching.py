@@ -214,3 +214,28 @@ def test_channel_norms_by_formula_only_inside_the_block_and_only_on_its_thread(t
     torch.testing.assert_close(inside, kernel, atol=1e-5, rtol=1e-5)
     assert torch.equal(after, kernel), "outside the block the model's own kernel runs"
     assert torch.equal(elsewhere[0], kernel), "another thread's step is not switched"
+
+
+def test_pointer_encodings_made_once_per_group_equal_each_objects_own(tiny_models) -> None:
+    """The one exact piece of the batched step: reading several objects' memories at once (pointer
+    encodings made in one call for objects whose pointers sit at the same offsets) gives each object
+    bit for bit what reading it alone gives."""
+    tracker = StreamingTracker(tiny_models, TrackerConfig())
+    for x in (20.0, 60.0, 100.0):
+        tracker.add_prompt(_click(x, 40.0), frame_size=(W, H))
+    for frame in range(12):
+        tracker.track(moving_shapes(frame, W, H))
+    engine, model = tracker.geometry, tiny_models.video_model.tracker_model
+    session, frame_idx = engine.session, engine.local(12)
+    indices = list(range(len(engine.obj_ids)))
+    with torch.inference_mode():
+        together = hf.object_memories(model, session, indices, frame_idx, False, True)
+        alone = [hf.object_memories(model, session, [i], frame_idx, False, True)[0] for i in indices]
+    assert len(together) == 3 and together[0].layout[1] > 0, "objects tracked 12 frames read pointers"
+    for group, single in zip(together, alone, strict=True):
+        assert group.layout == single.layout
+        assert all(
+            a.features is b.features and a.temporal_index == b.temporal_index
+            for a, b in zip(group.frames, single.frames, strict=True)
+        )
+        assert torch.equal(group.pointers, single.pointers) and torch.equal(group.pointer_pos, single.pointer_pos)
