@@ -68,6 +68,8 @@ def test_a_click_on_the_page_lands_on_the_object(tmp_path: Path) -> None:
             ):
                 geometry = await page.evaluate(GEOMETRY)
                 await page.evaluate(RECORD_SENT)
+                # The video can play a moment before the first frame's results reach the page.
+                await page.wait_for_function("() => !!frame", timeout=20000)
                 shown = await page.evaluate(NEWEST)
                 assert shown is not None and not shown["objects"]
                 # The biggest object on the frame the page shows, clicked where a person would.

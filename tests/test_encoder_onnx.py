@@ -121,8 +121,9 @@ def test_fp16_export_stays_close_to_fp32_on_onnxruntime(tiny_models, exports: Ca
 
 def test_tracker_on_onnxruntime_tokens_keeps_ids_and_masks_over_100_frames(tiny_models, tmp_path: Path) -> None:
     """Same ids on every frame; per object, IoU >= 0.999 over the 100 frames (intersections over unions,
-    summed) and >= 0.99 on every single frame. Tokens differ by ~1e-6, which can flip a pixel whose
-    logit sits at zero: one pixel of a 250-pixel object is already IoU 0.996 on that frame."""
+    summed) and on every single frame >= 0.99 or at most 2 pixels off. Tokens differ by ~1e-6, which can
+    flip a pixel whose logit sits at zero: one pixel of a 250-pixel object is already IoU 0.996 on that
+    frame, of a 20-pixel one 0.95."""
     ort_encoder = make_encoder("onnxruntime", tiny_models, cache_dir=tmp_path)
     assert ort_encoder.name == "onnxruntime-fp32"
     trackers = [StreamingTracker(tiny_models), StreamingTracker(tiny_models, encoder=ort_encoder)]
@@ -141,7 +142,9 @@ def test_tracker_on_onnxruntime_tokens_keeps_ids_and_masks_over_100_frames(tiny_
         reference, ours = (tracker.track(moving_shapes(index)) for tracker in trackers)
         assert [o.obj_id for o in ours.objects] == [o.obj_id for o in reference.objects], f"frame {index}"
         ious = agreement.add(ours, reference)
-        assert min(ious.values(), default=1.0) >= 0.99, f"frame {index}: {ious}"
+        mine, theirs = ours.by_id(), reference.by_id()
+        flipped = {i: int(np.count_nonzero(mine[i].mask != theirs[i].mask)) for i in theirs}
+        assert all(iou >= 0.99 or flipped[i] <= 2 for i, iou in ious.items()), f"frame {index}: {ious}, {flipped}"
         labels.update(o.label for o in reference.objects)
     per_object = agreement.per_object()
     assert len(per_object) >= 3 and "person" in labels and None in labels  # text and click objects compared
