@@ -132,21 +132,22 @@ def step_and_store(
     """Run the objects' steps on one frame and record them as transformers' forward does: each output
     stored (a conditioning frame when the object starts there), the frame marked tracked, and the
     objects' memories encoded in one batch. Returns ``obj_idx -> output``."""
-    by_formula = batched and tracker.no_memory_embedding.device.type == "cpu"
+    by_formula = batched and tracker.no_memory_embedding.device.type == "cpu"  # decoder and memory encoder
     with hf.channel_norms_by_formula(tracker) if by_formula else contextlib.nullcontext():
         outputs = run_steps(tracker, session, frame_idx, steps, streaming=streaming, batched=batched)
-    memory_objects, memory_masks, memory_scores, from_points = [], [], [], []
-    for step in steps:
-        out = outputs[step.obj_idx]
-        session.store_output(step.obj_idx, frame_idx, output_value=out, is_conditioning_frame=step.is_init_cond_frame)
-        if encode and tracker.num_maskmem > 0:
-            memory_objects.append(step.obj_idx)
-            memory_masks.append(out["high_res_masks"])
-            memory_scores.append(out["object_score_logits"])
-            from_points.append(step.point_inputs is not None or step.mask_inputs is not None)
-        if not step.is_init_cond_frame:
-            hf.mark_tracked(session, step.obj_idx, frame_idx, step.reverse)
-    with hf.channel_norms_by_formula(tracker) if by_formula else contextlib.nullcontext():
+        memory_objects, memory_masks, memory_scores, from_points = [], [], [], []
+        for step in steps:
+            out = outputs[step.obj_idx]
+            session.store_output(
+                step.obj_idx, frame_idx, output_value=out, is_conditioning_frame=step.is_init_cond_frame
+            )
+            if encode and tracker.num_maskmem > 0:
+                memory_objects.append(step.obj_idx)
+                memory_masks.append(out["high_res_masks"])
+                memory_scores.append(out["object_score_logits"])
+                from_points.append(step.point_inputs is not None or step.mask_inputs is not None)
+            if not step.is_init_cond_frame:
+                hf.mark_tracked(session, step.obj_idx, frame_idx, step.reverse)
         hf.encode_memories(tracker, session, frame_idx, memory_objects, memory_masks, memory_scores, from_points)
     return outputs
 

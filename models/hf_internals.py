@@ -531,7 +531,8 @@ class MemoryFrame:
     """One frame of an object's memory as memory attention reads it."""
 
     temporal_index: int  # row of the model's temporal encodings (-1: a conditioning frame)
-    features: torch.Tensor  # HW x 1 x C, as stored in the session (the key of its kept projections)
+    features: torch.Tensor  # HW x 1 x C on the model's device: the stored tensor itself when it is there
+    # already, which is what keys the frame's kept projections (models.memory_attention)
     spatial_pos: torch.Tensor  # HW x 1 x C
 
 

@@ -90,7 +90,7 @@ def test_opencv_upsampling_differs_from_pytorchs_only_where_the_logit_is_all_but
     assert int(flipped.sum()) <= 10, f"{int(flipped.sum())} of {flipped.numel()} pixels differ"
     if flipped.any():
         assert float(upsampled[flipped].abs().max()) < 1e-4
-    strided = logits.transpose(1, 2)  # rows of a larger tensor, bfloat16: as a GPU-less bf16 model gives them
+    strided = logits.transpose(1, 2)  # not contiguous; bfloat16 logits (a bf16 model on CPU) below
     assert torch.equal(
         masks_to_frame(strided, 48, 64, exact=False), masks_to_frame(strided.contiguous(), 48, 64, exact=False)
     )
