@@ -20,6 +20,7 @@ from streamer.gateway.encoding import (
     VP8,
     EncodedStream,
     PacketTrack,
+    SharedVideo,
     VideoEncoder,
 )
 
@@ -184,5 +185,48 @@ def test_a_slow_viewer_skips_to_a_keyframe_for_itself_only() -> None:
             assert (await slow.recv()).pts == _frame(number).pts  # and the slow one is in order again
         finally:
             stream.close()
+
+    run(body(), timeout=20)
+
+
+class _HeldSource:
+    """A source whose ``recv`` hands out a frame only when the test releases one (``set_demand`` recorded)."""
+
+    def __init__(self) -> None:
+        self.frames: asyncio.Queue[av.VideoFrame] = asyncio.Queue()
+        self.demand: list[bool] = []
+
+    def set_demand(self, wanted: bool) -> None:
+        self.demand.append(wanted)
+
+    async def recv(self) -> av.VideoFrame:
+        return await self.frames.get()
+
+
+def test_a_frame_arriving_after_the_last_viewer_left_is_dropped_and_the_next_viewer_is_fed() -> None:
+    """The last viewer leaves while a frame is being composited: that frame goes nowhere, the shared
+    encoding loop keeps running (it used to end on an exception nobody retrieved), a new viewer is fed."""
+
+    async def body() -> None:
+        source = _HeldSource()
+        video = SharedVideo(source)
+        first = PacketTrack(lambda item: None)
+        video.subscribe(first, H264)
+        task = video._task
+        try:
+            first.stop()  # leaves while the source is composing its next frame
+            assert source.demand == [True, False] and not video.streams
+            source.frames.put_nowait(_frame(1))
+            await asyncio.sleep(0.05)
+            assert task is not None and not task.done(), "the encoding loop ended"
+            second = PacketTrack(lambda item: None)
+            video.subscribe(second, H264)
+            assert video._task is task
+            source.frames.put_nowait(_frame(2))
+            packet = await asyncio.wait_for(second.recv(), 5)
+            assert packet.is_keyframe and packet.pts == _frame(2).pts
+            second.stop()
+        finally:
+            await video.close()
 
     run(body(), timeout=20)

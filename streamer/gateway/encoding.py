@@ -330,6 +330,8 @@ class SharedVideo:
                 frame = await upcoming
                 upcoming = asyncio.ensure_future(self.source.recv())
                 streams = list(self.streams.values())
+                if not streams:
+                    continue  # the last viewer left while this frame was composited; recv waits for the next
                 # Each encoder marks its frame (picture type); a second codec gets a copy of its own.
                 frames = [frame] + [_copy(frame) for _ in streams[1:]]
                 results = await asyncio.gather(
