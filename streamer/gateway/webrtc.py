@@ -432,8 +432,11 @@ class Broadcaster:
         if self._release is not None:
             self._release.cancel()
         for view in self.views.values():
-            await view.video.close()
+            # The source first: a stopped source ends the encoding loop's pending recv by itself, so the
+            # close never rests on that recv honouring a cancellation (Python 3.11's wait_for, which the
+            # recv waits in, can swallow one that races with its wait completing).
             view.video.source.stop()
+            await view.video.close()
 
     async def _close_unless_connected(self, session: ViewerSession) -> None:
         try:
