@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from models.demo_metrics import MIN_INSTANCE_AREA, InstanceCounts, mask_iou, match_instances, track_scores
+from models.demo_metrics import MIN_INSTANCE_AREA, InstanceCounts, match_instances, track_scores
 from models.demo_scenes import DemoScene, Instance, SceneFrame
 from models.loading import Sam3Models
 from models.prompts import Prompt
+from models.results import mask_iou
 from models.streaming_tracker import StreamingTracker, TrackerConfig
 
 # An object is clicked on the first frame where this much of it shows (pixels at 640 x 480, scaled).

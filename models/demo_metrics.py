@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from models.results import mask_iou
+
 BOUNDARY_TOLERANCE = 0.008  # of the image diagonal (DAVIS)
 # Ground-truth instances with fewer visible pixels (a sliver entering the frame, an object almost
 # fully hidden) are not required to be found, and finding them is not a false positive.
@@ -31,14 +33,6 @@ def error_click(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int] | N
             if best is None or distance[y, x] > best[0]:
                 best = (float(distance[y, x]), int(x), int(y), label)
     return None if best is None else best[1:]
-
-
-def mask_iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    """IoU of two boolean masks; 1.0 when both are empty."""
-    union = np.logical_or(pred, truth).sum()
-    if union == 0:
-        return 1.0
-    return float(np.logical_and(pred, truth).sum() / union)
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:

@@ -53,7 +53,7 @@ class FrameResult:
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks of one shape; 1.0 when both are empty."""
     union = np.count_nonzero(a | b)
-    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+    return 1.0 if union == 0 else float(np.count_nonzero(a & b) / union)
 
 
 class MaskAgreement:

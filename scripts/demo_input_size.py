@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.demo_metrics import mask_iou
 from models.demo_scenes import SHAPES, DemoScene, ObjectSpec, Path1D, SceneSpec
+from models.results import mask_iou
 
 
 def ceiling(mask: np.ndarray, image_size: int, patch: int = 14) -> float:

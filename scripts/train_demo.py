@@ -44,10 +44,11 @@ from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import S
 
 from models import hf_internals as hf
 from models.demo_eval import evaluate_clicks
-from models.demo_metrics import InstanceCounts, error_click, mask_iou, match_instances
+from models.demo_metrics import InstanceCounts, error_click, match_instances
 from models.demo_scenes import SHAPES, DemoScene, SceneFrame
 from models.loading import DEMO_CARD, DEMO_FOLDER, Sam3Models
 from models.preprocess import frame_to_pixels
+from models.results import mask_iou
 from models.sessions import add_object_inputs, point_inputs
 from models.tiny import DEMO, demo_video_config, small_tokenizer
 

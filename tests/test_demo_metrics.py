@@ -7,10 +7,10 @@ import numpy as np
 from models.demo_metrics import (
     boundary_f,
     error_click,
-    mask_iou,
     match_instances,
     track_scores,
 )
+from models.results import mask_iou
 from models.tiny import DEMO, small_tokenizer, tiny_tokenizer
 
 
