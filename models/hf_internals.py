@@ -76,6 +76,8 @@ RELIED_ON: tuple[Reliance, ...] = (
     Reliance(_TRACKER_MODULE, "NO_OBJ_SCORE", "mask logit of an object judged absent (batched decoder)"),
     Reliance(_TRACKER_MODULE, "rotate_pairwise", "RoPE's pair rotation, for memory keys rotated once"),
     Reliance(_TRACKER_MODULE, "Sam3TrackerVideoLayerNorm", "its channels-first instances, normalized by formula"),
+    Reliance(_TRACKER_MODULE, "ALL_ATTENTION_FUNCTIONS", "the attention kernels a config can select"),
+    Reliance(_TRACKER_MODULE, "eager_attention_forward", "the kernel when the config selects none"),
     *(Reliance(_TRACKER_SESSION, name, why) for name, why in _SESSION_STATE.items()),
     # The text model sets obj_with_new_inputs itself before it first reads it.
     *(Reliance(_VIDEO_SESSION, name, why) for name, why in _SESSION_STATE.items() if name != "obj_with_new_inputs"),
@@ -118,7 +120,17 @@ MODEL_RELIED_ON: tuple[Reliance, ...] = (
     ),
     *(
         Reliance(_ROPE_ATTENTION, name, "cross-attention restated with memory keys projected once")
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "num_attention_heads", "head_dim", "scaling")
+        for name in (
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "num_attention_heads",
+            "head_dim",
+            "scaling",
+            "is_causal",
+            "config",
+        )
     ),
     *(
         Reliance(_MEMORY_LAYER, name, "a memory-attention layer's forward, restated (models.memory_attention)")
@@ -223,6 +235,16 @@ check_installed()
 NO_OBJECT_SCORE: float = modeling_sam3_tracker_video.NO_OBJ_SCORE
 rotate_pairwise: Callable[[torch.Tensor], torch.Tensor] = modeling_sam3_tracker_video.rotate_pairwise
 _LAYER_NORM_CLASS: type = modeling_sam3_tracker_video.Sam3TrackerVideoLayerNorm
+
+
+def attention_kernel(attention: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """The attention kernel (sdpa, eager, flash...) the module's config selects, picked as transformers' own
+    attention forward picks it, so a restated forward honours ``attn_implementation`` too. Called as
+    ``kernel(attention, q, k, v, attention_mask=None, scaling=..., is_causal=...)`` with ``B x heads x L x d``
+    inputs; returns ``(B x L x heads x d, weights or None)``."""
+    return modeling_sam3_tracker_video.ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention.config._attn_implementation, modeling_sam3_tracker_video.eager_attention_forward
+    )
 
 
 # ------------------------------------------------------------------------------- session state

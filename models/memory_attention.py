@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.hf_internals import ObjectMemory, rotate_pairwise
+from models.hf_internals import ObjectMemory, attention_kernel, rotate_pairwise
 
 Projections = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (keys, values), heads x HW x head_dim
 
@@ -236,6 +236,7 @@ def _cross_attention(
     """
     size = keys.shape[0]
     q = _rotate(_heads(cross.q_proj(query[:, 0]), cross), cos, sin).expand(size, -1, -1, -1)
-    attended = F.scaled_dot_product_attention(q, keys, values, scale=cross.scaling)  # N x heads x HW x head_dim
-    attended = attended.transpose(1, 2).reshape(size, 1, -1, cross.num_attention_heads * cross.head_dim)
+    kernel = attention_kernel(cross)
+    attended, _ = kernel(cross, q, keys, values, attention_mask=None, scaling=cross.scaling, is_causal=cross.is_causal)
+    attended = attended.reshape(size, 1, -1, cross.num_attention_heads * cross.head_dim)  # from N x HW x heads x d
     return cross.o_proj(attended)

@@ -15,9 +15,12 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Sam3VideoModel
+from torch import nn
+from transformers import AttentionInterface, Sam3VideoModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from models import Prompt, StreamingTracker, TrackerConfig
 from models import hf_internals as hf
@@ -148,19 +151,21 @@ def _memory_attention_inputs(tracker, objects: int, pointers: int) -> tuple[torc
     return current, current_pos, memories, flat
 
 
-def _three_layer_tracker():
+def _three_layer_tracker(attn_implementation: str = "sdpa"):
     config = tiny_video_config()
     config.tracker_config.memory_attention_num_layers = 3  # the tiny model has one; SAM 3 has four
+    config.tracker_config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return Sam3VideoModel(config).tracker_model.eval()
 
 
-def test_memory_attention_with_keys_made_once_gives_the_models_forward() -> None:
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_memory_attention_with_keys_made_once_gives_the_models_forward(attn_implementation: str) -> None:
     """The restated memory attention (memory keys and values projected once, their temporal term added
     from a table, the first layer's start shared) gives the model's own forward for each object alone,
-    within float32 rounding, past the first layer too."""
-    tracker = _three_layer_tracker()
+    within float32 rounding, past the first layer too, with either attention kernel."""
+    tracker = _three_layer_tracker(attn_implementation)
     attention = tracker.memory_attention
     objects, pointers = 5, 4
     current, current_pos, memories, flat = _memory_attention_inputs(tracker, objects, pointers)
@@ -176,6 +181,26 @@ def test_memory_attention_with_keys_made_once_gives_the_models_forward() -> None
             )[0, 0]
             torch.testing.assert_close(ours[i], alone, atol=2e-5, rtol=1e-5)
             assert not torch.equal(ours[i], ours[(i + 1) % objects]), "objects with different memories must differ"
+
+
+def test_memory_attention_runs_the_kernel_the_config_selects() -> None:
+    """The restated cross-attention picks its kernel as transformers' forward does: a kernel registered
+    under a new name and selected in the config is what runs, once per layer, for all objects at once."""
+    calls: list[tuple[nn.Module, int]] = []
+
+    def counting(module: nn.Module, query: torch.Tensor, *args, **kwargs):
+        calls.append((module, query.shape[0]))
+        return sdpa_attention_forward(module, query, *args, **kwargs)
+
+    AttentionInterface.register("sam3_stream_counting", counting)
+    tracker = _three_layer_tracker("sam3_stream_counting")
+    attention = tracker.memory_attention
+    current, current_pos, memories, _ = _memory_attention_inputs(tracker, objects=4, pointers=2)
+    with torch.inference_mode():
+        attend(attention, tracker.memory_temporal_positional_encoding, current, current_pos, memories, False)
+    cross_attentions = {layer.cross_attn_image for layer in attention.layers}
+    batches = [batch for module, batch in calls if module in cross_attentions]
+    assert batches == [4, 4, 4], "one cross-attention call per layer, every object in it"
 
 
 def test_kept_memory_keys_are_reused_and_released_with_their_frames() -> None:
