@@ -22,7 +22,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 import aiohttp
 import av
 import numpy as np
+import pytest
 import requests
 import zmq
 import zmq.asyncio
@@ -550,13 +552,101 @@ def hostile_client(endpoint: str, payload: bytes) -> None:
         send_and_linger(conn, payload)
 
 
+# --------------------------------------------------------------------------------------------------
+# Processes: the CLI as child processes, free ports, waiting with a deadline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict[str, str]:
+    """Children import this checkout and run torch on one thread (FACTS.md: ~20x faster on 2 cores)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``python -m streamer.cli ARGS`` run to its end from the repository (``env``: :func:`child_env` unless
+    given); its exit status and output, as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "streamer.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env or child_env(),
+        timeout=timeout,
+    )
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 15.0) -> int:
+    """Ask ``proc`` to stop with ``sig``, kill it if it has not within ``timeout``; its exit status."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+@contextlib.contextmanager
+def launched(args: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """``python -m streamer.cli ARGS`` with output to ``log_path``; stopped (and any child of it killed)
+    when the block ends, whatever happens in it."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamer.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            env=child_env(),
+        )
+    try:
+        yield proc
+    finally:
+        children = children_of(proc.pid)
+        stop_process(proc)
+        for pid in children:  # only if the supervisor failed to: these are our grandchildren by pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """The live child processes of ``pid`` (pid -> command line), from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            state = stat.rsplit(")", 1)[1].split()[0]
+            if ppid == pid and state != "Z":
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_tcp_endpoint() -> str:
+    """A ZeroMQ endpoint on a loopback port nothing listens on now."""
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
 def free_endpoint(kind: str, folder: str) -> str:
     """An endpoint nothing is bound to: a free loopback port (``tcp``), or a socket path in ``folder`` (``ipc``)."""
     if kind == "ipc":
         return f"ipc://{folder}/endpoint"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return free_tcp_endpoint()
 
 
 def free_port_block(count: int, first: int = 20000, last: int = 40000) -> int:
@@ -574,6 +664,35 @@ def free_port_block(count: int, first: int = 20000, last: int = 40000) -> int:
         except OSError:
             continue
     raise RuntimeError(f"no block of {count} free ports found")
+
+
+def wait_for(
+    probe: Callable[[], T | None], timeout: float, what: str, log_path: Path | None = None, poll: float = 0.1
+) -> T:
+    """Call ``probe`` every ``poll`` seconds until it returns something truthy, and return that; fail (with
+    the log's tail) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.exists() else ""
+            pytest.fail(f"timed out waiting for {what}\n--- log ---\n{tail}")
+        time.sleep(poll)
+
+
+def get_json(url: str) -> dict | None:
+    """GET ``url`` as JSON, or ``None`` while nothing answers there."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Files over HTTP, generated videos, the api server
 
 
 def write_video(
@@ -616,10 +735,6 @@ def frame_index_of(frame: np.ndarray) -> int:
     left = float(frame[rows, width // 8 : 3 * width // 8].mean())
     right = float(frame[rows, 5 * width // 8 : 7 * width // 8].mean())
     return round((left - 10) / 20) * 12 + round((right - 10) / 20)
-
-
-# --------------------------------------------------------------------------------------------------
-# Files over HTTP, generated videos, the api server
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import RESULTS_FLOWING, run
+from helpers import RESULTS_FLOWING, free_port, get_json, launched, run, wait_for
 from test_browser import CHROMIUM, GEOMETRY, operator_page, to_page
-from test_cli import free_port, get_json, launched, wait_for
 
 from models.demo_eval import object_at
 from streamer.sources import SyntheticSource

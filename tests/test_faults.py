@@ -6,15 +6,23 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import RESULTS_FLOWING, Viewer, run
-from test_cli import REPO, child_env, children_of, get_json, launched, wait_for
-from test_cli import free_port as free_http_port
+from helpers import (
+    RESULTS_FLOWING,
+    Viewer,
+    child_env,
+    children_of,
+    free_port,
+    get_json,
+    launched,
+    run,
+    run_cli,
+    wait_for,
+)
 from test_pipeline import HEIGHT, WIDTH, Pipeline, object_ids, watch
 
 from streamer.cli import REFUSAL_ENV, USAGE_ERROR, Child, Supervisor
@@ -69,14 +77,7 @@ def test_commands_report_why_they_refuse_to_start(tmp_path: Path) -> None:
         (["track", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     ]:
         refusal.unlink(missing_ok=True)
-        out = subprocess.run(
-            [sys.executable, "-m", "streamer.cli", *args],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env={**child_env(), REFUSAL_ENV: str(refusal)},
-            timeout=120,
-        )
+        out = run_cli(*args, env={**child_env(), REFUSAL_ENV: str(refusal)}, timeout=120)
         assert out.returncode == USAGE_ERROR, out.stderr[-2000:]
         assert reason in refusal.read_text(), (args, refusal.read_text())
 
@@ -87,7 +88,7 @@ def test_run_stops_when_the_tracker_cannot_start(tmp_path: Path) -> None:
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     log_path = tmp_path / "run.log"
-    args = ["run", "--model", str(broken), "--source", "synthetic:160x120@5", "--http-port", str(free_http_port())]
+    args = ["run", "--model", str(broken), "--source", "synthetic:160x120@5", "--http-port", str(free_port())]
     with launched(args, log_path) as proc:
         assert proc.wait(90) == USAGE_ERROR
     text = log_path.read_text()
@@ -100,7 +101,7 @@ def test_each_process_killed_with_prompts_active(tmp_path: Path) -> None:
     has a clicked object and a concept: each comes back, and so do the prompts. Regression: a killed
     tracker came back with every clicked object silently gone."""
     log_path = tmp_path / "run.log"
-    port = free_http_port()
+    port = free_port()
     args = ["run", "--model", "tiny-random", "--device", "cpu", "--source", f"synthetic:{WIDTH}x{HEIGHT}@10"]
     with launched([*args, "--http-port", str(port)], log_path) as proc:
         url = wait_for(

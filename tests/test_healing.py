@@ -20,8 +20,18 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
-from helpers import HOSTILE_KINDS, HostileServer, free_endpoint, hostile_client, hostile_payload
-from test_cli import REPO, child_env, free_port, launched, wait_for
+from helpers import (
+    HOSTILE_KINDS,
+    REPO,
+    HostileServer,
+    child_env,
+    free_endpoint,
+    free_port,
+    hostile_client,
+    hostile_payload,
+    launched,
+    wait_for,
+)
 
 from streamer import protocol, transport
 from streamer.gateway.feed import ResultFeed

@@ -14,9 +14,7 @@ from pathlib import Path
 from subprocess import Popen
 
 import pytest
-from helpers import RESULTS_FLOWING, Viewer, run
-from test_cli import children_of, get_json, launched, wait_for
-from test_cli import free_port as free_http_port
+from helpers import RESULTS_FLOWING, Viewer, children_of, free_port, get_json, launched, run, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -41,7 +39,7 @@ class Pipeline:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     log_path = tmp_path_factory.mktemp("pipeline") / "run.log"
-    port = free_http_port()
+    port = free_port()
     args = [
         "run",
         "--model",

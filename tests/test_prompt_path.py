@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from test_cli import wait_for
+from helpers import wait_for
 from test_tracker_service import HEIGHT, WIDTH, Tracker, running_tracker
 
 from models import Prompt

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from test_cli import launched, wait_for
+from helpers import launched, wait_for
 
 from models import Prompt
 from models.tiny import moving_shapes

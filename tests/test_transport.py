@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket as pysocket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
+from helpers import free_tcp_endpoint
 
 from models import Prompt
 from streamer import protocol, topics, transport
@@ -46,13 +46,6 @@ def context() -> Iterator[zmq.Context]:
 def endpoint(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A bindable endpoint: a free loopback port, or a socket file in a folder that does not exist yet."""
     return "tcp://127.0.0.1:*" if request.param == "tcp" else f"ipc://{tmp_path}/sockets/s"
-
-
-def dead_endpoint() -> str:
-    """A loopback port nothing listens on."""
-    with pysocket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def frame(stream: str, seq: int, w: int = 8, h: int = 6) -> list:
@@ -332,7 +325,7 @@ def test_endpoint_defaults(tmp_path: Path) -> None:
 
 
 def test_prompt_client_times_out_cleanly_on_a_dead_endpoint(context: zmq.Context) -> None:
-    endpoint = dead_endpoint()
+    endpoint = free_tcp_endpoint()
     start = time.monotonic()
     with (
         PromptClient(endpoint, timeout_s=0.1, retries=3, context=context) as client,
@@ -352,7 +345,7 @@ def test_prompt_client_gets_answers_from_a_control_server(context: zmq.Context, 
 
 
 def test_prompt_client_survives_a_tracker_that_starts_late(context: zmq.Context) -> None:
-    endpoint = dead_endpoint()
+    endpoint = free_tcp_endpoint()
     result: dict = {}
     with PromptClient(endpoint, timeout_s=0.3, retries=10, context=context) as client:
         thread = threading.Thread(target=lambda: result.update(answer=client.request(add_prompt())))
@@ -498,7 +491,7 @@ def test_async_prompt_client(context: zmq.Context) -> None:
 
 
 def test_async_prompt_client_times_out_on_a_dead_endpoint() -> None:
-    endpoint = dead_endpoint()
+    endpoint = free_tcp_endpoint()
 
     async def main() -> None:
         client = AsyncPromptClient(endpoint, timeout_s=0.1, retries=2)
@@ -513,7 +506,7 @@ def test_async_prompt_client_times_out_on_a_dead_endpoint() -> None:
 
 def test_clients_refuse_malformed_requests_before_sending(context: zmq.Context) -> None:
     with (
-        PromptClient(dead_endpoint(), timeout_s=0.1, context=context) as client,
+        PromptClient(free_tcp_endpoint(), timeout_s=0.1, context=context) as client,
         pytest.raises(ProtocolError, match="prompt.obj_id: missing"),
     ):
         client.request(PromptRequest("r", "cam0", "remove_object"))
