@@ -10,13 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import FakeTracker, fetch_json, gateway, run
-from test_browser import (
+from helpers import (
     CHROMIUM,
+    FakeTracker,
     chromium_page,
+    fetch_json,
     first_object_tinted,
+    gateway,
     geometry_of,
     page_of,
+    run,
     to_page,
     wait_playing,
     wait_until,

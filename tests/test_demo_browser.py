@@ -17,8 +17,18 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import RESULTS_FLOWING, free_port, get_json, launched, run, wait_for
-from test_browser import CHROMIUM, GEOMETRY, operator_page, to_page
+from helpers import (
+    CHROMIUM,
+    GEOMETRY,
+    RESULTS_FLOWING,
+    free_port,
+    get_json,
+    launched,
+    operator_page,
+    run,
+    to_page,
+    wait_for,
+)
 
 from models.demo_eval import object_at
 from streamer.sources import SyntheticSource
