@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -1051,3 +1051,56 @@ async def page_of(tracker: FakeTracker, profile: Path, **overrides: Any) -> Asyn
         operator_page(pw, url, profile) as page,
     ):
         yield page, url
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline: ``sam3-stream run`` (capture -> tracker -> gateway) as real processes
+
+PIPELINE_WIDTH, PIPELINE_HEIGHT = 160, 120  # the synthetic camera of the pipeline tests
+
+
+@dataclass
+class Pipeline:
+    """A running ``sam3-stream run`` and where its page is."""
+
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def child(self, command: str) -> int:
+        """Pid of the child running ``sam3-stream COMMAND``."""
+        pids = [pid for pid, cmd in children_of(self.proc.pid).items() if f"streamer.cli {command} " in cmd]
+        assert len(pids) == 1, children_of(self.proc.pid)
+        return pids[0]
+
+
+@contextlib.contextmanager
+def running_pipeline(args: list[str], log_path: Path, timeout: float = 60.0) -> Iterator[Pipeline]:
+    """``sam3-stream ARGS`` (a ``run``) :func:`launched`, once it printed its page's URL and its ``/health``
+    says results flow (each waited for up to ``timeout`` s)."""
+    with launched(args, log_path) as proc:
+        url = wait_for(
+            lambda: (m := re.search(r"open (http://\S+/)", log_path.read_text())) and m[1],
+            timeout,
+            "the page URL",
+            log_path,
+        )
+        wait_for(
+            lambda: (h := get_json(f"{url}health")) and h["state"] in RESULTS_FLOWING, timeout, "a live feed", log_path
+        )
+        yield Pipeline(proc, url.rstrip("/"), log_path)
+
+
+async def watch(viewer: Viewer, until: Callable[[Viewer], object], timeout: float, what: str) -> None:
+    """Keep receiving video frames until ``until(viewer)`` holds (fails after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not until(viewer):
+        assert time.monotonic() < deadline, (
+            f"{what}: not seen in {timeout} s (statuses {viewer.statuses}, objects {viewer.objects})"
+        )
+        await viewer.frame()
+
+
+def object_ids(viewer: Viewer) -> set[int]:
+    """The ids of the objects in the viewer's newest metadata."""
+    return {o["obj_id"] for o in (viewer.objects or {}).get("objects", [])}

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    PIPELINE_HEIGHT,
+    PIPELINE_WIDTH,
     RESULTS_FLOWING,
     Viewer,
     child_env,
@@ -19,11 +21,13 @@ from helpers import (
     free_port,
     get_json,
     launched,
+    object_ids,
     run,
     run_cli,
+    running_pipeline,
     wait_for,
+    watch,
 )
-from test_pipeline import HEIGHT, WIDTH, Pipeline, object_ids, watch
 
 from streamer.cli import REFUSAL_ENV, USAGE_ERROR, Child, Supervisor
 
@@ -102,13 +106,10 @@ def test_each_process_killed_with_prompts_active(tmp_path: Path) -> None:
     tracker came back with every clicked object silently gone."""
     log_path = tmp_path / "run.log"
     port = free_port()
-    args = ["run", "--model", "tiny-random", "--device", "cpu", "--source", f"synthetic:{WIDTH}x{HEIGHT}@10"]
-    with launched([*args, "--http-port", str(port)], log_path) as proc:
-        url = wait_for(
-            lambda: (m := re.search(r"open (http://\S+/)", log_path.read_text())) and m[1], 90, "the page URL", log_path
-        )
-        wait_for(lambda: (h := get_json(f"{url}health")) and h["state"] in RESULTS_FLOWING, 90, "a live feed", log_path)
-        pipeline = Pipeline(proc, url.rstrip("/"), log_path)
+    source = f"synthetic:{PIPELINE_WIDTH}x{PIPELINE_HEIGHT}@10"
+    args = ["run", "--model", "tiny-random", "--device", "cpu", "--source", source, "--http-port", str(port)]
+    with running_pipeline(args, log_path, timeout=90) as pipeline:
+        proc = pipeline.proc
 
         async def prompt_then_kill_capture_and_tracker() -> int:
             viewer = Viewer()
@@ -147,7 +148,7 @@ def test_each_process_killed_with_prompts_active(tmp_path: Path) -> None:
         gateway = pipeline.child("serve")
         os.kill(gateway, signal.SIGKILL)
         wait_for(lambda: _running(proc.pid, "serve") not in (None, gateway), 60, "a new gateway", log_path)
-        wait_for(lambda: get_json(f"{url}health"), 60, "the new gateway's page", log_path)
+        wait_for(lambda: get_json(f"{pipeline.url}/health"), 60, "the new gateway's page", log_path)
 
         async def after_the_gateway() -> None:
             viewer = Viewer()
