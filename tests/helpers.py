@@ -15,16 +15,18 @@ import http.server
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,7 +42,9 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
 
+from models.tiny import moving_shapes
 from streamer.compositor import BANNER_BACKGROUND, color_for
+from streamer.config import Endpoints
 from streamer.gateway import GatewayConfig, create_app
 from streamer.gateway.ice import gather_on
 from streamer.protocol import (
@@ -51,12 +55,26 @@ from streamer.protocol import (
     ResultMessage,
     StatusMessage,
     WireObject,
+    decode_answer,
+    decode_event,
+    decode_result,
+    decode_status,
     encode_event,
     encode_frame,
     encode_result,
     encode_status,
+    new_request_id,
+    peek_kind,
 )
-from streamer.transport import ControlServer, bound_endpoint, frames_publisher, results_publisher
+from streamer.transport import (
+    ControlServer,
+    PromptClient,
+    bound_endpoint,
+    control_requester,
+    frames_publisher,
+    results_publisher,
+    results_subscriber,
+)
 
 T = TypeVar("T")
 WIDTH, HEIGHT = 320, 240
@@ -1104,3 +1122,177 @@ async def watch(viewer: Viewer, until: Callable[[Viewer], object], timeout: floa
 def object_ids(viewer: Viewer) -> set[int]:
     """The ids of the objects in the viewer's newest metadata."""
     return {o["obj_id"] for o in (viewer.objects or {}).get("objects", [])}
+
+
+# --------------------------------------------------------------------------------------------------
+# Tracker service: ``sam3-stream track`` as a real process, the test playing camera, robot and operator
+
+TRACKER_WIDTH, TRACKER_HEIGHT = 160, 120  # the frames the tests send a tracker (unless they say)
+
+
+@dataclass
+class Tracker:
+    """A running tracker process and the test's ends of its three sockets."""
+
+    endpoints: Endpoints
+    log_path: Path
+    pub: zmq.Socket
+    sub: zmq.Socket
+    control: PromptClient
+    sent: dict[tuple[str, int], np.ndarray]
+    proc: subprocess.Popen | None = None
+    events: list[EventMessage] = field(default_factory=list)  # every event received so far
+
+    def kill(self) -> None:
+        """SIGKILL the tracker process (a crash); the block then ends without asking it to stop."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def send(self, stream: str, seq: int, pixels: np.ndarray | None = None, t_capture: float | None = None) -> None:
+        """Publish frame ``seq`` of ``stream`` (moving shapes unless ``pixels``), as a camera does."""
+        pixels = moving_shapes(seq, TRACKER_WIDTH, TRACKER_HEIGHT) if pixels is None else pixels
+        header = FrameHeader(
+            stream, seq, time.time() if t_capture is None else t_capture, pixels.shape[1], pixels.shape[0]
+        )
+        self.sent[(stream, seq)] = pixels
+        self.pub.send_multipart(encode_frame(header, pixels), copy=False)
+
+    def request(self, stream: str, op: str, **fields: object) -> PromptAnswer:
+        """Send a control request through the lazy-pirate client; its answer."""
+        return self.control.request(PromptRequest(new_request_id(), stream, op, **fields))  # type: ignore[arg-type]
+
+    def raw(self, body: bytes, timeout: float = 5.0) -> PromptAnswer:
+        """Send ``body`` as it is on a fresh REQ socket and return the answer."""
+        sock = control_requester(self.endpoints.control, context=self.pub.context)
+        try:
+            sock.send(body)
+            assert sock.poll(int(timeout * 1000)), "no answer"
+            return decode_answer([sock.recv()])
+        finally:
+            sock.close(linger=0)
+
+    def status(self, stream: str, timeout: float = 3.0) -> dict:
+        """The stream's fields of the newest heartbeat that lists it (older ones queued meanwhile are skipped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            listing = [s for s in self.receive(0.6)[1] if stream in s.streams]
+            if listing:
+                return listing[-1].streams[stream]
+        pytest.fail(f"no heartbeat lists {stream}")
+
+    def receive(self, timeout: float) -> tuple[list[tuple[ResultMessage, np.ndarray | None]], list[StatusMessage]]:
+        """Everything published within ``timeout`` seconds."""
+        results, statuses = [], []
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self.sub.poll(int(left * 1000)):
+                parts = self.sub.recv_multipart()
+                kind = peek_kind(parts)
+                if kind == "result":
+                    results.append(decode_result(parts))
+                elif kind == "event":
+                    self.events.append(decode_event(parts))
+                else:
+                    statuses.append(decode_status(parts))
+        return results, statuses
+
+    def stream_results(
+        self,
+        streams: dict[str, int],
+        frames: int,
+        fps: float = 15.0,
+    ) -> dict[str, list[tuple[ResultMessage, np.ndarray | None]]]:
+        """Send ``frames`` frames of each stream (seq from ``streams[name]``) and collect their results."""
+        out: dict[str, list] = {name: [] for name in streams}
+        for k in range(frames):
+            for name, first in streams.items():
+                self.send(name, first + k)
+            for message, frame in self.receive(1.0 / fps)[0]:
+                out.setdefault(message.stream, []).append((message, frame))
+        for message, frame in self.receive(1.0)[0]:  # the last frames' results
+            out.setdefault(message.stream, []).append((message, frame))
+        return out
+
+    def until_result(self, stream: str, seq: int, timeout: float = 30.0) -> None:
+        """Send frames of ``stream`` until one comes back (the tracker knows the stream then)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.send(stream, seq)
+            results, _ = self.receive(0.2)
+            if any(m.stream == stream for m, _ in results):
+                return
+        pytest.fail(f"no result for stream {stream} within {timeout} s\n{self.log_path.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def running_tracker(*options: str, log_path: Path) -> Iterator[Tracker]:
+    """``sam3-stream track OPTIONS`` on ipc:// endpoints of a fresh folder, with the test's sockets."""
+    folder = tempfile.mkdtemp(prefix="trk-")  # not tmp_path: ipc:// paths must stay short
+    endpoints = Endpoints.ipc_in(folder)
+    ctx = zmq.Context()
+    pub = frames_publisher(endpoints.frames, context=ctx)  # the camera binds; the tracker connects
+    args = [
+        "track",
+        "--frames-endpoint",
+        endpoints.frames,
+        "--results-endpoint",
+        endpoints.results,
+        "--control-endpoint",
+        endpoints.control,
+        *options,
+    ]
+    try:
+        with launched(args, log_path) as proc:
+            sub = results_subscriber(endpoints.results, frames=True, context=ctx)  # as the gateway subscribes
+            control = PromptClient(endpoints.control, timeout_s=5.0, retries=2, context=ctx)
+            tracker = Tracker(endpoints, log_path, pub, sub, control, {}, proc)
+            try:
+                # The first heartbeat says the model is loaded and the sockets are up.
+                wait_for(lambda: proc.poll() is not None or tracker.receive(0.3)[1], 90, "a heartbeat", log_path)
+                assert proc.poll() is None, log_path.read_text()
+                yield tracker
+                assert proc.poll() is None or proc.returncode == -signal.SIGKILL, (
+                    f"the tracker died:\n{log_path.read_text()[-3000:]}"
+                )
+            finally:
+                control.close()
+                sub.close()
+    finally:
+        pub.close()
+        ctx.term()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def camera(
+    tracker: Tracker, stream: str = "cam0", fps: float = 20.0, size: tuple[int, int] = (TRACKER_WIDTH, TRACKER_HEIGHT)
+) -> Iterator[None]:
+    """Frames of ``stream`` at ``fps`` from a thread (the only user of the frames socket meanwhile)."""
+    stop = threading.Event()
+    frame = np.full((size[1], size[0], 3), 90, np.uint8)
+
+    def send_frames() -> None:
+        seq = 0
+        while not stop.is_set():
+            tracker.send(stream, seq, frame)
+            seq += 1
+            stop.wait(1.0 / fps)
+
+    thread = threading.Thread(target=send_frames, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def settled(tracker: Tracker, stream: str = "cam0", timeout: float = 30.0) -> dict:
+    """The stream's heartbeat once no prompt is waiting to be applied."""
+    return wait_for(
+        lambda: (s := tracker.status(stream)) and s["prompts_queued"] == 0 and s,
+        timeout,
+        "prompts applied",
+        tracker.log_path,
+    )
