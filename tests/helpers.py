@@ -89,9 +89,17 @@ def run(coro: Awaitable[T], timeout: float = 40.0) -> T:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-def disc(cx: float, cy: float, r: float) -> np.ndarray:
-    yy, xx = np.mgrid[:HEIGHT, :WIDTH]
+def disc(cx: float, cy: float, r: float, shape: tuple[int, int] = (HEIGHT, WIDTH)) -> np.ndarray:
+    """A boolean mask of ``shape`` (height, width): the disc of radius ``r`` centred on (``cx``, ``cy``)."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
     return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` of a non-empty mask's pixels, computed the plain way (a reference for the
+    package's own box code)."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 class FakeTracker:
@@ -182,9 +190,7 @@ class FakeTracker:
         objects = []
         for obj_id, (cx, cy, r) in self.objects.items():
             mask = disc(cx, cy, r)
-            ys, xs = np.nonzero(mask)
-            bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-            objects.append(WireObject(obj_id, 0.9, bbox, mask, self.labels.get(obj_id)))
+            objects.append(WireObject(obj_id, 0.9, box_of(mask), mask, self.labels.get(obj_id)))
         now = time.time()
         message = ResultMessage(
             self.stream,
@@ -456,6 +462,12 @@ def shows_object(image: np.ndarray, obj_id: int, x: int, y: int, tolerance: floa
 
 def is_banner(image: np.ndarray) -> bool:
     return bool(np.median(np.abs(image.astype(float) - BANNER_BACKGROUND)) < 12)
+
+
+def encoded_frame(stream: str, seq: int, w: int = 8, h: int = 6) -> list:
+    """A small frame of ``stream`` as a capture publishes it (wire parts), every pixel ``seq % 256``."""
+    pixels = np.full((h, w, 3), seq % 256, np.uint8)
+    return encode_frame(FrameHeader(stream, seq, time.time(), w, h), pixels)
 
 
 # ------------------------------------------------------------------------------------------------

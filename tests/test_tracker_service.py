@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TRACKER_HEIGHT, TRACKER_WIDTH, Tracker, running_tracker, wait_for
+from helpers import TRACKER_HEIGHT, TRACKER_WIDTH, Tracker, box_of, running_tracker, wait_for
 
 from models import Prompt
 from streamer.config import Endpoints
@@ -85,8 +85,7 @@ def test_prompts_are_answered_and_results_carry_their_frame_and_masks(tiny: Trac
     assert clicked in ids and any(o.label == "person" for o in message.objects), ids
     for obj in message.objects:
         assert obj.mask is not None and obj.mask.dtype == bool and obj.mask.shape == (TRACKER_HEIGHT, TRACKER_WIDTH)
-        ys, xs = np.nonzero(obj.mask)
-        assert obj.bbox == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert obj.bbox == box_of(obj.mask)
 
     answer = tiny.request("cam0", "remove_object", obj_id=clicked)
     assert answer.ok and answer.obj_ids == [clicked]
@@ -267,8 +266,7 @@ def test_passthrough_tracker_validates_prompts_and_reports_its_synthetic_object(
     assert [o.obj_id for o in frames[0]] == [0, 1, 2, 3, 4]
     assert not np.array_equal(frames[0][1].mask, frames[1][1].mask), "the made-up objects move"
     for obj in frames[1][1:]:
-        ys, xs = np.nonzero(obj.mask)
-        assert obj.bbox == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), "tight boxes, as a model reports"
+        assert obj.bbox == box_of(obj.mask), "tight boxes, as a model reports"
     assert moving.add_prompt({"points": [[3, 4]], "point_labels": [1]}) == [5], "prompts' ids follow the made-up ones"
     with pytest.raises(ValueError, match="^moving_objects: must be between 0 and 256"):
         PassThroughTracker(moving_objects=-1)
