@@ -974,6 +974,11 @@ class StalledHub:
 # Browser: the operator page in a real headless Chromium (driven by Playwright)
 
 CHROMIUM = Path("/usr/bin/chromium")
+# A browser test module's marks (``pytestmark``); it also calls ``pytest.importorskip("playwright.async_api")``.
+BROWSER_MARKS = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
+]
 # FACTS.md: what headless Chromium needs for WebRTC on a loopback-only box (Playwright adds --headless).
 CHROMIUM_ARGS = [
     "--no-sandbox",

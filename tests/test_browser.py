@@ -15,7 +15,7 @@ import aiohttp
 import numpy as np
 import pytest
 from helpers import (
-    CHROMIUM,
+    BROWSER_MARKS,
     HEIGHT,
     PLAYING,
     WIDTH,
@@ -34,10 +34,7 @@ from helpers import (
 
 from streamer.gateway.access import SESSION_COOKIE
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
-]
+pytestmark = BROWSER_MARKS
 playwright_api = pytest.importorskip("playwright.async_api")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
-    CHROMIUM,
+    BROWSER_MARKS,
     FakeTracker,
     chromium_page,
     fetch_json,
@@ -25,10 +25,7 @@ from helpers import (
     wait_until,
 )
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
-]
+pytestmark = BROWSER_MARKS
 playwright_api = pytest.importorskip("playwright.async_api")
 
 SLOW_FPS = 0.5  # a result every 2 s

@@ -16,16 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import CHROMIUM, GEOMETRY, free_port, operator_page, run, running_pipeline, to_page
+from helpers import BROWSER_MARKS, GEOMETRY, free_port, operator_page, run, running_pipeline, to_page
 
 from models.demo_eval import object_at
 from streamer.sources import SyntheticSource
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
-]
+pytestmark = [*BROWSER_MARKS, pytest.mark.timeout(180)]
 playwright_api = pytest.importorskip("playwright.async_api")
 
 WIDTH, HEIGHT, FPS = 320, 240, 10
