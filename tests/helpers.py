@@ -1,8 +1,15 @@
-"""Shared test helpers: a fake tracker on real ZeroMQ sockets, a real aiortc viewer, gateway fixtures,
-hostile peers speaking raw bytes on a ZeroMQ endpoint, files served over HTTP on loopback, generated
-videos, and the ``sam3-stream api`` server process.
+"""Shared test helpers, one module for every test file (fixtures are in ``conftest.py``). Sections:
 
-Used by the gateway, browser, pipeline, socket-healing, predictor, CLI, sources and api tests.
+- masks and frames: a disc mask, its reference box, a small encoded frame, a coroutine run with a deadline;
+- gateway: a fake tracker on real ZeroMQ sockets, a real aiortc viewer, the gateway app on loopback;
+- hostile peers speaking raw bytes on a ZeroMQ endpoint;
+- processes: ``python -m streamer.cli`` as child processes, free ports, waiting with a deadline;
+- files served over HTTP on loopback, generated videos, the ``sam3-stream api`` server process;
+- browser: the operator page in a real headless Chromium;
+- pipeline: ``sam3-stream run`` as real processes;
+- tracker service: ``sam3-stream track`` as a real process, with the test's ends of its sockets.
+
+Test modules import from here, never from one another.
 """
 
 from __future__ import annotations
@@ -77,11 +84,15 @@ from streamer.transport import (
 )
 
 T = TypeVar("T")
-WIDTH, HEIGHT = 320, 240
+WIDTH, HEIGHT = 320, 240  # the fake tracker's frames
 BACKGROUND = 90
 FIRST_OBJECT = (1, 100, 120, 40)  # obj_id, centre x, centre y, radius
 # Feed states in which results come: a tracker slower than the camera (a loaded test box) is "slow".
 RESULTS_FLOWING = ("live", "slow")
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks and frames, and a coroutine run with a deadline
 
 
 def run(coro: Awaitable[T], timeout: float = 40.0) -> T:
@@ -100,6 +111,16 @@ def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
     package's own box code)."""
     ys, xs = np.nonzero(mask)
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def encoded_frame(stream: str, seq: int, w: int = 8, h: int = 6) -> list:
+    """A small frame of ``stream`` as a capture publishes it (wire parts), every pixel ``seq % 256``."""
+    pixels = np.full((h, w, 3), seq % 256, np.uint8)
+    return encode_frame(FrameHeader(stream, seq, time.time(), w, h), pixels)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gateway: a fake tracker on real sockets, a real aiortc viewer, the gateway app on loopback
 
 
 class FakeTracker:
@@ -464,13 +485,7 @@ def is_banner(image: np.ndarray) -> bool:
     return bool(np.median(np.abs(image.astype(float) - BANNER_BACKGROUND)) < 12)
 
 
-def encoded_frame(stream: str, seq: int, w: int = 8, h: int = 6) -> list:
-    """A small frame of ``stream`` as a capture publishes it (wire parts), every pixel ``seq % 256``."""
-    pixels = np.full((h, w, 3), seq % 256, np.uint8)
-    return encode_frame(FrameHeader(stream, seq, time.time(), w, h), pixels)
-
-
-# ------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Hostile peers: raw bytes on a ZeroMQ endpoint
 
 # A ZMTP 3.0 greeting (signature, version 3.0, mechanism NULL, as-server 0, filler): libzmq takes the peer
