@@ -1,14 +1,17 @@
-"""Shared fixtures: one tiny random SAM 3 saved to disk per test session, the shipped demo model, and
-synthetic frames."""
+"""Shared fixtures: one tiny random SAM 3 saved to disk per test session, the shipped demo model,
+synthetic frames, a ZeroMQ context per test, and the ``sam3-stream api`` server with its inputs.
+
+Plain helpers (no fixtures) live in ``helpers.py``; test modules import from there, never from each other."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zmq
 
 # Tiny models on a 2-core machine run far faster on one thread (FACTS.md).
 torch.set_num_threads(1)
@@ -41,6 +44,15 @@ def frames() -> Callable[[int], np.ndarray]:
     from models.tiny import moving_shapes
 
     return moving_shapes
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context]:
+    """A ZeroMQ context for one test, terminated at teardown: a test that leaves a socket open hangs there
+    (and times out) instead of passing."""
+    ctx = zmq.Context()
+    yield ctx
+    ctx.term()  # every socket of the test (monitors included) must be closed by now
 
 
 CLIP_FRAMES = 24

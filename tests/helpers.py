@@ -1,8 +1,15 @@
-"""Shared test helpers: a fake tracker on real ZeroMQ sockets, a real aiortc viewer, gateway fixtures,
-hostile peers speaking raw bytes on a ZeroMQ endpoint, files served over HTTP on loopback, generated
-videos, and the ``sam3-stream api`` server process.
+"""Shared test helpers, one module for every test file (fixtures are in ``conftest.py``). Sections:
 
-Used by the gateway, browser, pipeline, socket-healing, predictor, CLI, sources and api tests.
+- masks and frames: a disc mask, its reference box, a small encoded frame, a coroutine run with a deadline;
+- gateway: a fake tracker on real ZeroMQ sockets, a real aiortc viewer, the gateway app on loopback;
+- hostile peers speaking raw bytes on a ZeroMQ endpoint;
+- processes: ``python -m streamer.cli`` as child processes, free ports, waiting with a deadline;
+- files served over HTTP on loopback, generated videos, the ``sam3-stream api`` server process;
+- browser: the operator page in a real headless Chromium;
+- pipeline: ``sam3-stream run`` as real processes;
+- tracker service: ``sam3-stream track`` as a real process, with the test's ends of its sockets.
+
+Test modules import from here, never from one another.
 """
 
 from __future__ import annotations
@@ -15,21 +22,26 @@ import http.server
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
-from dataclasses import replace
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 import av
+import cv2
 import numpy as np
+import pytest
 import requests
 import zmq
 import zmq.asyncio
@@ -37,7 +49,9 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
 
+from models.tiny import moving_shapes
 from streamer.compositor import BANNER_BACKGROUND, color_for
+from streamer.config import Endpoints
 from streamer.gateway import GatewayConfig, create_app
 from streamer.gateway.ice import gather_on
 from streamer.protocol import (
@@ -48,19 +62,37 @@ from streamer.protocol import (
     ResultMessage,
     StatusMessage,
     WireObject,
+    decode_answer,
+    decode_event,
+    decode_result,
+    decode_status,
     encode_event,
     encode_frame,
     encode_result,
     encode_status,
+    new_request_id,
+    peek_kind,
 )
-from streamer.transport import ControlServer, bound_endpoint, frames_publisher, results_publisher
+from streamer.transport import (
+    ControlServer,
+    PromptClient,
+    bound_endpoint,
+    control_requester,
+    frames_publisher,
+    results_publisher,
+    results_subscriber,
+)
 
 T = TypeVar("T")
-WIDTH, HEIGHT = 320, 240
+WIDTH, HEIGHT = 320, 240  # the fake tracker's frames
 BACKGROUND = 90
 FIRST_OBJECT = (1, 100, 120, 40)  # obj_id, centre x, centre y, radius
 # Feed states in which results come: a tracker slower than the camera (a loaded test box) is "slow".
 RESULTS_FLOWING = ("live", "slow")
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks and frames, and a coroutine run with a deadline
 
 
 def run(coro: Awaitable[T], timeout: float = 40.0) -> T:
@@ -68,9 +100,27 @@ def run(coro: Awaitable[T], timeout: float = 40.0) -> T:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-def disc(cx: float, cy: float, r: float) -> np.ndarray:
-    yy, xx = np.mgrid[:HEIGHT, :WIDTH]
+def disc(cx: float, cy: float, r: float, shape: tuple[int, int] = (HEIGHT, WIDTH)) -> np.ndarray:
+    """A boolean mask of ``shape`` (height, width): the disc of radius ``r`` centred on (``cx``, ``cy``)."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
     return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` of a non-empty mask's pixels, computed the plain way (a reference for the
+    package's own box code)."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def encoded_frame(stream: str, seq: int, w: int = 8, h: int = 6) -> list:
+    """A small frame of ``stream`` as a capture publishes it (wire parts), every pixel ``seq % 256``."""
+    pixels = np.full((h, w, 3), seq % 256, np.uint8)
+    return encode_frame(FrameHeader(stream, seq, time.time(), w, h), pixels)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gateway: a fake tracker on real sockets, a real aiortc viewer, the gateway app on loopback
 
 
 class FakeTracker:
@@ -161,9 +211,7 @@ class FakeTracker:
         objects = []
         for obj_id, (cx, cy, r) in self.objects.items():
             mask = disc(cx, cy, r)
-            ys, xs = np.nonzero(mask)
-            bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-            objects.append(WireObject(obj_id, 0.9, bbox, mask, self.labels.get(obj_id)))
+            objects.append(WireObject(obj_id, 0.9, box_of(mask), mask, self.labels.get(obj_id)))
         now = time.time()
         message = ResultMessage(
             self.stream,
@@ -437,7 +485,7 @@ def is_banner(image: np.ndarray) -> bool:
     return bool(np.median(np.abs(image.astype(float) - BANNER_BACKGROUND)) < 12)
 
 
-# ------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Hostile peers: raw bytes on a ZeroMQ endpoint
 
 # A ZMTP 3.0 greeting (signature, version 3.0, mechanism NULL, as-server 0, filler): libzmq takes the peer
@@ -550,13 +598,101 @@ def hostile_client(endpoint: str, payload: bytes) -> None:
         send_and_linger(conn, payload)
 
 
+# --------------------------------------------------------------------------------------------------
+# Processes: the CLI as child processes, free ports, waiting with a deadline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict[str, str]:
+    """Children import this checkout and run torch on one thread (FACTS.md: ~20x faster on 2 cores)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``python -m streamer.cli ARGS`` run to its end from the repository (``env``: :func:`child_env` unless
+    given); its exit status and output, as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "streamer.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env or child_env(),
+        timeout=timeout,
+    )
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 15.0) -> int:
+    """Ask ``proc`` to stop with ``sig``, kill it if it has not within ``timeout``; its exit status."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+@contextlib.contextmanager
+def launched(args: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """``python -m streamer.cli ARGS`` with output to ``log_path``; stopped (and any child of it killed)
+    when the block ends, whatever happens in it."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamer.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            env=child_env(),
+        )
+    try:
+        yield proc
+    finally:
+        children = children_of(proc.pid)
+        stop_process(proc)
+        for pid in children:  # only if the supervisor failed to: these are our grandchildren by pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """The live child processes of ``pid`` (pid -> command line), from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            state = stat.rsplit(")", 1)[1].split()[0]
+            if ppid == pid and state != "Z":
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_tcp_endpoint() -> str:
+    """A ZeroMQ endpoint on a loopback port nothing listens on now."""
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
 def free_endpoint(kind: str, folder: str) -> str:
     """An endpoint nothing is bound to: a free loopback port (``tcp``), or a socket path in ``folder`` (``ipc``)."""
     if kind == "ipc":
         return f"ipc://{folder}/endpoint"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return free_tcp_endpoint()
 
 
 def free_port_block(count: int, first: int = 20000, last: int = 40000) -> int:
@@ -574,6 +710,35 @@ def free_port_block(count: int, first: int = 20000, last: int = 40000) -> int:
         except OSError:
             continue
     raise RuntimeError(f"no block of {count} free ports found")
+
+
+def wait_for(
+    probe: Callable[[], T | None], timeout: float, what: str, log_path: Path | None = None, poll: float = 0.1
+) -> T:
+    """Call ``probe`` every ``poll`` seconds until it returns something truthy, and return that; fail (with
+    the log's tail) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.exists() else ""
+            pytest.fail(f"timed out waiting for {what}\n--- log ---\n{tail}")
+        time.sleep(poll)
+
+
+def get_json(url: str) -> dict | None:
+    """GET ``url`` as JSON, or ``None`` while nothing answers there."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Files over HTTP, generated videos, the api server
 
 
 def write_video(
@@ -616,10 +781,6 @@ def frame_index_of(frame: np.ndarray) -> int:
     left = float(frame[rows, width // 8 : 3 * width // 8].mean())
     right = float(frame[rows, 5 * width // 8 : 7 * width // 8].mean())
     return round((left - 10) / 20) * 12 + round((right - 10) / 20)
-
-
-# --------------------------------------------------------------------------------------------------
-# Files over HTTP, generated videos, the api server
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -822,3 +983,348 @@ class StalledHub:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Browser: the operator page in a real headless Chromium (driven by Playwright)
+
+CHROMIUM = Path("/usr/bin/chromium")
+# A browser test module's marks (``pytestmark``); it also calls ``pytest.importorskip("playwright.async_api")``.
+BROWSER_MARKS = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
+]
+# FACTS.md: what headless Chromium needs for WebRTC on a loopback-only box (Playwright adds --headless).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+]
+
+PLAYING = """() => {
+  const v = document.getElementById("video");
+  return v.readyState >= 2 && v.videoWidth > 0 && !v.paused && v.currentTime > 0;
+}"""
+# The video element's box and the picture's size: enough to redo object-fit: contain's letterboxing.
+GEOMETRY = """() => {
+  const v = document.getElementById("video");
+  const r = v.getBoundingClientRect();
+  return {left: r.left, top: r.top, width: r.width, height: r.height, vw: v.videoWidth, vh: v.videoHeight};
+}"""
+
+
+def to_page(geometry: dict[str, Any], x: float, y: float) -> tuple[float, float]:
+    """Frame pixel (x, y) -> page coordinates of its centre, inside the letterboxed video."""
+    scale = min(geometry["width"] / geometry["vw"], geometry["height"] / geometry["vh"])
+    left = geometry["left"] + (geometry["width"] - geometry["vw"] * scale) / 2
+    top = geometry["top"] + (geometry["height"] - geometry["vh"] * scale) / 2
+    return left + (x + 0.5) * scale, top + (y + 0.5) * scale
+
+
+async def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    """Wait (without blocking the event loop) until ``predicate()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def chromium_page(pw: Any, profile: Path) -> AsyncIterator[Any]:
+    """A page in a fresh headless Chromium; page errors fail the test."""
+    # A wide viewport: the 4:3 video is letterboxed left and right, so the click mapping matters.
+    browser = await pw.chromium.launch_persistent_context(
+        str(profile),
+        executable_path=str(CHROMIUM),
+        headless=True,
+        args=CHROMIUM_ARGS,
+        viewport={"width": 1280, "height": 560},
+    )
+    try:
+        page = browser.pages[0] if browser.pages else await browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        yield page
+        assert not errors, errors
+    finally:
+        await browser.close()
+
+
+async def wait_playing(page: Any) -> None:
+    """Wait until the page's video plays and its feed state says results come."""
+    await page.wait_for_function(PLAYING, timeout=15000)
+    await page.wait_for_selector("#state.live, #state.slow", timeout=5000)  # results come
+
+
+@contextlib.asynccontextmanager
+async def operator_page(pw: Any, url: str, profile: Path) -> AsyncIterator[Any]:
+    """The operator page in a fresh headless Chromium, once its video plays."""
+    async with chromium_page(pw, profile) as page:
+        await page.goto(url)
+        await wait_playing(page)
+        yield page
+
+
+async def geometry_of(page: Any) -> dict[str, Any]:
+    """The page's :data:`GEOMETRY`, checked: the fake tracker's frame size, letterboxed left and right."""
+    geometry = await page.evaluate(GEOMETRY)
+    assert (geometry["vw"], geometry["vh"]) == (WIDTH, HEIGHT)
+    assert geometry["width"] / geometry["height"] > WIDTH / HEIGHT + 0.1, "expected letterboxing"
+    return geometry
+
+
+async def first_object_tinted(page: Any, geometry: dict[str, Any]) -> np.ndarray:
+    """Assert the page shows the fake tracker's first object tinted where it is; returns the screenshot (BGR)."""
+    obj_id, cx, cy, _ = FIRST_OBJECT
+    shot = cv2.imdecode(np.frombuffer(await page.screenshot(), np.uint8), cv2.IMREAD_COLOR)
+    px, py = (round(v) for v in to_page(geometry, cx, cy))
+    pixel = shot[py, px, ::-1].astype(float)  # BGR -> RGB
+    assert np.abs(pixel[:2] - expected_tint(obj_id)[:2]).max() < 40, pixel
+    return shot
+
+
+@contextlib.asynccontextmanager
+async def page_of(tracker: FakeTracker, profile: Path, **overrides: Any) -> AsyncIterator[tuple[Any, str]]:
+    """The operator page (once its video plays) of a gateway in front of ``tracker``, and the gateway's URL."""
+    from playwright.async_api import async_playwright  # only the browser tests need Playwright
+
+    async with (
+        gateway(tracker, **overrides) as url,
+        async_playwright() as pw,
+        operator_page(pw, url, profile) as page,
+    ):
+        yield page, url
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline: ``sam3-stream run`` (capture -> tracker -> gateway) as real processes
+
+PIPELINE_WIDTH, PIPELINE_HEIGHT = 160, 120  # the synthetic camera of the pipeline tests
+
+
+@dataclass
+class Pipeline:
+    """A running ``sam3-stream run`` and where its page is."""
+
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def child(self, command: str) -> int:
+        """Pid of the child running ``sam3-stream COMMAND``."""
+        pids = [pid for pid, cmd in children_of(self.proc.pid).items() if f"streamer.cli {command} " in cmd]
+        assert len(pids) == 1, children_of(self.proc.pid)
+        return pids[0]
+
+
+@contextlib.contextmanager
+def running_pipeline(args: list[str], log_path: Path, timeout: float = 60.0) -> Iterator[Pipeline]:
+    """``sam3-stream ARGS`` (a ``run``) :func:`launched`, once it printed its page's URL and its ``/health``
+    says results flow (each waited for up to ``timeout`` s)."""
+    with launched(args, log_path) as proc:
+        url = wait_for(
+            lambda: (m := re.search(r"open (http://\S+/)", log_path.read_text())) and m[1],
+            timeout,
+            "the page URL",
+            log_path,
+        )
+        wait_for(
+            lambda: (h := get_json(f"{url}health")) and h["state"] in RESULTS_FLOWING, timeout, "a live feed", log_path
+        )
+        yield Pipeline(proc, url.rstrip("/"), log_path)
+
+
+async def watch(viewer: Viewer, until: Callable[[Viewer], object], timeout: float, what: str) -> None:
+    """Keep receiving video frames until ``until(viewer)`` holds (fails after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not until(viewer):
+        assert time.monotonic() < deadline, (
+            f"{what}: not seen in {timeout} s (statuses {viewer.statuses}, objects {viewer.objects})"
+        )
+        await viewer.frame()
+
+
+def object_ids(viewer: Viewer) -> set[int]:
+    """The ids of the objects in the viewer's newest metadata."""
+    return {o["obj_id"] for o in (viewer.objects or {}).get("objects", [])}
+
+
+# --------------------------------------------------------------------------------------------------
+# Tracker service: ``sam3-stream track`` as a real process, the test playing camera, robot and operator
+
+TRACKER_WIDTH, TRACKER_HEIGHT = 160, 120  # the frames the tests send a tracker (unless they say)
+
+
+@dataclass
+class Tracker:
+    """A running tracker process and the test's ends of its three sockets."""
+
+    endpoints: Endpoints
+    log_path: Path
+    pub: zmq.Socket
+    sub: zmq.Socket
+    control: PromptClient
+    sent: dict[tuple[str, int], np.ndarray]
+    proc: subprocess.Popen | None = None
+    events: list[EventMessage] = field(default_factory=list)  # every event received so far
+
+    def kill(self) -> None:
+        """SIGKILL the tracker process (a crash); the block then ends without asking it to stop."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def send(self, stream: str, seq: int, pixels: np.ndarray | None = None, t_capture: float | None = None) -> None:
+        """Publish frame ``seq`` of ``stream`` (moving shapes unless ``pixels``), as a camera does."""
+        pixels = moving_shapes(seq, TRACKER_WIDTH, TRACKER_HEIGHT) if pixels is None else pixels
+        header = FrameHeader(
+            stream, seq, time.time() if t_capture is None else t_capture, pixels.shape[1], pixels.shape[0]
+        )
+        self.sent[(stream, seq)] = pixels
+        self.pub.send_multipart(encode_frame(header, pixels), copy=False)
+
+    def request(self, stream: str, op: str, **fields: object) -> PromptAnswer:
+        """Send a control request through the lazy-pirate client; its answer."""
+        return self.control.request(PromptRequest(new_request_id(), stream, op, **fields))  # type: ignore[arg-type]
+
+    def raw(self, body: bytes, timeout: float = 5.0) -> PromptAnswer:
+        """Send ``body`` as it is on a fresh REQ socket and return the answer."""
+        sock = control_requester(self.endpoints.control, context=self.pub.context)
+        try:
+            sock.send(body)
+            assert sock.poll(int(timeout * 1000)), "no answer"
+            return decode_answer([sock.recv()])
+        finally:
+            sock.close(linger=0)
+
+    def status(self, stream: str, timeout: float = 3.0) -> dict:
+        """The stream's fields of the newest heartbeat that lists it (older ones queued meanwhile are skipped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            listing = [s for s in self.receive(0.6)[1] if stream in s.streams]
+            if listing:
+                return listing[-1].streams[stream]
+        pytest.fail(f"no heartbeat lists {stream}")
+
+    def receive(self, timeout: float) -> tuple[list[tuple[ResultMessage, np.ndarray | None]], list[StatusMessage]]:
+        """Everything published within ``timeout`` seconds."""
+        results, statuses = [], []
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self.sub.poll(int(left * 1000)):
+                parts = self.sub.recv_multipart()
+                kind = peek_kind(parts)
+                if kind == "result":
+                    results.append(decode_result(parts))
+                elif kind == "event":
+                    self.events.append(decode_event(parts))
+                else:
+                    statuses.append(decode_status(parts))
+        return results, statuses
+
+    def stream_results(
+        self,
+        streams: dict[str, int],
+        frames: int,
+        fps: float = 15.0,
+    ) -> dict[str, list[tuple[ResultMessage, np.ndarray | None]]]:
+        """Send ``frames`` frames of each stream (seq from ``streams[name]``) and collect their results."""
+        out: dict[str, list] = {name: [] for name in streams}
+        for k in range(frames):
+            for name, first in streams.items():
+                self.send(name, first + k)
+            for message, frame in self.receive(1.0 / fps)[0]:
+                out.setdefault(message.stream, []).append((message, frame))
+        for message, frame in self.receive(1.0)[0]:  # the last frames' results
+            out.setdefault(message.stream, []).append((message, frame))
+        return out
+
+    def until_result(self, stream: str, seq: int, timeout: float = 30.0) -> None:
+        """Send frames of ``stream`` until one comes back (the tracker knows the stream then)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.send(stream, seq)
+            results, _ = self.receive(0.2)
+            if any(m.stream == stream for m, _ in results):
+                return
+        pytest.fail(f"no result for stream {stream} within {timeout} s\n{self.log_path.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def running_tracker(*options: str, log_path: Path) -> Iterator[Tracker]:
+    """``sam3-stream track OPTIONS`` on ipc:// endpoints of a fresh folder, with the test's sockets."""
+    folder = tempfile.mkdtemp(prefix="trk-")  # not tmp_path: ipc:// paths must stay short
+    endpoints = Endpoints.ipc_in(folder)
+    ctx = zmq.Context()
+    pub = frames_publisher(endpoints.frames, context=ctx)  # the camera binds; the tracker connects
+    args = [
+        "track",
+        "--frames-endpoint",
+        endpoints.frames,
+        "--results-endpoint",
+        endpoints.results,
+        "--control-endpoint",
+        endpoints.control,
+        *options,
+    ]
+    try:
+        with launched(args, log_path) as proc:
+            sub = results_subscriber(endpoints.results, frames=True, context=ctx)  # as the gateway subscribes
+            control = PromptClient(endpoints.control, timeout_s=5.0, retries=2, context=ctx)
+            tracker = Tracker(endpoints, log_path, pub, sub, control, {}, proc)
+            try:
+                # The first heartbeat says the model is loaded and the sockets are up.
+                wait_for(lambda: proc.poll() is not None or tracker.receive(0.3)[1], 90, "a heartbeat", log_path)
+                assert proc.poll() is None, log_path.read_text()
+                yield tracker
+                assert proc.poll() is None or proc.returncode == -signal.SIGKILL, (
+                    f"the tracker died:\n{log_path.read_text()[-3000:]}"
+                )
+            finally:
+                control.close()
+                sub.close()
+    finally:
+        pub.close()
+        ctx.term()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def camera(
+    tracker: Tracker, stream: str = "cam0", fps: float = 20.0, size: tuple[int, int] = (TRACKER_WIDTH, TRACKER_HEIGHT)
+) -> Iterator[None]:
+    """Frames of ``stream`` at ``fps`` from a thread (the only user of the frames socket meanwhile)."""
+    stop = threading.Event()
+    frame = np.full((size[1], size[0], 3), 90, np.uint8)
+
+    def send_frames() -> None:
+        seq = 0
+        while not stop.is_set():
+            tracker.send(stream, seq, frame)
+            seq += 1
+            stop.wait(1.0 / fps)
+
+    thread = threading.Thread(target=send_frames, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def settled(tracker: Tracker, stream: str = "cam0", timeout: float = 30.0) -> dict:
+    """The stream's heartbeat once no prompt is waiting to be applied."""
+    return wait_for(
+        lambda: (s := tracker.status(stream)) and s["prompts_queued"] == 0 and s,
+        timeout,
+        "prompts applied",
+        tracker.log_path,
+    )

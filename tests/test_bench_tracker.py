@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_tracker.py"
+from helpers import REPO
+
+SCRIPT = REPO / "scripts" / "bench_tracker.py"
 
 
 def test_bench_tracker_reports_a_curve_of_batched_unbatched_and_baseline(capsys) -> None:

@@ -9,127 +9,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import cv2
 import numpy as np
 import pytest
-from helpers import FIRST_OBJECT, HEIGHT, WIDTH, FakeTracker, expected_tint, gateway, run
+from helpers import (
+    BROWSER_MARKS,
+    HEIGHT,
+    PLAYING,
+    WIDTH,
+    FakeTracker,
+    chromium_page,
+    first_object_tinted,
+    gateway,
+    geometry_of,
+    operator_page,
+    page_of,
+    run,
+    to_page,
+    wait_playing,
+    wait_until,
+)
 
 from streamer.gateway.access import SESSION_COOKIE
 
-CHROMIUM = Path("/usr/bin/chromium")
-# FACTS.md: what headless Chromium needs for WebRTC on a loopback-only box (Playwright adds --headless).
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required",
-    "--allow-loopback-in-peer-connection",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
-]
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
-]
+pytestmark = BROWSER_MARKS
 playwright_api = pytest.importorskip("playwright.async_api")
-
-PLAYING = """() => {
-  const v = document.getElementById("video");
-  return v.readyState >= 2 && v.videoWidth > 0 && !v.paused && v.currentTime > 0;
-}"""
-# The video element's box and the picture's size: enough to redo object-fit: contain's letterboxing.
-GEOMETRY = """() => {
-  const v = document.getElementById("video");
-  const r = v.getBoundingClientRect();
-  return {left: r.left, top: r.top, width: r.width, height: r.height, vw: v.videoWidth, vh: v.videoHeight};
-}"""
-
-
-def to_page(geometry: dict[str, Any], x: float, y: float) -> tuple[float, float]:
-    """Frame pixel (x, y) -> page coordinates of its centre, inside the letterboxed video."""
-    scale = min(geometry["width"] / geometry["vw"], geometry["height"] / geometry["vh"])
-    left = geometry["left"] + (geometry["width"] - geometry["vw"] * scale) / 2
-    top = geometry["top"] + (geometry["height"] - geometry["vh"] * scale) / 2
-    return left + (x + 0.5) * scale, top + (y + 0.5) * scale
-
-
-async def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def chromium_page(pw: Any, profile: Path) -> AsyncIterator[Any]:
-    """A page in a fresh headless Chromium; page errors fail the test."""
-    # A wide viewport: the 4:3 video is letterboxed left and right, so the click mapping matters.
-    browser = await pw.chromium.launch_persistent_context(
-        str(profile),
-        executable_path=str(CHROMIUM),
-        headless=True,
-        args=CHROMIUM_ARGS,
-        viewport={"width": 1280, "height": 560},
-    )
-    try:
-        page = browser.pages[0] if browser.pages else await browser.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        yield page
-        assert not errors, errors
-    finally:
-        await browser.close()
-
-
-async def wait_playing(page: Any) -> None:
-    await page.wait_for_function(PLAYING, timeout=15000)
-    await page.wait_for_selector("#state.live, #state.slow", timeout=5000)  # results come
-
-
-@contextlib.asynccontextmanager
-async def operator_page(pw: Any, url: str, profile: Path) -> AsyncIterator[Any]:
-    """The operator page in a fresh headless Chromium, once its video plays."""
-    async with chromium_page(pw, profile) as page:
-        await page.goto(url)
-        await wait_playing(page)
-        yield page
-
-
-async def geometry_of(page: Any) -> dict[str, Any]:
-    geometry = await page.evaluate(GEOMETRY)
-    assert (geometry["vw"], geometry["vh"]) == (WIDTH, HEIGHT)
-    assert geometry["width"] / geometry["height"] > WIDTH / HEIGHT + 0.1, "expected letterboxing"
-    return geometry
-
-
-async def first_object_tinted(page: Any, geometry: dict[str, Any]) -> np.ndarray:
-    """Assert the page shows the fake tracker's first object tinted where it is; returns the screenshot (BGR)."""
-    obj_id, cx, cy, _ = FIRST_OBJECT
-    shot = cv2.imdecode(np.frombuffer(await page.screenshot(), np.uint8), cv2.IMREAD_COLOR)
-    px, py = (round(v) for v in to_page(geometry, cx, cy))
-    pixel = shot[py, px, ::-1].astype(float)  # BGR -> RGB
-    assert np.abs(pixel[:2] - expected_tint(obj_id)[:2]).max() < 40, pixel
-    return shot
-
-
-@contextlib.asynccontextmanager
-async def page_of(tracker: FakeTracker, profile: Path, **overrides: Any) -> AsyncIterator[tuple[Any, str]]:
-    """The operator page (once its video plays) of a gateway in front of ``tracker``, and the gateway's URL."""
-    async with (
-        gateway(tracker, **overrides) as url,
-        playwright_api.async_playwright() as pw,
-        operator_page(pw, url, profile) as page,
-    ):
-        yield page, url
 
 
 def test_page_plays_video_and_click_adds_mapped_point(tmp_path: Path) -> None:

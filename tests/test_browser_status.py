@@ -10,22 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import FakeTracker, fetch_json, gateway, run
-from test_browser import (
-    CHROMIUM,
+from helpers import (
+    BROWSER_MARKS,
+    FakeTracker,
     chromium_page,
+    fetch_json,
     first_object_tinted,
+    gateway,
     geometry_of,
     page_of,
+    run,
     to_page,
     wait_playing,
     wait_until,
 )
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
-]
+pytestmark = BROWSER_MARKS
 playwright_api = pytest.importorskip("playwright.async_api")
 
 SLOW_FPS = 0.5  # a result every 2 s

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,13 +18,12 @@ import cv2
 import numpy as np
 import pytest
 import zmq
+from helpers import REPO, free_tcp_endpoint
 
 from streamer.capture import Backoff, Pacer, build_arg_parser, run_capture, run_from_args
 from streamer.exit_notes import FINISHED_ENV
 from streamer.protocol import FrameHeader, SourceStatus, decode_frame, decode_source, peek_frames_kind
 from streamer.sources import SyntheticSource
-
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,12 +33,6 @@ class Received:
     header: FrameHeader
     pixels: np.ndarray
     t_received: float
-
-
-def free_tcp_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture

@@ -1,131 +1,33 @@
-"""``sam3-stream``: help texts, and ``run`` starting and stopping the three real processes.
-
-The process helpers here (``launched``, ``children_of``, ``free_port``, ``wait_for``) are shared with
-``test_tracker_service.py`` and ``test_pipeline.py``.
-"""
+"""``sam3-stream``: help texts, and ``run`` starting and stopping the three real processes."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import json
-import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
-from helpers import RESULTS_FLOWING
-
-REPO = Path(__file__).resolve().parents[1]
-T = TypeVar("T")
+from helpers import (
+    RESULTS_FLOWING,
+    child_env,
+    children_of,
+    free_port,
+    get_json,
+    launched,
+    run_cli,
+    stop_process,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def child_env() -> dict[str, str]:
-    """Children import this checkout and run torch on one thread (FACTS.md: ~20x faster on 2 cores)."""
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 15.0) -> int:
-    """Ask ``proc`` to stop with ``sig``, kill it if it has not within ``timeout``; its exit status."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
-
-
-@contextlib.contextmanager
-def launched(args: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """``python -m streamer.cli ARGS`` with output to ``log_path``; stopped (and any child of it killed)
-    when the block ends, whatever happens in it."""
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamer.cli", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO,
-            env=child_env(),
-        )
-    try:
-        yield proc
-    finally:
-        children = children_of(proc.pid)
-        stop_process(proc)
-        for pid in children:  # only if the supervisor failed to: these are our grandchildren by pid
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def children_of(pid: int) -> dict[int, str]:
-    """The live child processes of ``pid`` (pid -> command line), from /proc."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            state = stat.rsplit(")", 1)[1].split()[0]
-            if ppid == pid and state != "Z":
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(probe: Callable[[], T | None], timeout: float, what: str, log_path: Path | None = None) -> T:
-    """Call ``probe`` until it returns something truthy; fail (with the log's tail) after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.exists() else ""
-            pytest.fail(f"timed out waiting for {what}\n--- log ---\n{tail}")
-        time.sleep(0.1)
-
-
-def get_json(url: str) -> dict | None:
-    """GET ``url`` as JSON, or ``None`` while nothing answers there."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return json.loads(response.read())
-    except OSError:
-        return None
-
-
 def run_help(*args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "streamer.cli", *args, "--help"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=child_env(),
-        timeout=60,
-    )
+    out = run_cli(*args, "--help")
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -216,14 +118,7 @@ def test_cluster_refuses_bad_options_before_starting_ray(
 
 
 def test_bad_arguments_exit_with_usage_error() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "streamer.cli", "run", "--model", "tiny-random"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=child_env(),
-        timeout=60,
-    )
+    out = run_cli("run", "--model", "tiny-random")
     assert out.returncode == 2 and "--source" in out.stderr
 
 
@@ -272,41 +167,12 @@ def test_run_refuses_a_busy_http_port() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "streamer.cli",
-                "run",
-                "--model",
-                "passthrough",
-                "--source",
-                "synthetic",
-                "--http-port",
-                str(port),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env=child_env(),
-            timeout=60,
-        )
+        out = run_cli("run", "--model", "passthrough", "--source", "synthetic", "--http-port", str(port))
     assert out.returncode == 2 and "already in use" in out.stderr
 
 
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "streamer.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=child_env(),
-        timeout=timeout,
-    )
-
-
 def test_export_encoder_writes_onnx_and_prints_its_path(tmp_path: Path) -> None:
-    out = run_cli("export-encoder", "--model", "tiny-random", "--out", str(tmp_path / "exported"))
+    out = run_cli("export-encoder", "--model", "tiny-random", "--out", str(tmp_path / "exported"), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     (printed,) = out.stdout.splitlines()
     assert Path(printed) == tmp_path / "exported" / "encoder.onnx" and Path(printed).stat().st_size > 0
@@ -315,13 +181,15 @@ def test_export_encoder_writes_onnx_and_prints_its_path(tmp_path: Path) -> None:
 def test_build_engine_without_tensorrt_fails_saying_why() -> None:
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here: the GPU tests build engines")
-    out = run_cli("build-engine", "--model", "tiny-random", "--device", "cpu")
+    out = run_cli("build-engine", "--model", "tiny-random", "--device", "cpu", timeout=120)
     assert out.returncode == 1 and out.stdout == ""
     assert "build-engine: TensorRT is not installed" in out.stderr and "sam3-stream[trt]" in out.stderr
 
 
 def test_track_refuses_a_precision_its_encoder_does_not_take() -> None:
-    out = run_cli("track", "--model", "tiny-random", "--encoder", "onnxruntime", "--encoder-precision", "fp8")
+    out = run_cli(
+        "track", "--model", "tiny-random", "--encoder", "onnxruntime", "--encoder-precision", "fp8", timeout=120
+    )
     assert out.returncode == 2 and "encoder_precision: onnxruntime takes none" in out.stderr
 
 

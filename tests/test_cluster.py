@@ -13,13 +13,13 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray")
 
 from aiohttp import web  # noqa: E402
+from helpers import REPO, fetch_json, free_port_block, post_json, run, wait_for  # noqa: E402
 
 from models import Prompt  # noqa: E402
 from streamer.capture import run_capture  # noqa: E402
@@ -29,21 +29,10 @@ from streamer.cluster.tracker_actor import TrackerOptions  # noqa: E402
 from streamer.gateway import GatewayConfig, create_app  # noqa: E402
 from streamer.protocol import PromptRequest  # noqa: E402
 from streamer.transport import PromptClient  # noqa: E402
-from tests.helpers import fetch_json, free_port_block, post_json, run  # noqa: E402
 
 STREAMS = [f"cam{i}" for i in range(6)]
 RECOVERY_BUDGET_S = 5.0
-ROBOT = Path(__file__).resolve().parents[1] / "examples" / "robot_consumer.py"
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"not within {timeout} s: {what}")
+ROBOT = REPO / "examples" / "robot_consumer.py"
 
 
 class Robot:

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from helpers import free_port_block
 
 from models import Prompt
 from streamer.assignments import StreamAssignments
@@ -22,7 +23,6 @@ from streamer.prompt_store import PromptStore
 from streamer.protocol import PromptRequest, peek_kind
 from streamer.security import CurveClient
 from streamer.transport import drain, results_subscriber
-from tests.helpers import free_port_block
 
 
 def loads(**trackers: dict[str, float | None]) -> list[TrackerLoad]:

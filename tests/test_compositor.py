@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 import pytest
+from helpers import box_of, disc
 
 from streamer.compositor import (
     BANNER_BACKGROUND,
@@ -31,30 +32,20 @@ class Obj:
     label: str | None = None
 
 
-def disc(height: int, width: int, cx: int, cy: int, r: int) -> np.ndarray:
-    yy, xx = np.mgrid[:height, :width]
-    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-
-
-def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-
 def grey(height: int = 240, width: int = 320, level: int = 100) -> np.ndarray:
     return np.full((height, width, 3), level, dtype=np.uint8)
 
 
 def test_mask_colour_inside_not_outside() -> None:
     frame = grey()
-    mask = disc(240, 320, 160, 140, 40)
+    mask = disc(160, 140, 40, (240, 320))
     style = CompositeStyle(alpha=0.5, contour_thickness=0, show_labels=False, show_scores=False)
     out = composite(frame, [Obj(3, 0.9, box_of(mask), mask)], style)
 
     expected = (0.5 * np.array(color_for(3)) + 0.5 * 100).round()
     assert np.abs(out[140, 160].astype(int) - expected).max() <= 2
     # Everything away from the disc (and its tag above it) is untouched.
-    far = ~disc(240, 320, 160, 140, 44)
+    far = ~disc(160, 140, 44, (240, 320))
     far[:100] = False
     assert (out[far] == 100).all()
     assert (frame == 100).all(), "composite must not modify its input"
@@ -65,7 +56,7 @@ def test_distinct_objects_get_distinct_stable_colours() -> None:
     assert color_for(7) == color_for(7)
     assert color_hex(1) == "#{:02x}{:02x}{:02x}".format(*color_for(1))
     frame = grey()
-    left, right = disc(240, 320, 80, 150, 30), disc(240, 320, 240, 150, 30)
+    left, right = disc(80, 150, 30, (240, 320)), disc(240, 150, 30, (240, 320))
     style = CompositeStyle(contour_thickness=0, show_labels=False, show_scores=False)
     out = composite(frame, [Obj(1, 0.8, box_of(left), left), Obj(2, 0.7, box_of(right), right)], style)
     assert not np.array_equal(out[150, 80], out[150, 240])

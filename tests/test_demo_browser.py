@@ -12,23 +12,16 @@ that track ship; everything before it must pass.
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
 import pytest
-from helpers import RESULTS_FLOWING, run
-from test_browser import CHROMIUM, GEOMETRY, operator_page, to_page
-from test_cli import free_port, get_json, launched, wait_for
+from helpers import BROWSER_MARKS, GEOMETRY, free_port, operator_page, run, running_pipeline, to_page
 
 from models.demo_eval import object_at
 from streamer.sources import SyntheticSource
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed"),
-]
+pytestmark = [*BROWSER_MARKS, pytest.mark.timeout(180)]
 playwright_api = pytest.importorskip("playwright.async_api")
 
 WIDTH, HEIGHT, FPS = 320, 240, 10
@@ -55,16 +48,12 @@ def test_a_click_on_the_page_lands_on_the_object(tmp_path: Path) -> None:
     port = free_port()
     source = SyntheticSource(WIDTH, HEIGHT, FPS)
     args = ["run", "--model", "demo", "--device", "cpu", "--source", f"synthetic:{WIDTH}x{HEIGHT}@{FPS}"]
-    with launched([*args, "--http-port", str(port)], log_path):
-        url = wait_for(
-            lambda: (m := re.search(r"open (http://\S+/)", log_path.read_text())) and m[1], 60, "the page URL", log_path
-        )
-        wait_for(lambda: (h := get_json(f"{url}health")) and h["state"] in RESULTS_FLOWING, 60, "a live feed", log_path)
+    with running_pipeline([*args, "--http-port", str(port)], log_path) as pipeline:
 
         async def body() -> None:
             async with (
                 playwright_api.async_playwright() as pw,
-                operator_page(pw, url.rstrip("/"), tmp_path / "profile") as page,
+                operator_page(pw, pipeline.url, tmp_path / "profile") as page,
             ):
                 geometry = await page.evaluate(GEOMETRY)
                 await page.evaluate(RECORD_SENT)

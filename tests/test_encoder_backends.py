@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import REPO
 from torch import nn
 
 from models import ENCODER_NAMES, check_encoder_choice, make_encoder
@@ -20,7 +21,6 @@ from models.encoder.fp8 import Fp8Linear, with_fp8_linears
 from models.preprocess import frame_to_pixels
 from models.tiny import moving_shapes
 
-REPO = Path(__file__).resolve().parents[1]
 BACKEND_LIBRARIES = {"onnx", "onnxruntime", "onnxscript", "tensorrt"}
 BACKEND_MODULES = {
     "models/encoder/onnx_export.py",

@@ -6,16 +6,28 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import RESULTS_FLOWING, Viewer, run
-from test_cli import REPO, child_env, children_of, get_json, launched, wait_for
-from test_cli import free_port as free_http_port
-from test_pipeline import HEIGHT, WIDTH, Pipeline, object_ids, watch
+from helpers import (
+    PIPELINE_HEIGHT,
+    PIPELINE_WIDTH,
+    RESULTS_FLOWING,
+    Viewer,
+    child_env,
+    children_of,
+    free_port,
+    get_json,
+    launched,
+    object_ids,
+    run,
+    run_cli,
+    running_pipeline,
+    wait_for,
+    watch,
+)
 
 from streamer.cli import REFUSAL_ENV, USAGE_ERROR, Child, Supervisor
 
@@ -69,14 +81,7 @@ def test_commands_report_why_they_refuse_to_start(tmp_path: Path) -> None:
         (["track", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     ]:
         refusal.unlink(missing_ok=True)
-        out = subprocess.run(
-            [sys.executable, "-m", "streamer.cli", *args],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env={**child_env(), REFUSAL_ENV: str(refusal)},
-            timeout=120,
-        )
+        out = run_cli(*args, env={**child_env(), REFUSAL_ENV: str(refusal)}, timeout=120)
         assert out.returncode == USAGE_ERROR, out.stderr[-2000:]
         assert reason in refusal.read_text(), (args, refusal.read_text())
 
@@ -87,7 +92,7 @@ def test_run_stops_when_the_tracker_cannot_start(tmp_path: Path) -> None:
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     log_path = tmp_path / "run.log"
-    args = ["run", "--model", str(broken), "--source", "synthetic:160x120@5", "--http-port", str(free_http_port())]
+    args = ["run", "--model", str(broken), "--source", "synthetic:160x120@5", "--http-port", str(free_port())]
     with launched(args, log_path) as proc:
         assert proc.wait(90) == USAGE_ERROR
     text = log_path.read_text()
@@ -100,14 +105,11 @@ def test_each_process_killed_with_prompts_active(tmp_path: Path) -> None:
     has a clicked object and a concept: each comes back, and so do the prompts. Regression: a killed
     tracker came back with every clicked object silently gone."""
     log_path = tmp_path / "run.log"
-    port = free_http_port()
-    args = ["run", "--model", "tiny-random", "--device", "cpu", "--source", f"synthetic:{WIDTH}x{HEIGHT}@10"]
-    with launched([*args, "--http-port", str(port)], log_path) as proc:
-        url = wait_for(
-            lambda: (m := re.search(r"open (http://\S+/)", log_path.read_text())) and m[1], 90, "the page URL", log_path
-        )
-        wait_for(lambda: (h := get_json(f"{url}health")) and h["state"] in RESULTS_FLOWING, 90, "a live feed", log_path)
-        pipeline = Pipeline(proc, url.rstrip("/"), log_path)
+    port = free_port()
+    source = f"synthetic:{PIPELINE_WIDTH}x{PIPELINE_HEIGHT}@10"
+    args = ["run", "--model", "tiny-random", "--device", "cpu", "--source", source, "--http-port", str(port)]
+    with running_pipeline(args, log_path, timeout=90) as pipeline:
+        proc = pipeline.proc
 
         async def prompt_then_kill_capture_and_tracker() -> int:
             viewer = Viewer()
@@ -146,7 +148,7 @@ def test_each_process_killed_with_prompts_active(tmp_path: Path) -> None:
         gateway = pipeline.child("serve")
         os.kill(gateway, signal.SIGKILL)
         wait_for(lambda: _running(proc.pid, "serve") not in (None, gateway), 60, "a new gateway", log_path)
-        wait_for(lambda: get_json(f"{url}health"), 60, "the new gateway's page", log_path)
+        wait_for(lambda: get_json(f"{pipeline.url}/health"), 60, "the new gateway's page", log_path)
 
         async def after_the_gateway() -> None:
             viewer = Viewer()

@@ -24,11 +24,9 @@ from typing import Any
 import aiohttp
 import pytest
 import zmq
-from helpers import Viewer, gateway
+from helpers import Tracker, Viewer, camera, gateway, running_tracker, settled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_prompt_path import camera, settled
-from test_tracker_service import Tracker, running_tracker
 
 from streamer.protocol import PromptAnswer, ProtocolError, decode_answer, decode_prompt_request
 from streamer.transport import RETRY_WINDOW_S

@@ -4,14 +4,24 @@ another machine without a token. Real HTTP against the gateway; real ``sam3-stre
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import FakeTracker, Viewer, fetch_json, gateway, run, wait_json
-from test_cli import REPO, child_env, children_of, free_port, launched, stop_process
+from helpers import (
+    FakeTracker,
+    Viewer,
+    child_env,
+    children_of,
+    fetch_json,
+    free_port,
+    gateway,
+    launched,
+    run,
+    run_cli,
+    stop_process,
+    wait_json,
+)
 
 from streamer.gateway.access import SESSION_COOKIE, TOKEN_ENV
 
@@ -136,17 +146,6 @@ def test_token_guards_page_offer_and_metrics() -> None:
     run(body())
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "streamer.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env or child_env(),
-        timeout=60,
-    )
-
-
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " ERROR " in line]
 
@@ -154,12 +153,12 @@ def error_lines(stderr: str) -> list[str]:
 def test_serving_other_machines_needs_a_token_or_insecure() -> None:
     env = {k: v for k, v in child_env().items() if k != TOKEN_ENV}
     for command in (["serve"], ["run", "--model", "passthrough", "--source", "synthetic"]):
-        out = cli(*command, "--http-host", "0.0.0.0", "--http-port", str(free_port()), env=env)
+        out = run_cli(*command, "--http-host", "0.0.0.0", "--http-port", str(free_port()), env=env)
         (line,) = error_lines(out.stderr)  # one clear line, and nothing started
         assert out.returncode == 2, out.stderr
         assert "http_host: all interfaces is reachable from other machines" in line and "--insecure" in line
         assert "started" not in out.stderr
-    out = cli("serve", "--token", "short", env=env)
+    out = run_cli("serve", "--token", "short", env=env)
     assert out.returncode == 2 and "token: at least 16 characters" in error_lines(out.stderr)[0]
 
 

@@ -16,8 +16,19 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
-from helpers import FIRST_OBJECT, FakeTracker, Viewer, fetch_json, gateway, post_json, run, shows_object, wait_json
-from test_cli import free_port, launched
+from helpers import (
+    FIRST_OBJECT,
+    FakeTracker,
+    Viewer,
+    fetch_json,
+    free_port,
+    gateway,
+    launched,
+    post_json,
+    run,
+    shows_object,
+    wait_json,
+)
 
 from streamer.gateway.ice import gather_on
 from streamer.gateway.webrtc import MAX_CANDIDATES

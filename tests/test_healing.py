@@ -20,13 +20,24 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
-from helpers import HOSTILE_KINDS, HostileServer, free_endpoint, hostile_client, hostile_payload
-from test_cli import REPO, child_env, free_port, launched, wait_for
+from helpers import (
+    HOSTILE_KINDS,
+    REPO,
+    HostileServer,
+    child_env,
+    encoded_frame,
+    free_endpoint,
+    free_port,
+    hostile_client,
+    hostile_payload,
+    launched,
+    wait_for,
+)
 
 from streamer import protocol, transport
 from streamer.gateway.feed import ResultFeed
 from streamer.healing import CauseLog, HealingSocket, SocketWatch
-from streamer.protocol import FrameHeader, PromptAnswer, PromptRequest, StatusMessage
+from streamer.protocol import PromptAnswer, PromptRequest, StatusMessage
 from streamer.transport import ControlServer, PromptClient, drain
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,21 +46,10 @@ pytestmark = pytest.mark.timeout(60)
 LIBZMQ_GIVES_UP = {"http": False, "broken-handshake": True, "oversized-part": True}
 
 
-@pytest.fixture
-def context() -> Iterator[zmq.Context]:
-    ctx = zmq.Context()
-    yield ctx
-    ctx.term()  # every socket (monitors included) must be closed by now
-
-
 @pytest.fixture(params=["tcp", "ipc"])
 def endpoint(request: pytest.FixtureRequest) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="heal-") as folder:  # short: ipc paths are limited
         yield free_endpoint(request.param, folder)
-
-
-def frame(seq: int) -> list:
-    return protocol.encode_frame(FrameHeader("cam0", seq, time.time(), 8, 6), np.full((6, 8, 3), seq % 256, np.uint8))
 
 
 def causes_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -60,7 +60,7 @@ def publish_until(pub: zmq.Socket, received: Callable[[], int], timeout: float =
     """Publish a frame every 50 ms until ``received()`` (which also services the subscribers) counts one."""
     deadline, seq = time.monotonic() + timeout, 0
     while time.monotonic() < deadline:
-        pub.send_multipart(frame(seq), copy=False)
+        pub.send_multipart(encoded_frame("cam0", seq), copy=False)
         seq += 1
         if received():
             return seq
@@ -278,7 +278,7 @@ def test_the_tracker_hears_a_capture_restarted_after_a_hostile_peer_and_logs_eac
             try:
 
                 def a_result() -> bool:
-                    pub.send_multipart(frame(1), copy=False)
+                    pub.send_multipart(encoded_frame("cam0", 1), copy=False)
                     return any(protocol.peek_kind(m) == "result" for m in drain(sub, 100))
 
                 wait_for(a_result, 10, "a result from the restarted capture", log_path)

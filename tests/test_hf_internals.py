@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import transformers
+from helpers import REPO
 from transformers import Sam3TrackerVideoModel
 
 from models import hf_internals as hf
@@ -35,7 +35,7 @@ def test_a_missing_model_attribute_fails_naming_it(tiny_models, monkeypatch) -> 
 
 
 def test_the_pinned_range_is_the_one_pyproject_installs() -> None:
-    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
     pin = re.search(r'"transformers([^"]+)"', pyproject)
     assert pin is not None and pin.group(1) == hf.PINNED_TRANSFORMERS
 
@@ -43,7 +43,7 @@ def test_the_pinned_range_is_the_one_pyproject_installs() -> None:
 def test_no_other_module_touches_transformers_internals() -> None:
     """Private methods, and session state transformers does not document, are reached only through
     ``models.hf_internals`` (a source scan of the package and the scripts)."""
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     private = {r.name for r in hf.RELIED_ON if r.name.startswith("_")} | {"_single_frame_forward"}
     state = {r.name for r in hf.RELIED_ON if r.owner.endswith("InferenceSession") and not r.name.startswith("_")}
     private_use = re.compile(r"\.(" + "|".join(sorted(private)) + r")\b")

@@ -7,41 +7,30 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from subprocess import Popen
+from collections.abc import Iterator
 
 import pytest
-from helpers import RESULTS_FLOWING, Viewer, run
-from test_cli import children_of, get_json, launched, wait_for
-from test_cli import free_port as free_http_port
+from helpers import (
+    PIPELINE_HEIGHT,
+    PIPELINE_WIDTH,
+    RESULTS_FLOWING,
+    Pipeline,
+    Viewer,
+    free_port,
+    object_ids,
+    run,
+    running_pipeline,
+    watch,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
-WIDTH, HEIGHT, FPS = 160, 120, 15
-
-
-@dataclass
-class Pipeline:
-    """A running ``sam3-stream run`` and where its page is."""
-
-    proc: Popen
-    url: str
-    log_path: Path
-
-    def child(self, command: str) -> int:
-        """Pid of the child running ``sam3-stream COMMAND``."""
-        pids = [pid for pid, cmd in children_of(self.proc.pid).items() if f"streamer.cli {command} " in cmd]
-        assert len(pids) == 1, children_of(self.proc.pid)
-        return pids[0]
+FPS = 15
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     log_path = tmp_path_factory.mktemp("pipeline") / "run.log"
-    port = free_http_port()
     args = [
         "run",
         "--model",
@@ -49,31 +38,11 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         "--device",
         "cpu",
         "--source",
-        f"synthetic:{WIDTH}x{HEIGHT}@{FPS}",
-        "--http-port",
-        str(port),
+        f"synthetic:{PIPELINE_WIDTH}x{PIPELINE_HEIGHT}@{FPS}",
     ]
-    with launched(args, log_path) as proc:
-        url = wait_for(
-            lambda: (m := re.search(r"open (http://\S+/)", log_path.read_text())) and m[1], 60, "the page URL", log_path
-        )
-        wait_for(lambda: (h := get_json(f"{url}health")) and h["state"] in RESULTS_FLOWING, 60, "a live feed", log_path)
-        yield Pipeline(proc, url.rstrip("/"), log_path)
-        assert proc.poll() is None, "sam3-stream run stopped on its own"
-
-
-async def watch(viewer: Viewer, until: Callable[[Viewer], object], timeout: float, what: str) -> None:
-    """Keep receiving video frames until ``until(viewer)`` holds (fails after ``timeout`` seconds)."""
-    deadline = time.monotonic() + timeout
-    while not until(viewer):
-        assert time.monotonic() < deadline, (
-            f"{what}: not seen in {timeout} s (statuses {viewer.statuses}, objects {viewer.objects})"
-        )
-        await viewer.frame()
-
-
-def object_ids(viewer: Viewer) -> set[int]:
-    return {o["obj_id"] for o in (viewer.objects or {}).get("objects", [])}
+    with running_pipeline([*args, "--http-port", str(free_port())], log_path) as pipeline:
+        yield pipeline
+        assert pipeline.proc.poll() is None, "sam3-stream run stopped on its own"
 
 
 def test_viewer_prompts_and_sees_objects(pipeline: Pipeline) -> None:
@@ -82,9 +51,9 @@ def test_viewer_prompts_and_sees_objects(pipeline: Pipeline) -> None:
         try:
             await viewer.connect(pipeline.url)
             image = await viewer.frame()
-            assert image.shape == (HEIGHT, WIDTH, 3)
+            assert image.shape == (PIPELINE_HEIGHT, PIPELINE_WIDTH, 3)
             await watch(viewer, lambda v: v.objects is not None and v.statuses[-1] in RESULTS_FLOWING, 10, "metadata")
-            assert viewer.objects["width"] == WIDTH and not viewer.objects["objects"]
+            assert viewer.objects["width"] == PIPELINE_WIDTH and not viewer.objects["objects"]
 
             answer = await viewer.request({"op": "add_prompt", "prompt": {"points": [[40, 60]], "point_labels": [1]}})
             assert answer["ok"] and len(answer["obj_ids"]) == 1, answer
@@ -92,7 +61,7 @@ def test_viewer_prompts_and_sees_objects(pipeline: Pipeline) -> None:
             await watch(viewer, lambda v: clicked in object_ids(v), 15, f"object {clicked}")
             (obj,) = [o for o in viewer.objects["objects"] if o["obj_id"] == clicked]
             x0, y0, x1, y1 = obj["bbox"]
-            assert 0 <= x0 < x1 <= WIDTH and 0 <= y0 < y1 <= HEIGHT and obj["label"] is None
+            assert 0 <= x0 < x1 <= PIPELINE_WIDTH and 0 <= y0 < y1 <= PIPELINE_HEIGHT and obj["label"] is None
 
             answer = await viewer.request({"op": "add_prompt", "prompt": {"text": "person"}})
             assert answer["ok"], answer

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import box_of
 
 from models import Prompt
 from models.preprocess import (
@@ -36,8 +37,7 @@ def test_boxes_match_the_masks_pixels() -> None:
     boxes, visible = boxes_from_masks(torch.from_numpy(masks))
     assert visible.tolist() == [True, True, True, False]
     for mask, box in zip(masks[:3], boxes[:3].tolist(), strict=True):
-        ys, xs = np.nonzero(mask)
-        assert box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert box == list(box_of(mask))
     assert boxes[3].tolist() == [0, 0, 0, 0]
 
 

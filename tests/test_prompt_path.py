@@ -1,6 +1,6 @@
 """The prompt path of a real tracker process (``sam3-stream track``) under hostile and unlucky input.
 
-Each test plays the camera, the robot and the operator on real sockets (see ``test_tracker_service``).
+Each test plays the camera, the robot and the operator on real sockets (``helpers.running_tracker``).
 The pass-through model keeps most of them fast; its ``--passthrough-delay-ms`` stands in for a slow
 model. Applications are counted on the tracker's side, from its heartbeats.
 """
@@ -11,16 +11,13 @@ import contextlib
 import json
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import zmq
-from test_cli import wait_for
-from test_tracker_service import HEIGHT, WIDTH, Tracker, running_tracker
+from helpers import Tracker, camera, running_tracker, settled, wait_for
 
 from models import Prompt
 from streamer.protocol import PromptAnswer, decode_answer, new_request_id
@@ -28,30 +25,6 @@ from streamer.protocol import PromptAnswer, decode_answer, new_request_id
 pytestmark = pytest.mark.timeout(180)
 
 CLICK = {"points": [[40, 60]], "point_labels": [1]}
-
-
-@contextlib.contextmanager
-def camera(
-    tracker: Tracker, stream: str = "cam0", fps: float = 20.0, size: tuple[int, int] = (WIDTH, HEIGHT)
-) -> Iterator[None]:
-    """Frames of ``stream`` at ``fps`` from a thread (the only user of the frames socket meanwhile)."""
-    stop = threading.Event()
-    frame = np.full((size[1], size[0], 3), 90, np.uint8)
-
-    def run() -> None:
-        seq = 0
-        while not stop.is_set():
-            tracker.send(stream, seq, frame)
-            seq += 1
-            stop.wait(1.0 / fps)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(5)
 
 
 def click(tracker: Tracker, stream: str = "cam0", **extra: object) -> PromptAnswer:
@@ -62,16 +35,6 @@ def raw_prompt(fields: dict, request_id: str | None = None) -> bytes:
     """A control request as the bytes a hostile client would send (no client-side checks)."""
     header = {"v": 2, "kind": "prompt", "request_id": request_id or new_request_id(), "stream": "cam0", **fields}
     return json.dumps(header).encode()
-
-
-def settled(tracker: Tracker, stream: str = "cam0", timeout: float = 30.0) -> dict:
-    """The stream's heartbeat once no prompt is waiting to be applied."""
-    return wait_for(
-        lambda: (s := tracker.status(stream)) and s["prompts_queued"] == 0 and s,
-        timeout,
-        "prompts applied",
-        tracker.log_path,
-    )
 
 
 @pytest.fixture

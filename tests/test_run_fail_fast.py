@@ -12,8 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import StalledHub, index_frames, write_video
-from test_cli import REPO, child_env, children_of, free_port, get_json, launched, stop_process, wait_for
+from helpers import (
+    REPO,
+    StalledHub,
+    child_env,
+    children_of,
+    free_port,
+    get_json,
+    index_frames,
+    launched,
+    run_cli,
+    stop_process,
+    wait_for,
+    write_video,
+)
 
 from streamer.cli import USAGE_ERROR
 
@@ -26,13 +38,8 @@ def _fails_fast(args: list[str], tmp_path: Path, expected: str, **env: str) -> N
     """``run ARGS`` exits with USAGE_ERROR within FAIL_WITHIN_S, printing one line (stderr) that says
     ``expected``, no traceback, no URL, and starting no child."""
     start = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "streamer.cli", "run", "--http-port", str(free_port()), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**child_env(), "HF_HOME": str(tmp_path / "hf"), **env},
-        timeout=60,
+    out = run_cli(
+        "run", "--http-port", str(free_port()), *args, env={**child_env(), "HF_HOME": str(tmp_path / "hf"), **env}
     )
     elapsed = time.monotonic() - start
     lines = out.stderr.strip().splitlines()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import re
 import shutil
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
-from test_cli import child_env, free_port, get_json, launched, wait_for
+from helpers import free_port, get_json, launched, run_cli, wait_for
 
 from models import Prompt
 from streamer import keys as keys_module
@@ -26,21 +24,9 @@ from streamer.transport import PromptClient, drain, frames_publisher, results_su
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = Path(__file__).resolve().parents[1]
 SECURITY_CAUSE = re.compile(
     r"WARNING streamer.healing: \S+ \S+: (security mismatch|handshake failed: .*security settings)"
 )
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "streamer.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env=child_env(),
-    )
 
 
 def mode(path: Path) -> int:
@@ -53,7 +39,7 @@ def mode(path: Path) -> int:
 
 def test_keys_command_makes_the_documented_layout(tmp_path: Path) -> None:
     folder = tmp_path / "keys"
-    done = cli("keys", str(folder), "--client", "robot1")
+    done = run_cli("keys", str(folder), "--client", "robot1")
     assert done.returncode == 0, done.stderr
     assert mode(folder) == 0o700 and mode(folder / "clients") == 0o700
     for secret in ["server.key_secret", "client.key_secret", "exported/robot1/client.key_secret"]:
@@ -69,12 +55,12 @@ def test_keys_command_makes_the_documented_layout(tmp_path: Path) -> None:
     assert zmq.auth.load_certificate(folder / "exported/robot1/server.key") == server
     assert not (folder / "exported/robot1/server.key_secret").exists(), "a client host gets no server secret"
 
-    again = cli("keys", str(folder))
+    again = run_cli("keys", str(folder))
     assert again.returncode == 0 and "nothing written" in again.stdout
     assert zmq.auth.load_certificate(folder / "server.key") == server, "never overwritten"
-    twice = cli("keys", str(folder), "--client", "robot1")
+    twice = run_cli("keys", str(folder), "--client", "robot1")
     assert twice.returncode == 2 and "--client 'robot1': already made" in twice.stderr
-    bad = cli("keys", str(folder), "--client", "../x")
+    bad = run_cli("keys", str(folder), "--client", "../x")
     assert bad.returncode == 2 and "--client '../x'" in bad.stderr
 
 
@@ -134,7 +120,7 @@ def test_check_exposure_passes_with_keys_or_insecure(tmp_path: Path) -> None:
 )
 def test_exposed_binds_without_keys_refuse_to_start_with_one_line(args: list[str]) -> None:
     # Refused before anything is bound (a test only ever binds loopback).
-    done = cli(*[a.format(port=free_port()) for a in args])
+    done = run_cli(*[a.format(port=free_port()) for a in args])
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "reachable from other hosts" in errors[0] and "--insecure" in errors[0], done.stderr
@@ -204,7 +190,7 @@ def test_curve_admits_only_clients_on_the_allow_list(keyed_pipeline: dict, tmp_p
             assert answer.ok and answer.obj_ids == [0], "the refused requests were never applied"
 
             # A client added while the tracker runs is admitted without a restart.
-            assert cli("keys", str(folder), "--client", "robot1").returncode == 0
+            assert run_cli("keys", str(folder), "--client", "robot1").returncode == 0
             robot = CurveClient(KeyFolder.open(folder / "exported" / "robot1"))
             with PromptClient(keyed_pipeline["control"], timeout_s=5, retries=2, context=ctx, security=robot) as bot:
                 assert bot.request(add_click()).obj_ids == [1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import box_of
 
 from models import Prompt, StreamingTracker
 
@@ -100,9 +101,7 @@ def test_any_frame_size_and_aspect_gives_results_at_frame_resolution(tiny_models
         assert result.objects, "the boxed object should be visible"
         for obj in result.objects:
             assert obj.mask.shape == (height, width) and obj.mask.dtype == bool
-            x0, y0, x1, y1 = obj.bbox
-            ys, xs = np.nonzero(obj.mask)
-            assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            assert tuple(obj.bbox) == box_of(obj.mask)
         assert set(result.timings) == {"preprocess", "encode", "track", "postprocess"}
 
 

@@ -6,183 +6,33 @@ operator (a lazy-pirate client on the control socket). One tiny-model tracker se
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import shutil
-import signal
-import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
-from test_cli import launched, wait_for
+from helpers import TRACKER_HEIGHT, TRACKER_WIDTH, Tracker, box_of, running_tracker, wait_for
 
 from models import Prompt
-from models.tiny import moving_shapes
 from streamer.config import Endpoints
 from streamer.protocol import (
-    EventMessage,
-    FrameHeader,
-    PromptAnswer,
-    PromptRequest,
-    ResultMessage,
     SourceStatus,
-    StatusMessage,
-    decode_answer,
-    decode_event,
     decode_result,
     decode_status,
-    encode_frame,
     encode_source,
-    new_request_id,
     peek_kind,
 )
 from streamer.tracker_service import TrackerService
 from streamer.tracking import PassThroughTracker, make_tracker
 from streamer.tracking import Tracker as TrackerInterface
-from streamer.transport import PromptClient, control_requester, drain, frames_publisher, results_subscriber
+from streamer.transport import drain, results_subscriber
 
 pytestmark = pytest.mark.timeout(120)
-
-WIDTH, HEIGHT = 160, 120
-
-
-@dataclass
-class Tracker:
-    """A running tracker process and the test's ends of its three sockets."""
-
-    endpoints: Endpoints
-    log_path: Path
-    pub: zmq.Socket
-    sub: zmq.Socket
-    control: PromptClient
-    sent: dict[tuple[str, int], np.ndarray]
-    proc: subprocess.Popen | None = None
-    events: list[EventMessage] = field(default_factory=list)  # every event received so far
-
-    def kill(self) -> None:
-        """SIGKILL the tracker process (a crash); the block then ends without asking it to stop."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def send(self, stream: str, seq: int, pixels: np.ndarray | None = None, t_capture: float | None = None) -> None:
-        pixels = moving_shapes(seq, WIDTH, HEIGHT) if pixels is None else pixels
-        header = FrameHeader(
-            stream, seq, time.time() if t_capture is None else t_capture, pixels.shape[1], pixels.shape[0]
-        )
-        self.sent[(stream, seq)] = pixels
-        self.pub.send_multipart(encode_frame(header, pixels), copy=False)
-
-    def request(self, stream: str, op: str, **fields: object) -> PromptAnswer:
-        return self.control.request(PromptRequest(new_request_id(), stream, op, **fields))  # type: ignore[arg-type]
-
-    def raw(self, body: bytes, timeout: float = 5.0) -> PromptAnswer:
-        """Send ``body`` as it is on a fresh REQ socket and return the answer."""
-        sock = control_requester(self.endpoints.control, context=self.pub.context)
-        try:
-            sock.send(body)
-            assert sock.poll(int(timeout * 1000)), "no answer"
-            return decode_answer([sock.recv()])
-        finally:
-            sock.close(linger=0)
-
-    def status(self, stream: str, timeout: float = 3.0) -> dict:
-        """The stream's fields of the newest heartbeat that lists it (older ones queued meanwhile are skipped)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            listing = [s for s in self.receive(0.6)[1] if stream in s.streams]
-            if listing:
-                return listing[-1].streams[stream]
-        pytest.fail(f"no heartbeat lists {stream}")
-
-    def receive(self, timeout: float) -> tuple[list[tuple[ResultMessage, np.ndarray | None]], list[StatusMessage]]:
-        """Everything published within ``timeout`` seconds."""
-        results, statuses = [], []
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if self.sub.poll(int(left * 1000)):
-                parts = self.sub.recv_multipart()
-                kind = peek_kind(parts)
-                if kind == "result":
-                    results.append(decode_result(parts))
-                elif kind == "event":
-                    self.events.append(decode_event(parts))
-                else:
-                    statuses.append(decode_status(parts))
-        return results, statuses
-
-    def stream_results(
-        self,
-        streams: dict[str, int],
-        frames: int,
-        fps: float = 15.0,
-    ) -> dict[str, list[tuple[ResultMessage, np.ndarray | None]]]:
-        """Send ``frames`` frames of each stream (seq from ``streams[name]``) and collect their results."""
-        out: dict[str, list] = {name: [] for name in streams}
-        for k in range(frames):
-            for name, first in streams.items():
-                self.send(name, first + k)
-            for message, frame in self.receive(1.0 / fps)[0]:
-                out.setdefault(message.stream, []).append((message, frame))
-        for message, frame in self.receive(1.0)[0]:  # the last frames' results
-            out.setdefault(message.stream, []).append((message, frame))
-        return out
-
-    def until_result(self, stream: str, seq: int, timeout: float = 30.0) -> None:
-        """Send frames of ``stream`` until one comes back (the tracker knows the stream then)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.send(stream, seq)
-            results, _ = self.receive(0.2)
-            if any(m.stream == stream for m, _ in results):
-                return
-        pytest.fail(f"no result for stream {stream} within {timeout} s\n{self.log_path.read_text()[-3000:]}")
-
-
-@contextlib.contextmanager
-def running_tracker(*options: str, log_path: Path) -> Iterator[Tracker]:
-    """``sam3-stream track OPTIONS`` on ipc:// endpoints of a fresh folder, with the test's sockets."""
-    folder = tempfile.mkdtemp(prefix="trk-")  # not tmp_path: ipc:// paths must stay short
-    endpoints = Endpoints.ipc_in(folder)
-    ctx = zmq.Context()
-    pub = frames_publisher(endpoints.frames, context=ctx)  # the camera binds; the tracker connects
-    args = [
-        "track",
-        "--frames-endpoint",
-        endpoints.frames,
-        "--results-endpoint",
-        endpoints.results,
-        "--control-endpoint",
-        endpoints.control,
-        *options,
-    ]
-    try:
-        with launched(args, log_path) as proc:
-            sub = results_subscriber(endpoints.results, frames=True, context=ctx)  # as the gateway subscribes
-            control = PromptClient(endpoints.control, timeout_s=5.0, retries=2, context=ctx)
-            tracker = Tracker(endpoints, log_path, pub, sub, control, {}, proc)
-            try:
-                # The first heartbeat says the model is loaded and the sockets are up.
-                wait_for(lambda: proc.poll() is not None or tracker.receive(0.3)[1], 90, "a heartbeat", log_path)
-                assert proc.poll() is None, log_path.read_text()
-                yield tracker
-                assert proc.poll() is None or proc.returncode == -signal.SIGKILL, (
-                    f"the tracker died:\n{log_path.read_text()[-3000:]}"
-                )
-            finally:
-                control.close()
-                sub.close()
-    finally:
-        pub.close()
-        ctx.term()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -234,9 +84,8 @@ def test_prompts_are_answered_and_results_carry_their_frame_and_masks(tiny: Trac
     ids = [o.obj_id for o in message.objects]
     assert clicked in ids and any(o.label == "person" for o in message.objects), ids
     for obj in message.objects:
-        assert obj.mask is not None and obj.mask.dtype == bool and obj.mask.shape == (HEIGHT, WIDTH)
-        ys, xs = np.nonzero(obj.mask)
-        assert obj.bbox == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert obj.mask is not None and obj.mask.dtype == bool and obj.mask.shape == (TRACKER_HEIGHT, TRACKER_WIDTH)
+        assert obj.bbox == box_of(obj.mask)
 
     answer = tiny.request("cam0", "remove_object", obj_id=clicked)
     assert answer.ok and answer.obj_ids == [clicked]
@@ -388,11 +237,11 @@ def test_streaming_tracker_implements_the_tracker_interface() -> None:
 def test_passthrough_tracker_validates_prompts_and_reports_its_synthetic_object() -> None:
     tracker = make_tracker("passthrough")
     assert isinstance(tracker, TrackerInterface)
-    assert tracker.track(np.zeros((HEIGHT, WIDTH, 3), np.uint8), timestamp=1.5).objects == []
+    assert tracker.track(np.zeros((TRACKER_HEIGHT, TRACKER_WIDTH, 3), np.uint8), timestamp=1.5).objects == []
     with pytest.raises(ValueError, match="^point_labels:"):
         tracker.add_prompt({"points": [[1, 2]], "point_labels": [3]})
     with pytest.raises(ValueError, match="^points:"):
-        tracker.add_prompt({"points": [[500, 2]], "point_labels": [1]}, frame_size=(WIDTH, HEIGHT))
+        tracker.add_prompt({"points": [[500, 2]], "point_labels": [1]}, frame_size=(TRACKER_WIDTH, TRACKER_HEIGHT))
     assert tracker.add_prompt(
         {"bounding_boxes": [[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]], "bounding_box_labels": [1, 1]}
     ) == [0, 1]
@@ -405,19 +254,19 @@ def test_passthrough_tracker_validates_prompts_and_reports_its_synthetic_object(
         tracker.remove_prompt("cat")
 
     synthetic = PassThroughTracker(synthetic_object=True)
-    result = synthetic.track(np.zeros((HEIGHT, WIDTH, 3), np.uint8), timestamp=2.0)
+    result = synthetic.track(np.zeros((TRACKER_HEIGHT, TRACKER_WIDTH, 3), np.uint8), timestamp=2.0)
     (obj,) = result.objects
     assert result.timestamp == 2.0 and result.frame_index == 0 and obj.obj_id == 0
-    assert obj.mask.shape == (HEIGHT, WIDTH) and obj.mask.sum() == (WIDTH // 2) * (HEIGHT // 2)
+    assert obj.mask.shape == (TRACKER_HEIGHT, TRACKER_WIDTH)
+    assert obj.mask.sum() == (TRACKER_WIDTH // 2) * (TRACKER_HEIGHT // 2)
     assert synthetic.add_prompt({"points": [[3, 4]], "point_labels": [1]}) == [1], "id 0 is the synthetic object's"
 
     moving = PassThroughTracker(synthetic_object=True, moving_objects=4)
-    frames = [moving.track(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).objects for _ in range(2)]
+    frames = [moving.track(np.zeros((TRACKER_HEIGHT, TRACKER_WIDTH, 3), np.uint8)).objects for _ in range(2)]
     assert [o.obj_id for o in frames[0]] == [0, 1, 2, 3, 4]
     assert not np.array_equal(frames[0][1].mask, frames[1][1].mask), "the made-up objects move"
     for obj in frames[1][1:]:
-        ys, xs = np.nonzero(obj.mask)
-        assert obj.bbox == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), "tight boxes, as a model reports"
+        assert obj.bbox == box_of(obj.mask), "tight boxes, as a model reports"
     assert moving.add_prompt({"points": [[3, 4]], "point_labels": [1]}) == [5], "prompts' ids follow the made-up ones"
     with pytest.raises(ValueError, match="^moving_objects: must be between 0 and 256"):
         PassThroughTracker(moving_objects=-1)
@@ -438,7 +287,9 @@ def test_a_slow_tracker_never_reads_as_no_signal_and_says_the_cameras_rate_and_i
         def camera() -> None:
             seq, start = 0, time.monotonic()
             while not stop.is_set():
-                tracker.send("slow", seq, np.zeros((HEIGHT, WIDTH, 3), np.uint8), t_capture=start + seq / fps)
+                tracker.send(
+                    "slow", seq, np.zeros((TRACKER_HEIGHT, TRACKER_WIDTH, 3), np.uint8), t_capture=start + seq / fps
+                )
                 seq += 1
                 time.sleep(max(0.0, start + seq / fps - time.monotonic()))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket as pysocket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,11 +15,12 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
+from helpers import encoded_frame, free_tcp_endpoint
 
 from models import Prompt
 from streamer import protocol, topics, transport
 from streamer.config import Endpoints
-from streamer.protocol import FrameHeader, PromptAnswer, PromptRequest, ProtocolError, StatusMessage
+from streamer.protocol import PromptAnswer, PromptRequest, ProtocolError, StatusMessage
 from streamer.transport import (
     AsyncPromptClient,
     ControlServer,
@@ -35,29 +35,10 @@ from streamer.transport import (
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-def context() -> Iterator[zmq.Context]:
-    ctx = zmq.Context()
-    yield ctx
-    ctx.term()  # every socket of the test must be closed by now
-
-
 @pytest.fixture(params=["tcp", "ipc"])
 def endpoint(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A bindable endpoint: a free loopback port, or a socket file in a folder that does not exist yet."""
     return "tcp://127.0.0.1:*" if request.param == "tcp" else f"ipc://{tmp_path}/sockets/s"
-
-
-def dead_endpoint() -> str:
-    """A loopback port nothing listens on."""
-    with pysocket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
-def frame(stream: str, seq: int, w: int = 8, h: int = 6) -> list:
-    pixels = np.full((h, w, 3), seq % 256, np.uint8)
-    return protocol.encode_frame(FrameHeader(stream, seq, time.time(), w, h), pixels)
 
 
 def connect_pub_sub(pub: zmq.Socket, sub: zmq.Socket, probe: Callable[[], list]) -> None:
@@ -111,11 +92,11 @@ def test_drain_returns_the_newest_frame_of_each_stream_after_a_burst(context: zm
     pub = transport.frames_publisher(endpoint, context=context)
     sub = transport.frames_subscriber(bound_endpoint(pub), context=context)
     try:
-        connect_pub_sub(pub, sub, lambda: frame("probe", 0))
+        connect_pub_sub(pub, sub, lambda: encoded_frame("probe", 0))
         for seq in range(60):
-            pub.send_multipart(frame("a", seq), copy=False)
+            pub.send_multipart(encoded_frame("a", seq), copy=False)
             if seq % 3 == 0:
-                pub.send_multipart(frame("b", seq), copy=False)
+                pub.send_multipart(encoded_frame("b", seq), copy=False)
         time.sleep(0.2)  # let the burst land in the subscriber's queue
         messages = drain(sub, 1000)
         deadline = time.monotonic() + 5
@@ -139,12 +120,12 @@ def test_drain_is_bounded_and_times_out(context: zmq.Context) -> None:
     pub = transport.frames_publisher("tcp://127.0.0.1:*", context=context)
     sub = transport.frames_subscriber([bound_endpoint(pub)], context=context)
     try:
-        connect_pub_sub(pub, sub, lambda: frame("probe", 0))
+        connect_pub_sub(pub, sub, lambda: encoded_frame("probe", 0))
         start = time.monotonic()
         assert drain(sub, 50) == []
         assert 0.04 <= time.monotonic() - start < 2
         for seq in range(12):
-            pub.send_multipart(frame("a", seq), copy=False)
+            pub.send_multipart(encoded_frame("a", seq), copy=False)
         time.sleep(0.2)
         first = drain(sub, 1000, max_messages=5)
         rest = drain(sub, 1000)
@@ -158,7 +139,7 @@ def test_drain_is_bounded_and_times_out(context: zmq.Context) -> None:
 
 def test_latest_per_stream_drops_and_counts_malformed(caplog: pytest.LogCaptureFixture) -> None:
     status = protocol.encode_status(StatusMessage("t", 1.0, {}))
-    messages = [frame("a", 1), [b"garbage"], status, frame("a", 0), [frame("a", 2)[0]]]
+    messages = [encoded_frame("a", 1), [b"garbage"], status, encoded_frame("a", 0), [encoded_frame("a", 2)[0]]]
     stats = DrainStats()
     with caplog.at_level(logging.WARNING, logger="streamer.transport"):
         latest = latest_per_stream(messages, stats)
@@ -332,7 +313,7 @@ def test_endpoint_defaults(tmp_path: Path) -> None:
 
 
 def test_prompt_client_times_out_cleanly_on_a_dead_endpoint(context: zmq.Context) -> None:
-    endpoint = dead_endpoint()
+    endpoint = free_tcp_endpoint()
     start = time.monotonic()
     with (
         PromptClient(endpoint, timeout_s=0.1, retries=3, context=context) as client,
@@ -352,7 +333,7 @@ def test_prompt_client_gets_answers_from_a_control_server(context: zmq.Context, 
 
 
 def test_prompt_client_survives_a_tracker_that_starts_late(context: zmq.Context) -> None:
-    endpoint = dead_endpoint()
+    endpoint = free_tcp_endpoint()
     result: dict = {}
     with PromptClient(endpoint, timeout_s=0.3, retries=10, context=context) as client:
         thread = threading.Thread(target=lambda: result.update(answer=client.request(add_prompt())))
@@ -498,7 +479,7 @@ def test_async_prompt_client(context: zmq.Context) -> None:
 
 
 def test_async_prompt_client_times_out_on_a_dead_endpoint() -> None:
-    endpoint = dead_endpoint()
+    endpoint = free_tcp_endpoint()
 
     async def main() -> None:
         client = AsyncPromptClient(endpoint, timeout_s=0.1, retries=2)
@@ -513,7 +494,7 @@ def test_async_prompt_client_times_out_on_a_dead_endpoint() -> None:
 
 def test_clients_refuse_malformed_requests_before_sending(context: zmq.Context) -> None:
     with (
-        PromptClient(dead_endpoint(), timeout_s=0.1, context=context) as client,
+        PromptClient(free_tcp_endpoint(), timeout_s=0.1, context=context) as client,
         pytest.raises(ProtocolError, match="prompt.obj_id: missing"),
     ):
         client.request(PromptRequest("r", "cam0", "remove_object"))
