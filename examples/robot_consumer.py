@@ -66,7 +66,9 @@ def main() -> None:
         sock: HealingSocket | MapSubscriber = MapSubscriber(args.map_url, streams=streams, security=curve)
     else:
         sock = HealingSocket(
-            lambda: results_subscriber(args.results_endpoint, frames=False, streams=streams, security=curve),
+            lambda watch: results_subscriber(
+                args.results_endpoint, frames=False, streams=streams, security=curve, on_created=watch
+            ),
             f"results {args.results_endpoint}",
         )
     printed, last_heard = 0, time.monotonic()

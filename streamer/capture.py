@@ -24,7 +24,7 @@ import zmq
 from streamer import security
 from streamer.config import Endpoints
 from streamer.exit_notes import report_finished
-from streamer.healing import SocketWatch
+from streamer.healing import SocketWatch, watched
 from streamer.keys import KeyFolder
 from streamer.protocol import MAX_ERROR_CHARS, FrameHeader, SourceStatus, encode_frame, encode_source
 from streamer.signals import StopSignals
@@ -260,13 +260,17 @@ def run_capture(
     curve = None
     try:
         curve = security.CurveServer(keys, ctx) if keys else None
-        sock = frames_publisher(endpoint, context=ctx, security=curve)
+        sock, watch = watched(
+            lambda hook: frames_publisher(endpoint, context=ctx, security=curve, on_created=hook),
+            f"frames {endpoint}",
+            connecting=False,
+        )
     except BaseException:
         if curve is not None:
             curve.close()
         ctx.term()
         raise
-    publisher = _Publisher(sock, stream_id, SocketWatch(sock, f"frames {endpoint}", connecting=False))
+    publisher = _Publisher(sock, stream_id, watch)
     ever_opened = False
     try:
         with StopSignals(log) as stopper.signals:

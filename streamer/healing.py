@@ -44,6 +44,7 @@ _CURVE_ERRORS = (zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC, zmq.PROTOCOL_ERROR_ZMTP_
 _monitor_ids = itertools.count()
 
 S = TypeVar("S", bound=zmq.Socket)
+T = TypeVar("T")
 
 
 class CauseLog:
@@ -147,11 +148,13 @@ class SocketWatch:
         self.causes = causes if causes is not None else CauseLog(name)
         self._socket = socket
         address = f"inproc://sam3-stream-monitor-{next(_monitor_ids)}"
-        socket.monitor(address, _WATCHED)
         # A blocking socket on the same libzmq context, so inproc reaches the monitor of an asyncio socket too.
+        # Connected before the monitor binds (inproc allows it): libzmq drops the events it emits while no
+        # reader is connected, and the first handshake's may come at once.
         self._events = zmq.Context.shadow(socket.context.underlying).socket(zmq.PAIR)
         self._events.setsockopt(zmq.LINGER, 0)
         self._events.connect(address)
+        socket.monitor(address, _WATCHED)
         self._down_since: dict[bytes, float] = {}  # endpoint -> when its connection went down (no retry yet)
 
     def check(self) -> list[str]:
@@ -189,23 +192,67 @@ class SocketWatch:
         self._events.close(linger=0)
 
 
+def watched(
+    make: Callable[[Callable[[zmq.Socket], None]], T],
+    name: str,
+    *,
+    connecting: bool,
+    causes: CauseLog | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[T, SocketWatch]:
+    """``make(on_created)``, a factory of :mod:`streamer.transport` given ``on_created=on_created``, and a
+    :class:`SocketWatch` on its socket attached before it binds or connects.
+
+    Attached after, the watch can miss a handshake that fails at once (a peer with other security settings,
+    a hostile one): a bound socket then logs nothing of that peer, and a connecting one is never healed,
+    since libzmq does not retry such a connection; the socket stays deaf for good with nothing logged.
+    """
+    watches: list[SocketWatch] = []
+
+    def on_created(sock: zmq.Socket) -> None:
+        watches.append(SocketWatch(sock, name, connecting=connecting, causes=causes, clock=clock))
+
+    try:
+        made = make(on_created)
+    except BaseException:
+        for watch in watches:  # the factory closed its socket; the monitor's reader is ours to close
+            watch.close()
+        raise
+    if len(watches) != 1:
+        for watch in watches:
+            watch.close()
+        made.close()  # type: ignore[attr-defined]  # every transport socket and server has one
+        raise TypeError(f"{name}: make must hand its argument to the socket factory as on_created")
+    return made, watches[0]
+
+
 class HealingSocket(Generic[S]):
     """A connecting socket that is re-created when libzmq has given up on one of its connections.
 
-    ``make`` builds the socket (a factory of :mod:`streamer.transport`, so options, subscriptions and
-    security come out the same each time). Use :attr:`socket` for I/O, and call :meth:`check` regularly
-    from the same thread: when it returns ``True`` the old socket is closed and :attr:`socket` is a new
-    one (register that one with your poller). Messages queued in the old socket are lost, which suits the
-    latest-value sockets this is for.
+    ``make(on_created)`` builds the socket: a factory of :mod:`streamer.transport` given
+    ``on_created=on_created``, so options, subscriptions and security come out the same each time, and the
+    monitor is attached before the first connection is tried (see :func:`watched`). Use :attr:`socket` for
+    I/O, and call :meth:`check` regularly from the same thread: when it returns ``True`` the old socket is
+    closed and :attr:`socket` is a new one (register that one with your poller). Messages queued in the old
+    socket are lost, which suits the latest-value sockets this is for.
     """
 
-    def __init__(self, make: Callable[[], S], name: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        make: Callable[[Callable[[zmq.Socket], None]], S],
+        name: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.name, self._make, self._clock = name, make, clock
-        self.socket: S = make()
         self.causes = CauseLog(name)
-        self._watch = SocketWatch(self.socket, name, connecting=True, causes=self.causes, clock=clock)
+        self.socket, self._watch = self._open()
         self.heals = 0
         self._last_heal = -math.inf
+
+    def _open(self) -> tuple[S, SocketWatch]:
+        """A fresh socket from ``make``, watched from before its first connection."""
+        return watched(self._make, self.name, connecting=True, causes=self.causes, clock=self._clock)
 
     def check(self) -> bool:
         """Read the monitor; re-create the socket if a connection is broken for good. True when re-created."""
@@ -222,11 +269,10 @@ class HealingSocket(Generic[S]):
 
     def renew(self) -> None:
         """Re-create the socket now (``make`` then sees the current endpoints); register the new one."""
-        fresh = self._make()
+        fresh, watch = self._open()
         self._watch.close()
         self.socket.close(linger=0)
-        self.socket = fresh
-        self._watch = SocketWatch(fresh, self.name, connecting=True, causes=self.causes, clock=self._clock)
+        self.socket, self._watch = fresh, watch
 
     def close(self) -> None:
         """Stop monitoring and close the socket."""

@@ -50,7 +50,7 @@ from models import ENCODER_NAMES, ENCODER_PRECISIONS, Prompt, check_encoder_choi
 from streamer import security
 from streamer.assignments import StreamAssignments
 from streamer.config import Endpoints
-from streamer.healing import CauseLog, HealingSocket, SocketWatch
+from streamer.healing import CauseLog, HealingSocket, watched
 from streamer.keys import KeyFolder
 from streamer.prompt_queue import FailedOp, PromptLimits, QueuedOp, StreamPrompts, apply_op, match_failures
 from streamer.prompt_store import PromptStore, open_prompt_store
@@ -258,17 +258,27 @@ class TrackerService:
             # With keys, tcp:// sockets use CURVE: clients on the allow-list only; frames from keyed captures.
             self._curve_client = security.CurveClient(keys) if keys else None
             self._curve_server = security.CurveServer(keys, self._context) if keys else None
-            self._results = results_publisher(results_endpoint, context=self._context, security=self._curve_server)
-            self._control = ControlServer(control_endpoint, context=self._context, security=self._curve_server)
+            # Bound sockets keep listening whatever a peer does: their watches only count and log.
+            self._results, results_watch = watched(
+                lambda hook: results_publisher(
+                    results_endpoint, context=self._context, security=self._curve_server, on_created=hook
+                ),
+                f"results {results_endpoint}",
+                connecting=False,
+            )
+            self._control, control_watch = watched(
+                lambda hook: ControlServer(
+                    control_endpoint, context=self._context, security=self._curve_server, on_created=hook
+                ),
+                f"control {control_endpoint}",
+                connecting=False,
+            )
         except BaseException:
             if self._curve_server is not None:
                 self._curve_server.close()
-            self._context.destroy(linger=0)
+            self._context.destroy(linger=0)  # closes every socket of it, a watch's reader too
             raise
-        self._watches = [  # bound sockets keep listening whatever a peer does: these only count and log
-            SocketWatch(self._results, f"results {results_endpoint}", connecting=False),
-            SocketWatch(self._control.socket, f"control {control_endpoint}", connecting=False),
-        ]
+        self._watches = [results_watch, control_watch]
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         self._control_thread = threading.Thread(target=self._serve_control, name="control", daemon=True)
 
@@ -297,7 +307,9 @@ class TrackerService:
 
         # Connected only now: frames sent during a model load would only pile up to the high-water mark.
         self._frames = HealingSocket(
-            lambda: frames_subscriber(endpoints(), context=self._context, security=self._curve_client),
+            lambda watch: frames_subscriber(
+                endpoints(), context=self._context, security=self._curve_client, on_created=watch
+            ),
             f"frames {', '.join(fixed) or 'of the assigned streams'}",
         )
         poller = zmq.Poller()

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -112,6 +112,7 @@ def _socket(
     hwm: int = 1000,
     security: SocketSecurity | None = None,
     subscribe: Sequence[bytes] = (b"",),
+    on_created: Callable[[zmq.Socket], None] | None = None,
 ) -> zmq.Socket:
     context = context if context is not None else zmq.Context.instance()
     endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
@@ -126,6 +127,8 @@ def _socket(
                 sock.setsockopt(zmq.SUBSCRIBE, prefix)
         if security is not None and _wants_security(endpoints):
             security.apply(sock)
+        if on_created is not None:
+            on_created(sock)
         for endpoint in endpoints:
             if bind:
                 sock.bind(prepare_endpoint(endpoint))
@@ -143,10 +146,18 @@ def frames_publisher(
     context: zmq.Context | None = None,
     hwm: int = FRAMES_HWM,
     security: SocketSecurity | None = None,
+    on_created: Callable[[zmq.Socket], None] | None = None,
 ) -> zmq.Socket:
-    """Capture side of the frames socket: PUB, bound."""
+    """Capture side of the frames socket: PUB, bound. ``on_created`` as for :func:`frames_subscriber`."""
     return _socket(
-        context, zmq.PUB, endpoint, bind=True, hwm=hwm, max_part_bytes=MAX_SUBSCRIPTION_PART_BYTES, security=security
+        context,
+        zmq.PUB,
+        endpoint,
+        bind=True,
+        hwm=hwm,
+        max_part_bytes=MAX_SUBSCRIPTION_PART_BYTES,
+        security=security,
+        on_created=on_created,
     )
 
 
@@ -156,10 +167,20 @@ def frames_subscriber(
     context: zmq.Context | None = None,
     hwm: int = FRAMES_HWM,
     security: SocketSecurity | None = None,
+    on_created: Callable[[zmq.Socket], None] | None = None,
 ) -> zmq.Socket:
-    """Tracker side of the frames socket: SUB to everything, connected to one capture or several."""
+    """Tracker side of the frames socket: SUB to everything, connected to one capture or several.
+    ``on_created(socket)`` runs on the new socket before it binds or connects, so a monitor attached there
+    (:func:`streamer.healing.watched`) sees the first peer's handshake too."""
     return _socket(
-        context, zmq.SUB, endpoints, bind=False, hwm=hwm, max_part_bytes=MAX_FRAME_PART_BYTES, security=security
+        context,
+        zmq.SUB,
+        endpoints,
+        bind=False,
+        hwm=hwm,
+        max_part_bytes=MAX_FRAME_PART_BYTES,
+        security=security,
+        on_created=on_created,
     )
 
 
@@ -169,10 +190,19 @@ def results_publisher(
     context: zmq.Context | None = None,
     hwm: int = RESULTS_HWM,
     security: SocketSecurity | None = None,
+    on_created: Callable[[zmq.Socket], None] | None = None,
 ) -> zmq.Socket:
-    """Tracker side of the results socket (results and status heartbeats): PUB, bound."""
+    """Tracker side of the results socket (results and status heartbeats): PUB, bound. ``on_created`` as for
+    :func:`frames_subscriber`."""
     return _socket(
-        context, zmq.PUB, endpoint, bind=True, hwm=hwm, max_part_bytes=MAX_SUBSCRIPTION_PART_BYTES, security=security
+        context,
+        zmq.PUB,
+        endpoint,
+        bind=True,
+        hwm=hwm,
+        max_part_bytes=MAX_SUBSCRIPTION_PART_BYTES,
+        security=security,
+        on_created=on_created,
     )
 
 
@@ -192,10 +222,12 @@ def results_subscriber(
     context: zmq.Context | None = None,
     hwm: int = RESULTS_HWM,
     security: SocketSecurity | None = None,
+    on_created: Callable[[zmq.Socket], None] | None = None,
 ) -> zmq.Socket:
     """Gateway or robot side of the results socket: SUB, connected, to the heartbeats and to the events
     and results of ``streams`` (``None``: all), with their frames when ``frames`` (else no pixels ever
-    arrive). See :func:`resubscribe` to follow other streams later.
+    arrive). See :func:`resubscribe` to follow other streams later. ``on_created`` as for
+    :func:`frames_subscriber`.
 
     Pass a ``zmq.asyncio.Context`` for an asyncio socket (then read it with :func:`drain_async`).
     """
@@ -208,6 +240,7 @@ def results_subscriber(
         max_part_bytes=MAX_RESULT_PART_BYTES,
         security=security,
         subscribe=topics.subscriptions(streams, frames=frames),
+        on_created=on_created,
     )
 
 
@@ -222,10 +255,23 @@ def resubscribe(socket: zmq.Socket, old: Sequence[bytes], new: Sequence[bytes]) 
 
 
 def control_router(
-    endpoint: str, *, context: zmq.Context | None = None, security: SocketSecurity | None = None
+    endpoint: str,
+    *,
+    context: zmq.Context | None = None,
+    security: SocketSecurity | None = None,
+    on_created: Callable[[zmq.Socket], None] | None = None,
 ) -> zmq.Socket:
-    """Tracker side of the control socket: ROUTER, bound (see :class:`ControlServer`)."""
-    return _socket(context, zmq.ROUTER, endpoint, bind=True, max_part_bytes=MAX_CONTROL_PART_BYTES, security=security)
+    """Tracker side of the control socket: ROUTER, bound (see :class:`ControlServer`). ``on_created`` as for
+    :func:`frames_subscriber`."""
+    return _socket(
+        context,
+        zmq.ROUTER,
+        endpoint,
+        bind=True,
+        max_part_bytes=MAX_CONTROL_PART_BYTES,
+        security=security,
+        on_created=on_created,
+    )
 
 
 def control_requester(
@@ -500,10 +546,11 @@ class ControlServer:
         security: SocketSecurity | None = None,
         retry_window_s: float = RETRY_WINDOW_S,
         max_remembered: int = MAX_REMEMBERED_ANSWERS,
+        on_created: Callable[[zmq.Socket], None] | None = None,
     ) -> None:
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
-        self.socket = control_router(endpoint, context=self._context, security=security)
+        self.socket = control_router(endpoint, context=self._context, security=security, on_created=on_created)
         self.endpoint = bound_endpoint(self.socket)
         self.retry_window_s = retry_window_s
         self.max_remembered = max_remembered

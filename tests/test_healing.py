@@ -68,6 +68,13 @@ def publish_until(pub: zmq.Socket, received: Callable[[], int], timeout: float =
     return 0
 
 
+def healing_subscriber(endpoint: str, context: zmq.Context) -> HealingSocket:
+    """A tracker's frames socket, healing."""
+    return HealingSocket(
+        lambda watch: transport.frames_subscriber(endpoint, context=context, on_created=watch), f"frames {endpoint}"
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Connecting sockets: a capture (or tracker) restarted after a hostile peer is heard again
 
@@ -76,7 +83,7 @@ def publish_until(pub: zmq.Socket, received: Callable[[], int], timeout: float =
 def test_a_subscriber_hears_a_publisher_restarted_after_a_hostile_peer(
     context: zmq.Context, endpoint: str, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    healing = HealingSocket(lambda: transport.frames_subscriber(endpoint, context=context), f"frames {endpoint}")
+    healing = healing_subscriber(endpoint, context)
     plain = transport.frames_subscriber(endpoint, context=context)  # what the tracker had before: no healing
     got = {"healing": 0, "plain": 0}
 
@@ -110,9 +117,43 @@ def test_a_subscriber_hears_a_publisher_restarted_after_a_hostile_peer(
         plain.close()
 
 
+def test_a_handshake_broken_before_the_owner_looks_is_still_seen_and_healed(context: zmq.Context) -> None:
+    """Regression: the monitor was attached after the socket connected, so a handshake that failed at once
+    (a capture with other security settings, a hostile peer) went unseen when the owner was slow to get
+    there; libzmq never retries it, and the socket stayed deaf for good with nothing logged. A clean CI run
+    caught a tracker without keys, facing a keyed capture, logging nothing for 60 s."""
+    endpoint = free_endpoint("tcp", "")
+
+    def slow_make(watch) -> zmq.Socket:
+        sock = transport.frames_subscriber(endpoint, context=context, on_created=watch)
+        time.sleep(0.3)  # the owner descheduled right after connecting: the handshake fails meanwhile
+        return sock
+
+    with HostileServer(endpoint, hostile_payload("broken-handshake")) as hostile:
+        healing = HealingSocket(slow_make, "frames")
+        try:
+            hostile.wait_served(1)
+            deadline = time.monotonic() + 5
+            while healing.heals == 0 and time.monotonic() < deadline:
+                healing.check()
+                time.sleep(0.02)
+            assert healing.heals >= 1, (
+                f"a connection broken before the monitor looked was never healed: {hostile.served}"
+            )
+            assert any("handshake failed" in cause for cause in healing.causes.totals), healing.causes.totals
+        finally:
+            healing.close()
+
+
+def test_make_must_hand_the_hook_to_the_factory(context: zmq.Context) -> None:
+    """A ``make`` that drops its argument would build a socket no monitor watches from the start."""
+    with pytest.raises(TypeError, match="on_created"):
+        HealingSocket(lambda watch: transport.frames_subscriber(free_endpoint("tcp", ""), context=context), "frames")
+
+
 def test_a_peer_that_keeps_breaking_the_socket_is_healed_at_a_bounded_rate(context: zmq.Context) -> None:
     endpoint = free_endpoint("tcp", "")
-    healing = HealingSocket(lambda: transport.frames_subscriber(endpoint, context=context), "frames")
+    healing = healing_subscriber(endpoint, context)
     try:
         with HostileServer(endpoint, hostile_payload("broken-handshake")) as hostile:
             start = time.monotonic()

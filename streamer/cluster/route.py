@@ -129,7 +129,9 @@ class MapSubscriber:
         self._next_fetch = 0.0
         self._errors = CauseLog(f"map {map_url}")
         self._healing = HealingSocket(
-            lambda: results_subscriber(list(self._endpoints), frames=frames, streams=streams, security=security),
+            lambda watch: results_subscriber(
+                list(self._endpoints), frames=frames, streams=streams, security=security, on_created=watch
+            ),
             f"results of {map_url}",
         )
 

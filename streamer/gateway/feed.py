@@ -168,11 +168,16 @@ class ResultFeed:
         self._socket = HealingSocket(self._subscribe, f"results {self.endpoint}")
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch_state())]
 
-    def _subscribe(self) -> zmq.asyncio.Socket:
+    def _subscribe(self, on_created: Callable[[zmq.Socket], None]) -> zmq.asyncio.Socket:
         """A fresh socket subscribed to what this feed uses (a healed socket is made afresh too)."""
         streams = None if self.stream is None else [self.stream]
         sock = results_subscriber(
-            self.endpoint, frames=True, streams=streams, context=self._context, security=self._security
+            self.endpoint,
+            frames=True,
+            streams=streams,
+            context=self._context,
+            security=self._security,
+            on_created=on_created,
         )
         self._topics = subscriptions(streams, frames=True)
         return sock
