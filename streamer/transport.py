@@ -140,15 +140,14 @@ def _socket(
     return sock
 
 
-def frames_publisher(
+def _publisher(
     endpoint: str,
-    *,
-    context: zmq.Context | None = None,
-    hwm: int = FRAMES_HWM,
-    security: SocketSecurity | None = None,
-    on_created: Callable[[zmq.Socket], None] | None = None,
+    context: zmq.Context | None,
+    hwm: int,
+    security: SocketSecurity | None,
+    on_created: Callable[[zmq.Socket], None] | None,
 ) -> zmq.Socket:
-    """Capture side of the frames socket: PUB, bound. ``on_created`` as for :func:`frames_subscriber`."""
+    """A bound PUB: its peers only ever send subscriptions."""
     return _socket(
         context,
         zmq.PUB,
@@ -159,6 +158,18 @@ def frames_publisher(
         security=security,
         on_created=on_created,
     )
+
+
+def frames_publisher(
+    endpoint: str,
+    *,
+    context: zmq.Context | None = None,
+    hwm: int = FRAMES_HWM,
+    security: SocketSecurity | None = None,
+    on_created: Callable[[zmq.Socket], None] | None = None,
+) -> zmq.Socket:
+    """Capture side of the frames socket: PUB, bound. ``on_created`` as for :func:`frames_subscriber`."""
+    return _publisher(endpoint, context, hwm, security, on_created)
 
 
 def frames_subscriber(
@@ -194,16 +205,7 @@ def results_publisher(
 ) -> zmq.Socket:
     """Tracker side of the results socket (results and status heartbeats): PUB, bound. ``on_created`` as for
     :func:`frames_subscriber`."""
-    return _socket(
-        context,
-        zmq.PUB,
-        endpoint,
-        bind=True,
-        hwm=hwm,
-        max_part_bytes=MAX_SUBSCRIPTION_PART_BYTES,
-        security=security,
-        on_created=on_created,
-    )
+    return _publisher(endpoint, context, hwm, security, on_created)
 
 
 def publish_result(socket: zmq.Socket, parts: list) -> None:
