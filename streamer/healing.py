@@ -27,6 +27,8 @@ from typing import Generic, TypeVar
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from streamer.transport import OnCreated
+
 log = logging.getLogger(__name__)
 
 BROKEN_AFTER_S = 0.5  # libzmq schedules its reconnect right after a disconnect; silence this long means never
@@ -193,7 +195,7 @@ class SocketWatch:
 
 
 def watched(
-    make: Callable[[Callable[[zmq.Socket], None]], T],
+    make: Callable[[OnCreated], T],
     name: str,
     *,
     connecting: bool,
@@ -239,7 +241,7 @@ class HealingSocket(Generic[S]):
 
     def __init__(
         self,
-        make: Callable[[Callable[[zmq.Socket], None]], S],
+        make: Callable[[OnCreated], S],
         name: str,
         *,
         clock: Callable[[], float] = time.monotonic,

@@ -36,6 +36,10 @@ from streamer import protocol, topics
 from streamer.protocol import FrameHeader, PromptAnswer, PromptRequest, ProtocolError
 from streamer.security import SocketSecurity
 
+# Run on a new socket before it binds or connects, so a monitor attached there
+# (:func:`streamer.healing.watched`) sees the first peer's handshake too. Every factory here takes one.
+OnCreated = Callable[[zmq.Socket], None]
+
 log = logging.getLogger(__name__)
 
 # Latest-value needs room: a high-water mark smaller than what arrives between two drains makes the
@@ -112,7 +116,7 @@ def _socket(
     hwm: int = 1000,
     security: SocketSecurity | None = None,
     subscribe: Sequence[bytes] = (b"",),
-    on_created: Callable[[zmq.Socket], None] | None = None,
+    on_created: OnCreated | None = None,
 ) -> zmq.Socket:
     context = context if context is not None else zmq.Context.instance()
     endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
@@ -145,7 +149,7 @@ def _publisher(
     context: zmq.Context | None,
     hwm: int,
     security: SocketSecurity | None,
-    on_created: Callable[[zmq.Socket], None] | None,
+    on_created: OnCreated | None,
 ) -> zmq.Socket:
     """A bound PUB: its peers only ever send subscriptions."""
     return _socket(
@@ -166,9 +170,9 @@ def frames_publisher(
     context: zmq.Context | None = None,
     hwm: int = FRAMES_HWM,
     security: SocketSecurity | None = None,
-    on_created: Callable[[zmq.Socket], None] | None = None,
+    on_created: OnCreated | None = None,
 ) -> zmq.Socket:
-    """Capture side of the frames socket: PUB, bound. ``on_created`` as for :func:`frames_subscriber`."""
+    """Capture side of the frames socket: PUB, bound."""
     return _publisher(endpoint, context, hwm, security, on_created)
 
 
@@ -178,11 +182,9 @@ def frames_subscriber(
     context: zmq.Context | None = None,
     hwm: int = FRAMES_HWM,
     security: SocketSecurity | None = None,
-    on_created: Callable[[zmq.Socket], None] | None = None,
+    on_created: OnCreated | None = None,
 ) -> zmq.Socket:
-    """Tracker side of the frames socket: SUB to everything, connected to one capture or several.
-    ``on_created(socket)`` runs on the new socket before it binds or connects, so a monitor attached there
-    (:func:`streamer.healing.watched`) sees the first peer's handshake too."""
+    """Tracker side of the frames socket: SUB to everything, connected to one capture or several."""
     return _socket(
         context,
         zmq.SUB,
@@ -201,10 +203,9 @@ def results_publisher(
     context: zmq.Context | None = None,
     hwm: int = RESULTS_HWM,
     security: SocketSecurity | None = None,
-    on_created: Callable[[zmq.Socket], None] | None = None,
+    on_created: OnCreated | None = None,
 ) -> zmq.Socket:
-    """Tracker side of the results socket (results and status heartbeats): PUB, bound. ``on_created`` as for
-    :func:`frames_subscriber`."""
+    """Tracker side of the results socket (results and status heartbeats): PUB, bound."""
     return _publisher(endpoint, context, hwm, security, on_created)
 
 
@@ -224,12 +225,11 @@ def results_subscriber(
     context: zmq.Context | None = None,
     hwm: int = RESULTS_HWM,
     security: SocketSecurity | None = None,
-    on_created: Callable[[zmq.Socket], None] | None = None,
+    on_created: OnCreated | None = None,
 ) -> zmq.Socket:
     """Gateway or robot side of the results socket: SUB, connected, to the heartbeats and to the events
     and results of ``streams`` (``None``: all), with their frames when ``frames`` (else no pixels ever
-    arrive). See :func:`resubscribe` to follow other streams later. ``on_created`` as for
-    :func:`frames_subscriber`.
+    arrive). See :func:`resubscribe` to follow other streams later.
 
     Pass a ``zmq.asyncio.Context`` for an asyncio socket (then read it with :func:`drain_async`).
     """
@@ -261,10 +261,9 @@ def control_router(
     *,
     context: zmq.Context | None = None,
     security: SocketSecurity | None = None,
-    on_created: Callable[[zmq.Socket], None] | None = None,
+    on_created: OnCreated | None = None,
 ) -> zmq.Socket:
-    """Tracker side of the control socket: ROUTER, bound (see :class:`ControlServer`). ``on_created`` as for
-    :func:`frames_subscriber`."""
+    """Tracker side of the control socket: ROUTER, bound (see :class:`ControlServer`)."""
     return _socket(
         context,
         zmq.ROUTER,
@@ -548,7 +547,7 @@ class ControlServer:
         security: SocketSecurity | None = None,
         retry_window_s: float = RETRY_WINDOW_S,
         max_remembered: int = MAX_REMEMBERED_ANSWERS,
-        on_created: Callable[[zmq.Socket], None] | None = None,
+        on_created: OnCreated | None = None,
     ) -> None:
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context

@@ -36,7 +36,7 @@ from helpers import (
 
 from streamer import protocol, transport
 from streamer.gateway.feed import ResultFeed
-from streamer.healing import CauseLog, HealingSocket, SocketWatch
+from streamer.healing import CauseLog, HealingSocket, watched
 from streamer.protocol import PromptAnswer, PromptRequest, StatusMessage
 from streamer.transport import ControlServer, PromptClient, drain
 
@@ -204,8 +204,9 @@ def test_the_gateway_feed_hears_a_tracker_restarted_after_a_hostile_peer(endpoin
 def test_a_publisher_keeps_serving_after_hostile_subscribers(
     context: zmq.Context, endpoint: str, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    pub = transport.frames_publisher(endpoint, context=context)
-    watch = SocketWatch(pub, "frames", connecting=False)
+    pub, watch = watched(
+        lambda hook: transport.frames_publisher(endpoint, context=context, on_created=hook), "frames", connecting=False
+    )
     sub = transport.frames_subscriber(transport.bound_endpoint(pub), context=context)
     try:
         with caplog.at_level(logging.INFO, logger="streamer.healing"):
@@ -224,8 +225,9 @@ def test_a_publisher_keeps_serving_after_hostile_subscribers(
 
 
 def test_the_control_socket_answers_after_hostile_and_oversized_requests(context: zmq.Context, endpoint: str) -> None:
-    server = ControlServer(endpoint, context=context)
-    watch = SocketWatch(server.socket, "control", connecting=False)
+    server, watch = watched(
+        lambda hook: ControlServer(endpoint, context=context, on_created=hook), "control", connecting=False
+    )
     bad = transport.control_requester(server.endpoint, context=context)
     try:
         for kind in HOSTILE_KINDS:

@@ -52,7 +52,7 @@ from streamer.protocol import (
 )
 from streamer.security import SocketSecurity
 from streamer.topics import parse_topic, subscriptions
-from streamer.transport import drain_async, resubscribe, results_subscriber
+from streamer.transport import OnCreated, drain_async, resubscribe, results_subscriber
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class ResultFeed:
         self._socket = HealingSocket(self._subscribe, f"results {self.endpoint}")
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch_state())]
 
-    def _subscribe(self, on_created: Callable[[zmq.Socket], None]) -> zmq.asyncio.Socket:
+    def _subscribe(self, on_created: OnCreated) -> zmq.asyncio.Socket:
         """A fresh socket subscribed to what this feed uses (a healed socket is made afresh too)."""
         streams = None if self.stream is None else [self.stream]
         sock = results_subscriber(
