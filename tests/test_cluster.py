@@ -25,6 +25,7 @@ from models import Prompt  # noqa: E402
 from streamer.capture import run_capture  # noqa: E402
 from streamer.cluster.cluster import Cluster  # noqa: E402
 from streamer.cluster.command import make_app  # noqa: E402
+from streamer.cluster.registry import REBALANCE_MARGIN  # noqa: E402
 from streamer.cluster.tracker_actor import TrackerOptions  # noqa: E402
 from streamer.gateway import GatewayConfig, create_app  # noqa: E402
 from streamer.protocol import PromptRequest  # noqa: E402
@@ -173,12 +174,13 @@ def test_streams_placed_killed_tracker_recovered_with_prompts_fourth_added(clust
         assert status == 201, added
         wait_for(lambda: len(holders(cluster).get(added["name"], [])) >= 1, 30, "the new tracker gets streams")
         time.sleep(2.0)
-        # Balanced by measured frame budget (what placement promises): the spread of loads is within the
-        # largest stream's cost (plus noise: costs are measured on a busy 2-core box), and nobody is idle.
+        # Balanced by measured frame budget, as the registry promises: it moves a stream only while that
+        # narrows the gap by more than REBALANCE_MARGIN (its allowance for costs re-measured on a busy box),
+        # so the spread of loads stays within the largest stream's cost plus that margin; nobody is idle.
         health = cluster.health()
         loads = [t["load"] for t in health["trackers"].values()]
         largest = max(s["cost"] or 0.0 for s in health["streams"].values())
-        assert len(loads) == 4 and max(loads) - min(loads) <= 1.5 * largest, health["trackers"]
+        assert len(loads) == 4 and max(loads) - min(loads) <= largest + REBALANCE_MARGIN, health["trackers"]
         assert all(t["streams"] for t in health["trackers"].values()), health["trackers"]
         after = {s: t for t, streams in holders(cluster).items() for s in streams}
         for s in STREAMS:
